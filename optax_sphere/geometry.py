@@ -1,0 +1,138 @@
+"""Pure per-group geometry on the sphere of one radially invariant group.
+
+Every function acts on one leaf and its :class:`~optax_sphere.groups.Group`; per-group
+scalars are ``keepdims`` reductions, so the functions are shape-polymorphic, jit- and
+sharding-friendly, and vectorised over all groups of a leaf at once. Notation of seed 000:
+``r = ||x||``, ``u = x / r``, ``q_perp = q - <q, u> u``.
+
+Degenerate groups: a zero-norm group has no direction, so the transports and the rescale
+return their input unchanged for it, and :func:`safe_div` never divides by zero.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from optax_sphere.groups import Group, accumulation_dtype, group_dot, group_sq_norm
+
+__all__ = [
+    "safe_div",
+    "tangent_part",
+    "radial_part",
+    "transport",
+    "rescale",
+    "rescale_transport",
+    "parallel_transport",
+    "angle",
+    "exp_map",
+    "project_to_sphere",
+]
+
+
+def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den`` where ``den != 0``, else 0 (no NaN leaks into gradients either)."""
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+
+
+def _acc(*arrays: jax.Array) -> list[jax.Array]:
+    dtype = accumulation_dtype(jnp.result_type(*arrays))
+    return [a.astype(dtype) for a in arrays]
+
+
+def radial_part(q: jax.Array, x: jax.Array, group: Group) -> jax.Array:
+    """``<q, u> u``: the component of ``q`` along the group's direction ``u = x / ||x||``."""
+    q, x = _acc(q, x)
+    return safe_div(group_dot(q, x, group), group_sq_norm(x, group)) * x
+
+
+def tangent_part(q: jax.Array, x: jax.Array, group: Group) -> jax.Array:
+    """``q_perp = q - <q, u> u``: projection onto the tangent space of the sphere at ``u``."""
+    q, x = _acc(q, x)
+    return q - radial_part(q, x, group)
+
+
+def transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
+    """Transport T of seed 000 app. D.2, eq. 72: ``<u_old,u_new> a - <a,u_new> u_old``.
+
+    The published formula, a rotation in the plane ``(u_old, u_new)``: a component of ``a``
+    orthogonal to that plane is multiplied by ``cos(theta)`` and the radial component along
+    ``u_old`` is dropped (``T(u_old) = 0``, eq. 74). See :func:`parallel_transport` for the
+    exact transport. Returns ``a`` unchanged for a zero-norm group.
+    """
+    a, x_old, x_new = _acc(a, x_old, x_new)
+    norm_prod = jnp.sqrt(group_sq_norm(x_old, group) * group_sq_norm(x_new, group))
+    num = group_dot(x_old, x_new, group) * a - group_dot(a, x_new, group) * x_old
+    return jnp.where(norm_prod > 0, safe_div(num, norm_prod), a)
+
+
+def rescale(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
+    """Rescale R of seed 000 eq. 69: ``(r_old / r_new) a``."""
+    a, x_old, x_new = _acc(a, x_old, x_new)
+    r_old = jnp.sqrt(group_sq_norm(x_old, group))
+    r_new = jnp.sqrt(group_sq_norm(x_new, group))
+    return jnp.where((r_old > 0) & (r_new > 0), safe_div(r_old, r_new) * a, a)
+
+
+def rescale_transport(
+    a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group
+) -> jax.Array:
+    """RT of seed 000 eq. 75: ``(<x_new,x_old> a - <x_new,a> x_old) / <x_new,x_new>``.
+
+    Equal to ``rescale(transport(a))`` (R and T commute). ``RT(x_old) = 0``.
+    """
+    a, x_old, x_new = _acc(a, x_old, x_new)
+    den = group_sq_norm(x_new, group)
+    ok = (den > 0) & (group_sq_norm(x_old, group) > 0)
+    num = group_dot(x_new, x_old, group) * a - group_dot(x_new, a, group) * x_old
+    return jnp.where(ok, safe_div(num, den), a)
+
+
+def parallel_transport(
+    a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group
+) -> jax.Array:
+    """Exact Levi-Civita parallel transport on the sphere along the great circle.
+
+    ``a`` is first projected onto the tangent space at ``u_old``; then
+    ``Gamma(a) = a - <a, u_new> / (1 + <u_old, u_new>) (u_old + u_new)``, which is an
+    isometry from ``T_{u_old}`` onto ``T_{u_new}`` (it preserves norms and inner products of
+    tangent vectors, and is the identity when ``u_new = u_old``). For antipodal points the
+    geodesic is not unique and ``a`` is returned tangent-projected only.
+    """
+    a, x_old, x_new = _acc(a, x_old, x_new)
+    r_old = jnp.sqrt(group_sq_norm(x_old, group))
+    r_new = jnp.sqrt(group_sq_norm(x_new, group))
+    u_old = safe_div(x_old, r_old)
+    u_new = safe_div(x_new, r_new)
+    a = a - group_dot(a, u_old, group) * u_old
+    cos = group_dot(u_old, u_new, group)
+    coef = safe_div(group_dot(a, u_new, group), 1 + cos)
+    return a - coef * (u_old + u_new)
+
+
+def angle(x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
+    """Angle between ``x_old`` and ``x_new`` per group (seed 002 eq. 5), in radians.
+
+    Computed as ``atan2(||u_old x u_new||, <u_old, u_new>)`` through the norm of the
+    difference of unit vectors, which is accurate for tiny angles (where ``arccos`` of the
+    cosine is not). Zero-norm groups give 0.
+    """
+    x_old, x_new = _acc(x_old, x_new)
+    u_old = safe_div(x_old, jnp.sqrt(group_sq_norm(x_old, group)))
+    u_new = safe_div(x_new, jnp.sqrt(group_sq_norm(x_new, group)))
+    half_chord = 0.5 * jnp.sqrt(group_sq_norm(u_new - u_old, group))
+    return 2 * jnp.arcsin(jnp.clip(half_chord, 0, 1))
+
+
+def exp_map(u: jax.Array, v: jax.Array, group: Group) -> jax.Array:
+    """Exponential map of the unit sphere: ``u cos|v| + (v/|v|) sin|v|`` for tangent ``v``."""
+    u, v = _acc(u, v)
+    norm = jnp.sqrt(group_sq_norm(v, group))
+    return u * jnp.cos(norm) + safe_div(v, norm) * jnp.sin(norm)
+
+
+def project_to_sphere(x: jax.Array, group: Group, radius: jax.Array | float = 1.0) -> jax.Array:
+    """Retraction by projection: ``radius * x / ||x||`` (zero groups stay at zero)."""
+    (x,) = _acc(x)
+    return radius * safe_div(x, jnp.sqrt(group_sq_norm(x, group)))

@@ -1,0 +1,225 @@
+"""Radially invariant groups: which weights only matter through their direction.
+
+A *group* is a vector ``x`` whose scale does not change the loss (seed 000 sec. 2, app. B):
+the weights of one output unit followed by BatchNorm, or a whole tensor followed by
+LayerNorm. Every transformation of this library takes ``groups=``, which says for each
+parameter leaf either ``None`` (not radially invariant) or which axes one group spans.
+
+Accepted forms of ``groups``:
+
+* a callable ``params -> spec tree`` (like an optax mask), for example :func:`per_unit`
+  (the default) or :func:`per_tensor`;
+* the strings ``"unit"`` / ``"tensor"``, shorthands for those two callables;
+* ``None``: no leaf is grouped (every transformation reduces to its base optimizer);
+* a pytree with the structure of the params whose leaves are per-leaf specs.
+
+A per-leaf spec is ``None``, ``"unit"`` (all axes but the last: a Flax ``Dense`` kernel
+``(in, out)`` or ``Conv`` kernel ``(kh, kw, in, out)`` grouped per output unit), ``"tensor"``
+(all axes) or an ``int`` / sequence of ``int`` axes (negative axes count from the end).
+
+Specs are resolved against the parameters at ``init`` into :class:`Group` leaves; a spec
+that does not fit raises a ``ValueError`` naming the parameter path. All per-group
+arithmetic is a ``keepdims`` reduction over :attr:`Group.axes`, so per-group scalars
+broadcast back onto their leaf and XLA inserts the cross-device reductions when a group
+axis is sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+LeafSpec = Union[None, str, int, Sequence[int]]
+GroupsLike = Union[None, str, Callable[[PyTree], PyTree], PyTree]
+
+__all__ = [
+    "Group",
+    "GroupsLike",
+    "per_unit",
+    "per_tensor",
+    "resolve_groups",
+    "path_str",
+    "group_sum",
+    "group_dot",
+    "group_sq_norm",
+    "group_mean",
+    "group_size",
+    "accumulation_dtype",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """The axes spanned by one radially invariant group of a leaf (a pytree leaf itself)."""
+
+    axes: tuple[int, ...]
+
+    def size(self, shape: Sequence[int]) -> int:
+        """Dimension ``d`` of one group of a leaf of this ``shape``."""
+        return math.prod(shape[a] for a in self.axes)
+
+    def scalar_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of a per-group scalar (``keepdims`` over the group axes)."""
+        return tuple(1 if i in self.axes else n for i, n in enumerate(shape))
+
+
+def per_unit(params: PyTree) -> PyTree:
+    """Default grouping: leaves of ndim >= 2 per output unit (all axes but the last).
+
+    This is the radial invariance created by BatchNorm (or any per-channel normalisation)
+    after a Flax ``Dense`` / ``Conv`` layer. Leaves of ndim < 2 (biases, norm scales,
+    scalars) are not grouped.
+    """
+    return jax.tree.map(lambda p: "unit" if jnp.ndim(p) >= 2 else None, params)
+
+
+def per_tensor(params: PyTree) -> PyTree:
+    """Whole-tensor grouping for leaves of ndim >= 2 (LayerNorm-style invariance)."""
+    return jax.tree.map(lambda p: "tensor" if jnp.ndim(p) >= 2 else None, params)
+
+
+_SHORTHANDS: dict[str, Callable[[PyTree], PyTree]] = {"unit": per_unit, "tensor": per_tensor}
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """Readable ``a/b/0`` form of a ``jax.tree_util`` key path."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts) or "<root>"
+
+
+def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
+    if spec is None:
+        return None
+    if isinstance(spec, Group):
+        axes: Any = spec.axes
+    elif not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+        raise ValueError(
+            f"parameter '{path}' is a {type(leaf).__name__}, not an array: "
+            "a grouped parameter must be an array (use None for it in `groups`)."
+        )
+    else:
+        axes = spec
+    ndim = len(leaf.shape)
+    if isinstance(axes, str):
+        if axes == "unit":
+            if ndim < 2:
+                raise ValueError(
+                    f"groups for parameter '{path}': 'unit' needs ndim >= 2 (all axes but "
+                    f"the last), got shape {tuple(leaf.shape)}; use 'tensor' or None."
+                )
+            axes = tuple(range(ndim - 1))
+        elif axes == "tensor":
+            axes = tuple(range(ndim))
+        else:
+            raise ValueError(
+                f"groups for parameter '{path}': unknown spec {axes!r}; expected None, "
+                "'unit', 'tensor' or a sequence of axes."
+            )
+    elif isinstance(axes, int):
+        axes = (axes,)
+    try:
+        axes = tuple(int(a) for a in axes)
+    except TypeError:
+        raise ValueError(
+            f"groups for parameter '{path}': expected None, 'unit', 'tensor', an int or a "
+            f"sequence of ints, got {spec!r}."
+        ) from None
+    normalised = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"groups for parameter '{path}' (shape {tuple(leaf.shape)}): axis {a} is out "
+                f"of range for ndim {ndim}."
+            )
+        normalised.append(a % ndim)
+    if len(set(normalised)) != len(normalised):
+        raise ValueError(f"groups for parameter '{path}': repeated axes in {axes}.")
+    if not normalised:
+        raise ValueError(
+            f"groups for parameter '{path}': an empty axis list is not a group; use None."
+        )
+    return Group(tuple(sorted(normalised)))
+
+
+def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
+    """Resolves a ``groups`` specification against ``params``.
+
+    Returns a pytree with the structure of ``params`` whose leaves are :class:`Group` or
+    ``None``. Raises ``ValueError`` naming the parameter path when the spec does not fit.
+    """
+    if groups is None:
+        return jax.tree.map(lambda _: None, params)
+    if isinstance(groups, str):
+        if groups not in _SHORTHANDS:
+            raise ValueError(
+                f"unknown groups shorthand {groups!r}; expected one of {sorted(_SHORTHANDS)}, "
+                "a callable, None or a pytree of per-leaf specs."
+            )
+        groups = _SHORTHANDS[groups]
+    spec = groups(params) if callable(groups) else groups
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    try:
+        specs = treedef.flatten_up_to(spec)
+    except (ValueError, TypeError) as err:
+        spec_paths = [
+            path_str(p)
+            for p, _ in jax.tree_util.tree_flatten_with_path(
+                spec, is_leaf=lambda x: x is None or isinstance(x, (str, int, tuple, list))
+            )[0]
+        ]
+        param_paths = [path_str(p) for p, _ in leaves_with_path]
+        missing = sorted(set(param_paths) - set(spec_paths))
+        extra = sorted(set(spec_paths) - set(param_paths))
+        raise ValueError(
+            "the `groups` tree does not match the parameter tree: "
+            f"parameters without a spec: {missing or 'none'}; specs without a parameter: "
+            f"{extra or 'none'} ({err})."
+        ) from None
+    resolved = [
+        _resolve_leaf(s, leaf, path_str(p)) for (p, leaf), s in zip(leaves_with_path, specs)
+    ]
+    return jax.tree.unflatten(treedef, resolved)
+
+
+def accumulation_dtype(dtype: Any) -> Any:
+    """Dtype for reductions and moments: at least float32 (bf16/fp16 params accumulate in f32)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def group_sum(x: jax.Array, group: Group) -> jax.Array:
+    """Per-group sum, ``keepdims`` so it broadcasts back onto the leaf."""
+    return jnp.sum(x, axis=group.axes, keepdims=True, dtype=accumulation_dtype(x.dtype))
+
+
+def group_dot(a: jax.Array, b: jax.Array, group: Group) -> jax.Array:
+    """Per-group inner product ``<a, b>`` (``keepdims``), accumulated in at least float32."""
+    dtype = accumulation_dtype(jnp.result_type(a, b))
+    return jnp.sum(a.astype(dtype) * b.astype(dtype), axis=group.axes, keepdims=True)
+
+
+def group_sq_norm(a: jax.Array, group: Group) -> jax.Array:
+    """Per-group squared norm ``||a||^2`` (``keepdims``)."""
+    return group_dot(a, a, group)
+
+
+def group_mean(a: jax.Array, group: Group) -> jax.Array:
+    """Per-group mean (``keepdims``)."""
+    return group_sum(a, group) / group.size(a.shape)
+
+
+def group_size(leaf: jax.Array, group: Group) -> int:
+    """Dimension ``d`` of one group of ``leaf``."""
+    return group.size(leaf.shape)

@@ -1,0 +1,111 @@
+"""Standardisation (S): Adam with a per-group scalar second moment.
+
+Seed 000 sec. 4.1 (eq. 15) and app. D.1 (eqs. 60-63); thesis 003 eq. 3.66. Adam's
+element-wise division vector ``b_k`` deforms the gradient of a radially invariant group and
+pushes it out of the tangent space (phenomenon (a)). Standardisation replaces the vector
+second moment by one scalar per group, the second moment of the gradient norm,
+
+    v_k = b2 v_{k-1} + (1 - b2) d^-1 ||g_k||^2,
+
+which keeps Adam's scheduling effect (``sqrt(v_k) = d^-1/2 ||sqrt(v_vector)||``, eq. 60)
+without the deformation. Ungrouped leaves keep Adam's element-wise moment (a group of one
+element is exactly Adam), so with ``groups=None`` this is ``optax.scale_by_adam``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sphere import _utils
+from optax_sphere.groups import (
+    GroupsLike,
+    accumulation_dtype,
+    group_sq_norm,
+    per_unit,
+    resolve_groups,
+)
+
+__all__ = ["ScaleByStandardizedAdamState", "scale_by_standardized_adam", "standardized_second_moment"]
+
+
+class ScaleByStandardizedAdamState(NamedTuple):
+    """State of :func:`scale_by_standardized_adam`.
+
+    ``mu``: first moment, shaped like the params, in at least float32. ``nu``: second
+    moment, one scalar per group for grouped leaves (``keepdims`` shape) and element-wise
+    for the others, in at least float32.
+    """
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def standardized_second_moment(g: jax.Array, group: Any) -> jax.Array:
+    """``d^-1 ||g||^2`` per group (``keepdims``), or ``g**2`` element-wise if ungrouped."""
+    if group is None:
+        g = g.astype(accumulation_dtype(g.dtype))
+        return g * g
+    return group_sq_norm(g, group) / group.size(g.shape)
+
+
+def init_second_moment(group: Any, p: jax.Array) -> jax.Array:
+    shape = p.shape if group is None else group.scalar_shape(p.shape)
+    return _utils.zeros_acc(p, shape)
+
+
+def scale_by_standardized_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    groups: GroupsLike = per_unit,
+) -> optax.GradientTransformation:
+    r"""Adam with a standardised (per-group scalar) second moment: Adam-S direction.
+
+    .. math::
+        m_k = b_1 m_{k-1} + (1-b_1) g_k,\quad
+        v_k = b_2 v_{k-1} + (1-b_2)\, d^{-1}\|g_k\|^2,\quad
+        \Delta_k = \frac{m_k / (1-b_1^{k+1})}{\sqrt{v_k/(1-b_2^{k+1})} + \epsilon}
+
+    Seed 000 eq. 61-63. Compose with ``optax.add_decayed_weights`` before it (coupled L2,
+    as in the paper) and ``optax.scale_by_learning_rate`` after it.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the per-group second moment, in [0, 1).
+      eps: added to ``sqrt(v_hat)``.
+      groups: radially invariant groups (see :mod:`optax_sphere.groups`).
+    """
+    _utils.check_beta("b1", b1)
+    _utils.check_beta("b2", b2)
+    _utils.check_rate("eps", eps)
+
+    def init_fn(params):
+        grp = resolve_groups(groups, params)
+        mu = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
+        nu = _utils.map_groups(init_second_moment, grp, params)
+        return ScaleByStandardizedAdamState(jnp.zeros([], jnp.int32), mu, nu)
+
+    def update_fn(updates, state, params=None):
+        del params
+        grp = resolve_groups(groups, updates)
+        count = optax.safe_increment(state.count)
+
+        def leaf(group, g, m, v):
+            acc = accumulation_dtype(g.dtype)
+            bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
+            m = b1 * m + (1 - b1) * g.astype(acc)
+            v = b2 * v + (1 - b2) * standardized_second_moment(g, group)
+            step = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+            return step.astype(g.dtype), m, v
+
+        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu)
+        new_updates, mu, nu = _utils.unzip(out, updates, 3)
+        return new_updates, ScaleByStandardizedAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)

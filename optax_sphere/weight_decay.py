@@ -1,0 +1,55 @@
+"""Coupled and decoupled L2 on chosen leaves (seed 000 sec. 4.2, point 3).
+
+Coupled L2 adds ``wd x`` to the gradient *before* the moments, so L2 terms accumulate in the
+momentum and, for a radially invariant group, contribute to its effective direction
+(``c^{L2}`` of seed 000 eq. 17). Decoupled weight decay (AdamW) adds it *after* the
+preconditioner, so nothing of it is accumulated. Both are ``optax.add_decayed_weights``; what
+differs is where the chain puts it, which these two names make explicit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sphere import _utils
+
+__all__ = ["coupled_weight_decay", "decoupled_weight_decay", "DecoupledWeightDecayState"]
+
+
+def coupled_weight_decay(weight_decay: _utils.Hyper, mask: Any = None) -> optax.GradientTransformation:
+    """``g <- g + wd x`` on the leaves selected by ``mask``: put it first in a chain."""
+    _utils.check_rate("weight_decay", weight_decay)
+    return optax.add_decayed_weights(weight_decay, mask)
+
+
+class DecoupledWeightDecayState(NamedTuple):
+    count: jax.Array
+
+
+def decoupled_weight_decay(
+    weight_decay: _utils.Hyper, learning_rate: _utils.Hyper, mask: Any = None
+) -> optax.GradientTransformation:
+    """``Delta <- Delta - lr_k wd_k x`` on the leaves selected by ``mask``: put it last in a
+    chain, after the learning rate (AdamW's ``x <- x - lr (step + wd x)``). Both
+    hyperparameters may be schedules."""
+    _utils.check_rate("weight_decay", weight_decay)
+    _utils.check_rate("learning_rate", learning_rate)
+
+    def init_fn(params):
+        del params
+        return DecoupledWeightDecayState(jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        params = _utils.require_params(params, "decoupled_weight_decay")
+        scale = _utils.value_at(learning_rate, state.count) * _utils.value_at(
+            weight_decay, state.count
+        )
+        updates = jax.tree.map(lambda u, p: (u - scale * p).astype(u.dtype), updates, params)
+        return updates, DecoupledWeightDecayState(optax.safe_increment(state.count))
+
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return tx if mask is None else optax.masked(tx, mask)
