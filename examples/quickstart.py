@@ -32,7 +32,9 @@ class DigitsCNN(nn.Module):
 
 
 OPTIMIZERS = {
-    "optax.sgd(momentum=0.9)": lambda: optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, 0.9)),
+    "optax.sgd(momentum=0.9)": lambda: optax.chain(
+        optax.add_decayed_weights(5e-4), optax.sgd(0.1, 0.9)
+    ),
     "optax.adam": lambda: optax.adam(1e-3),
     "adam_s": lambda: osp.adam_s(1e-3, weight_decay=1e-4),
     "adam_srt": lambda: osp.adam_srt(1e-3, weight_decay=1e-4),
@@ -59,8 +61,9 @@ def train(make_tx, seed: int, epochs: int, batch: int = 64):
     @jax.jit
     def step(params, stats, opt_state, x, y):
         def loss_fn(p):
-            logits, new = model.apply({"params": p, "batch_stats": stats}, x, train=True,
-                                      mutable=["batch_stats"])
+            logits, new = model.apply(
+                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+            )
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
 
         (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -92,8 +95,10 @@ def main() -> None:
         runs = [train(make_tx, seed, args.epochs) for seed in range(args.seeds)]
         accs = np.array([a for _, a in runs])
         loss = np.mean([v for v, _ in runs])
-        print(f"{name:<26} {loss:>10.4f} {100 * accs.mean():>15.2f} +- {100 * accs.std():.2f} "
-              f"{time.perf_counter() - start:>8.1f}")
+        print(
+            f"{name:<26} {loss:>10.4f} {100 * accs.mean():>15.2f} +- {100 * accs.std():.2f} "
+            f"{time.perf_counter() - start:>8.1f}"
+        )
 
 
 if __name__ == "__main__":

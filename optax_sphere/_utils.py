@@ -75,7 +75,9 @@ def zeros_acc(p: jax.Array, shape: tuple[int, ...] | None = None) -> jax.Array:
     return jnp.zeros(p.shape if shape is None else shape, accumulation_dtype(p.dtype))
 
 
-def bias_corrections(b1: Hyper, b2: Hyper, count: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def bias_corrections(
+    b1: Hyper, b2: Hyper, count: jax.Array, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
     """Adam's ``1 - b1^k`` and ``1 - b2^k`` in ``dtype`` (float64 stays float64)."""
     k = count.astype(dtype)
     return 1 - jnp.asarray(b1, dtype) ** k, 1 - jnp.asarray(b2, dtype) ** k

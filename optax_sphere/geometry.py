@@ -75,9 +75,7 @@ def rescale(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> j
     return jnp.where((r_old > 0) & (r_new > 0), safe_div(r_old, r_new) * a, a)
 
 
-def rescale_transport(
-    a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group
-) -> jax.Array:
+def rescale_transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
     """RT of seed 000 eq. 75: ``(<x_new,x_old> a - <x_new,a> x_old) / <x_new,x_new>``.
 
     Equal to ``rescale(transport(a))`` (R and T commute). ``RT(x_old) = 0``.
@@ -89,9 +87,7 @@ def rescale_transport(
     return jnp.where(ok, safe_div(num, den), a)
 
 
-def parallel_transport(
-    a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group
-) -> jax.Array:
+def parallel_transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
     """Exact Levi-Civita parallel transport on the sphere along the great circle.
 
     ``a`` is first projected onto the tangent space at ``u_old``; then

@@ -159,8 +159,15 @@ def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, transport: Tr
                 return lr / bc1 / (jnp.sqrt(v_new / bc2) + eps), v_new
 
             step, m, v, ratio = _fused_momentum_step(
-                group, g, m, x, beta=b1, gamma=1 - b1, wd=wd,
-                transport=transport, step_coefficient=coefficient,
+                group,
+                g,
+                m,
+                x,
+                beta=b1,
+                gamma=1 - b1,
+                wd=wd,
+                transport=transport,
+                step_coefficient=coefficient,
             )
             if transport == "rt":
                 v = v * ratio
@@ -208,7 +215,8 @@ def adam_srt(
         m_k = b_1 \mathrm{RT}(m_{k-1}) + (1-b_1)(\nabla L(x_k) + \lambda x_k),\quad
         v_k = b_2 \frac{r_{k-1}^2}{r_k^2} v_{k-1} + (1-b_2) d^{-1}\|\nabla L(x_k)+\lambda x_k\|^2,\\
         x_{k+1} = x_k - \eta_k \frac{m_k/(1-b_1^{k+1})}{\sqrt{v_k/(1-b_2^{k+1})}+\epsilon},\quad
-        \mathrm{RT}(a) = \frac{\langle x_k,x_{k-1}\rangle a - \langle x_k,a\rangle x_{k-1}}{\|x_k\|^2}
+        \mathrm{RT}(a) = \frac{\langle x_k,x_{k-1}\rangle a
+            - \langle x_k,a\rangle x_{k-1}}{\|x_k\|^2}
 
     per group; plain Adam with coupled L2 on ungrouped leaves. Same as
     ``rescale_transport_momentum(adam_s(...))``, fused into one reduction pass.
@@ -254,8 +262,15 @@ def sgdm_rt(
                 b = momentum * b + g.astype(acc) + wd * x.astype(acc)
                 return (-lr * b).astype(g.dtype), b
             step, b, _, _ = _fused_momentum_step(
-                group, g, b, x, beta=momentum, gamma=1, wd=wd,
-                transport="rt", step_coefficient=lambda _: (jnp.asarray(lr, acc), None),
+                group,
+                g,
+                b,
+                x,
+                beta=momentum,
+                gamma=1,
+                wd=wd,
+                transport="rt",
+                step_coefficient=lambda _: (jnp.asarray(lr, acc), None),
             )
             return step.astype(g.dtype), b
 

@@ -29,7 +29,11 @@ from optax_sphere.groups import (
     resolve_groups,
 )
 
-__all__ = ["ScaleByStandardizedAdamState", "scale_by_standardized_adam", "standardized_second_moment"]
+__all__ = [
+    "ScaleByStandardizedAdamState",
+    "scale_by_standardized_adam",
+    "standardized_second_moment",
+]
 
 
 class ScaleByStandardizedAdamState(NamedTuple):

@@ -47,7 +47,9 @@ SECOND_MOMENT_FIELDS: tuple[str, ...] = ("nu",)
 Op = Callable[[Any, Any, Any, Any], Any]
 
 
-def _map_state_fields(state: Any, names: Sequence[str], treedef: Any, fn: Callable) -> tuple[Any, int]:
+def _map_state_fields(
+    state: Any, names: Sequence[str], treedef: Any, fn: Callable
+) -> tuple[Any, int]:
     """Applies ``fn`` to every NamedTuple field of ``state`` named in ``names`` and shaped
     like the params (same treedef). Returns the new state and how many fields matched."""
     if isinstance(state, tuple) and hasattr(state, "_fields"):
@@ -80,7 +82,9 @@ def _momentum_geometry(
     def init_fn(params):
         resolve_groups(groups, params)  # validate the spec against the params now
         state = inner.init(params)
-        _, found = _map_state_fields(state, momentum_fields, jax.tree.structure(params), lambda t: t)
+        _, found = _map_state_fields(
+            state, momentum_fields, jax.tree.structure(params), lambda t: t
+        )
         if not found:
             raise ValueError(
                 f"{name}: the inner transformation's state has no momentum field shaped like the "
@@ -99,7 +103,10 @@ def _momentum_geometry(
         def move(tree):
             return _utils.map_groups(
                 lambda g, a, x0, x1: a if g is None else op(a, x0, x1, g).astype(a.dtype),
-                grp, tree, params, new_params,
+                grp,
+                tree,
+                params,
+                new_params,
             )
 
         def rescale_sq(tree):
@@ -127,7 +134,9 @@ def rescale_momentum(
 ) -> optax.GradientTransformationExtraArgs:
     """R (seed 000 eq. 69, 21): after each step, momentum ``*= r_k / r_{k+1}`` and second
     moment ``*= (r_k / r_{k+1})^2`` per group, in the state of ``inner``."""
-    return _momentum_geometry(inner, geometry.rescale, True, groups, momentum_fields, "rescale_momentum")
+    return _momentum_geometry(
+        inner, geometry.rescale, True, groups, momentum_fields, "rescale_momentum"
+    )
 
 
 def transport_momentum(
@@ -157,5 +166,10 @@ def rescale_transport_momentum(
     """RT (seed 000 eq. 75): ``a <- (<x_{k+1},x_k> a - <x_{k+1},a> x_k) / ||x_{k+1}||^2`` on the
     momentum and ``v <- v ||x_k||^2 / ||x_{k+1}||^2`` on the second moment of ``inner``."""
     return _momentum_geometry(
-        inner, geometry.rescale_transport, True, groups, momentum_fields, "rescale_transport_momentum"
+        inner,
+        geometry.rescale_transport,
+        True,
+        groups,
+        momentum_fields,
+        "rescale_transport_momentum",
     )

@@ -20,7 +20,9 @@ from optax_sphere import _utils
 __all__ = ["coupled_weight_decay", "decoupled_weight_decay", "DecoupledWeightDecayState"]
 
 
-def coupled_weight_decay(weight_decay: _utils.Hyper, mask: Any = None) -> optax.GradientTransformation:
+def coupled_weight_decay(
+    weight_decay: _utils.Hyper, mask: Any = None
+) -> optax.GradientTransformation:
     """``g <- g + wd x`` on the leaves selected by ``mask``: put it first in a chain."""
     _utils.check_rate("weight_decay", weight_decay)
     return optax.add_decayed_weights(weight_decay, mask)

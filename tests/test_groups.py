@@ -46,13 +46,21 @@ def test_user_spec_with_negative_axes_and_ints():
 
 
 def test_axis_out_of_range_names_the_path():
-    spec = {"conv": {"kernel": (0, 4), "bias": None}, "dense": {"kernel": None}, "bn": {"scale": None}}
+    spec = {
+        "conv": {"kernel": (0, 4), "bias": None},
+        "dense": {"kernel": None},
+        "bn": {"scale": None},
+    }
     with pytest.raises(ValueError, match=r"conv/kernel.*axis 4 is out of range"):
         resolve_groups(spec, PARAMS)
 
 
 def test_unit_on_vector_names_the_path():
-    spec = {"conv": {"kernel": None, "bias": "unit"}, "dense": {"kernel": None}, "bn": {"scale": None}}
+    spec = {
+        "conv": {"kernel": None, "bias": "unit"},
+        "dense": {"kernel": None},
+        "bn": {"scale": None},
+    }
     with pytest.raises(ValueError, match=r"conv/bias.*'unit' needs ndim >= 2"):
         resolve_groups(spec, PARAMS)
 
@@ -66,7 +74,11 @@ def test_tree_mismatch_lists_the_missing_paths():
 def test_unknown_spec_and_shorthand():
     with pytest.raises(ValueError, match="unknown groups shorthand"):
         resolve_groups("filters", PARAMS)
-    spec = {"conv": {"kernel": "rows", "bias": None}, "dense": {"kernel": None}, "bn": {"scale": None}}
+    spec = {
+        "conv": {"kernel": "rows", "bias": None},
+        "dense": {"kernel": None},
+        "bn": {"scale": None},
+    }
     with pytest.raises(ValueError, match=r"conv/kernel.*unknown spec"):
         resolve_groups(spec, PARAMS)
 

@@ -18,7 +18,10 @@ def _params(seed=0):
     rng = np.random.default_rng(seed)
     return {
         "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)))},
-        "dense": {"kernel": jnp.asarray(rng.normal(size=(16, 5))), "bias": jnp.asarray(rng.normal(size=5))},
+        "dense": {
+            "kernel": jnp.asarray(rng.normal(size=(16, 5))),
+            "bias": jnp.asarray(rng.normal(size=5)),
+        },
     }
 
 
@@ -65,22 +68,30 @@ ALIASES = {
 def test_fused_alias_equals_chain_of_primitives(name):
     with jax.enable_x64(True):
         params = _params()
-        _assert_same(_trajectory(ALIASES[name](), params), _trajectory(CHAINS[name](), params), 1e-11)
+        _assert_same(
+            _trajectory(ALIASES[name](), params), _trajectory(CHAINS[name](), params), 1e-11
+        )
 
 
 def test_without_groups_adam_family_is_optax_adam():
     params = _params(1)
     ref = optax.chain(optax.add_decayed_weights(1e-2), optax.adam(1e-2, 0.9, 0.99, 1e-8))
     for alias in (osp.adam_s, osp.adam_st, osp.adam_srt):
-        _assert_same(_trajectory(alias(1e-2, 0.9, 0.99, 1e-8, 1e-2, groups=None), params),
-                     _trajectory(ref, params), 1e-6)
+        _assert_same(
+            _trajectory(alias(1e-2, 0.9, 0.99, 1e-8, 1e-2, groups=None), params),
+            _trajectory(ref, params),
+            1e-6,
+        )
 
 
 def test_without_groups_sgdm_rt_is_optax_sgd_momentum():
     params = _params(2)
     ref = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.05, momentum=0.9))
-    _assert_same(_trajectory(osp.sgdm_rt(0.05, 0.9, 1e-2, groups=None), params),
-                 _trajectory(ref, params), 1e-6)
+    _assert_same(
+        _trajectory(osp.sgdm_rt(0.05, 0.9, 1e-2, groups=None), params),
+        _trajectory(ref, params),
+        1e-6,
+    )
 
 
 @st.composite
@@ -160,8 +171,9 @@ def test_adam_srt_trains_a_flax_batchnorm_network_under_jit_without_host_sync():
     opt_state = tx.init(params)
 
     def loss_fn(p, stats):
-        logits, new = model.apply({"params": p, "batch_stats": stats}, images, train=True,
-                                  mutable=["batch_stats"])
+        logits, new = model.apply(
+            {"params": p, "batch_stats": stats}, images, train=True, mutable=["batch_stats"]
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new
 
     @jax.jit

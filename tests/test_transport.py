@@ -51,7 +51,9 @@ def test_transported_momentum_is_tangent_at_new_point(case):
     g, x0, x1, a = case
     for op in (geometry.transport, geometry.rescale_transport, geometry.parallel_transport):
         moved = op(a, x0, x1, g)
-        cos = group_dot(moved, x1, g) / jnp.sqrt(group_sq_norm(x1, g) * group_sq_norm(moved, g) + 1e-30)
+        cos = group_dot(moved, x1, g) / jnp.sqrt(
+            group_sq_norm(x1, g) * group_sq_norm(moved, g) + 1e-30
+        )
         assert float(jnp.max(jnp.abs(cos))) < 1e-4
 
 
