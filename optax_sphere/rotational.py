@@ -38,7 +38,6 @@ from optax_sphere.groups import (
     accumulation_dtype,
     group_sq_norm,
     group_sum,
-    per_unit,
     resolve_groups,
 )
 
@@ -85,7 +84,7 @@ def _centred_norm(x: jax.Array, group: Group, center: bool) -> jax.Array:
     return jnp.sqrt(jnp.maximum(s_xx - s_x * s_x / d, 0))
 
 
-def center_groups(params: Any, groups: GroupsLike = per_unit) -> Any:
+def center_groups(params: Any, groups: GroupsLike = "unit") -> Any:
     """Centres every group of ``params`` (mean zero over the group), keeping its norm.
 
     ``x <- ||x|| (x - mean(x)) / ||x - mean(x)||``: what the authors do to the rotational
@@ -167,7 +166,7 @@ def rotational_rms_control(
     center: bool = True,
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rotational RMS control around any inner direction (seed 002 app. M, alg. 1).
 
@@ -297,7 +296,7 @@ def rv_adamw(
     eta_r: _utils.Hyper | None = None,
     rotational_eps: float = 1e-8,
     ungrouped_weight_decay: _utils.Hyper = 0.0,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-AdamW (seed 002 app. M): Adam's direction under rotational RMS control.
 
@@ -308,6 +307,7 @@ def rv_adamw(
     (0: plain Adam). ``eta_r`` overrides the Table 1 value. See :func:`rotational_rms_control`
     for ``beta``, ``center``, ``rotational_eps`` and ``groups``.
     """
+    _utils.check_rate("learning_rate", learning_rate)
     _utils.check_rate("weight_decay", weight_decay)
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)
@@ -337,7 +337,7 @@ def rv_sgdm(
     eta_r: _utils.Hyper | None = None,
     rotational_eps: float = 1e-8,
     ungrouped_weight_decay: _utils.Hyper = 0.0,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-SGDM (seed 002 app. M): SGD momentum's direction under rotational RMS control.
 
@@ -346,6 +346,7 @@ def rv_sgdm(
     Ungrouped leaves get SGD momentum with coupled L2 ``ungrouped_weight_decay`` (0: plain
     SGD momentum), as the authors' code.
     """
+    _utils.check_rate("learning_rate", learning_rate)
     _utils.check_rate("weight_decay", weight_decay)
     _utils.check_beta("momentum", momentum)
     _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
@@ -379,7 +380,7 @@ def rv_lion(
     eta_r: _utils.Hyper | None = None,
     rotational_eps: float = 1e-8,
     ungrouped_weight_decay: _utils.Hyper = 0.0,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-Lion (seed 002 app. M): Lion's sign direction under rotational RMS control.
 
@@ -387,6 +388,7 @@ def rv_lion(
     \sqrt{(1-b_1)^2 + b_1^2(1-b_2)/(1+b_2)}` per step on average (Table 1, eq. 72).
     Ungrouped leaves get Lion with decoupled ``ungrouped_weight_decay`` (0 by default).
     """
+    _utils.check_rate("learning_rate", learning_rate)
     _utils.check_rate("weight_decay", weight_decay)
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)
@@ -421,7 +423,7 @@ def scale_by_adam_l2_direction(
     weight_decay: _utils.Hyper = 0.0,
     ungrouped_weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""The gradient part of Adam+L2's update (seed 002 eqs. 73-75, authors' wrapper code).
 
@@ -478,7 +480,7 @@ def wrapped_adam_l2(
     eta_r: _utils.Hyper | None = None,
     rotational_eps: float = 1e-8,
     ungrouped_weight_decay: _utils.Hyper = 0.0,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformationExtraArgs:
     r"""The "wrapped Adam+L2" RV (seed 002 sec. 3, Table 2 last column, app. O).
 
@@ -488,6 +490,7 @@ def wrapped_adam_l2(
     equilibrium, which depends on the gradient norm (eq. 84, 87). Ungrouped leaves get Adam
     with coupled L2 ``ungrouped_weight_decay`` (0: plain Adam).
     """
+    _utils.check_rate("learning_rate", learning_rate)
     _utils.check_rate("weight_decay", weight_decay)
     if eta_r is None:
         eta_r = _hyper_fn(
