@@ -433,3 +433,23 @@ def test_trains_flax_batchnorm_model_with_per_unit_groups():
         jnp.linalg.norm(k0.reshape(-1, 8), axis=0),
         rtol=1e-5,
     )
+
+
+@pytest.mark.parametrize("axis", [2, 3])
+def test_sharded_params_give_the_same_step(axis):
+    """Group axes sharded (axis 2: cross-device reductions) or unit axis sharded (axis 3)."""
+    devices = np.array(jax.devices()[:8])
+    if devices.size < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.sharding.Mesh(devices, ("d",))
+    spec = [None] * 4
+    spec[axis] = "d"
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    rng = np.random.default_rng(12)
+    params = osp.center_groups({"w": jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.float32)})
+    tx = osp.rv_adamw(1e-2, 0.1)
+    plain = _run(tx, params, 3)[0][-1]
+    sharded_params = jax.device_put(params, sharding)
+    sharded = _run(tx, sharded_params, 3)[0][-1]
+    assert sharded["w"].sharding.is_equivalent_to(sharding, 4)
+    np.testing.assert_allclose(sharded["w"], plain["w"], rtol=1e-5, atol=1e-6)
