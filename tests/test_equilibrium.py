@@ -20,11 +20,11 @@ def simulate(
 
     Inputs and output gradients are drawn i.i.d. at every step (std ``1/(K B)`` for the
     latter), so the weights do a random walk; each column of ``W`` (Flax layout ``(C, K)``)
-    is scale-invariant through the batch normalisation. PyTorch's default init, gammas
-    random normal or ones (``init_scale`` scales the init). Returns, per unit, the means over steps ``start`` to ``steps``
-    (default: the second half, after the transient phase) of the angular update, of the
-    weight norm, and of ``(||g|| ||w||)^2`` (the squared gradient norm at unit weight norm,
-    which differs between units).
+    is scale-invariant through the batch normalisation. PyTorch's default init (times
+    ``init_scale``), gammas random normal or ones. Returns, per unit, the means over steps
+    ``start`` to ``steps`` (default: the second half, after the transient phase) of the
+    angular update, of the weight norm, and of ``(||g|| ||w||)^2`` (the squared gradient
+    norm at unit weight norm, which differs between units).
     """
     k_w, k_in, k_out, k_steps = jax.random.split(jax.random.PRNGKey(seed), 4)
     bound = 1 / math.sqrt(dim)
