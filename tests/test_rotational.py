@@ -453,3 +453,22 @@ def test_sharded_params_give_the_same_step(axis):
     sharded = _run(tx, sharded_params, 3)[0][-1]
     assert sharded["w"].sharding.is_equivalent_to(sharding, 4)
     np.testing.assert_allclose(sharded["w"], plain["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_mostly_radial_direction_in_float32():
+    """The one-pass expansion of ||U_perp||^2 stays accurate when 99% of U is radial."""
+    rng = np.random.default_rng(13)
+    x0 = osp.center_groups({"w": jnp.asarray(rng.normal(size=(64, 6)), jnp.float32)})["w"]
+    directions = [
+        jnp.asarray(
+            10 * np.asarray(x0) * rng.normal(size=6) + rng.normal(size=(64, 6)), jnp.float32
+        )
+        for _ in range(3)
+    ]
+    tx = osp.rotational_rms_control(optax.identity(), eta_r=0.05, learning_rate=0.1)
+    state, x = tx.init({"w": x0}), {"w": x0}
+    for u in directions:
+        upd, state = jax.jit(tx.update)({"w": u}, state, x)
+        x = optax.apply_updates(x, upd)
+    expected = _algorithm_1(x0, directions, (0,), eta_r=0.05, beta=0.9, eps=1e-8, center=True)
+    np.testing.assert_allclose(np.asarray(x["w"]), expected[-1], rtol=1e-4, atol=1e-5)
