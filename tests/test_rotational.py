@@ -324,6 +324,35 @@ def test_composes_with_optax_wrappers():
     assert not np.allclose(history[2]["conv"]["kernel"], params["conv"]["kernel"])
 
 
+def test_multi_transform_and_masked():
+    params = osp.center_groups(_params(14))
+    labels = {"conv": {"kernel": "rv"}, "dense": {"kernel": "sgd", "bias": "sgd"}}
+    tx = optax.multi_transform({"rv": osp.rv_adamw(1e-2, 0.1), "sgd": optax.sgd(0.1)}, labels)
+    got = _run(tx, params, 3)[0][-1]
+    _leaves_close(got["dense"], _run(optax.sgd(0.1), params, 3)[0][-1]["dense"], 1e-6)
+    k0, k = params["conv"]["kernel"], got["conv"]["kernel"]
+    assert not np.allclose(k, k0, atol=1e-3)
+    np.testing.assert_allclose(
+        jnp.linalg.norm(k.reshape(-1, 8), axis=0),
+        jnp.linalg.norm(k0.reshape(-1, 8), axis=0),
+        rtol=1e-5,
+    )
+    mask = {"conv": {"kernel": True}, "dense": {"kernel": False, "bias": False}}
+    tx = optax.chain(
+        optax.masked(osp.rv_adamw(1e-2, 0.1), mask),
+        optax.masked(
+            optax.sgd(0.1), {"conv": {"kernel": False}, "dense": {"kernel": True, "bias": True}}
+        ),
+    )
+    got = _run(tx, params, 3)[0][-1]
+    _leaves_close(got["dense"], _run(optax.sgd(0.1), params, 3)[0][-1]["dense"], 1e-6)
+    np.testing.assert_allclose(
+        jnp.linalg.norm(got["conv"]["kernel"].reshape(-1, 8), axis=0),
+        jnp.linalg.norm(k0.reshape(-1, 8), axis=0),
+        rtol=1e-5,
+    )
+
+
 def test_invalid_hyperparameters_fail_at_build():
     with pytest.raises(ValueError, match="beta"):
         osp.rv_adamw(beta=1.0)
