@@ -44,3 +44,18 @@ __all__ = [
     "adam_st",
     "sgdm_rt",
 ]
+
+# manifold optimizers: PSI metric, sphere retraction, AdamP/SGDP projection
+from optax_sphere.projection import (  # noqa: E402
+    ScaleInvariantProjectionState,
+    adamp,
+    scale_invariant_projection,
+    sgdp,
+)
+
+__all__ += [
+    "ScaleInvariantProjectionState",
+    "adamp",
+    "scale_invariant_projection",
+    "sgdp",
+]
