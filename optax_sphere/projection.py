@@ -31,7 +31,6 @@ from optax_sphere.groups import (
     GroupsLike,
     accumulation_dtype,
     group_dot,
-    per_unit,
     resolve_groups,
 )
 from optax_sphere.transport import MOMENTUM_FIELDS, _map_state_fields
@@ -85,7 +84,7 @@ def scale_invariant_projection(
     weight_decay: _utils.Hyper = 0.0,
     eps: float = 1e-8,
     project_momentum: bool = False,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Projection of AdamP / SGDP (Heo et al. 2021, alg. 1-2) around an update direction.
 
@@ -207,7 +206,7 @@ def adamp(
     wd_ratio: float = 0.1,
     *,
     nesterov: bool = False,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""AdamP (Heo et al. 2021, alg. 2), as in the authors' code.
 
@@ -247,7 +246,7 @@ def sgdp(
     nesterov: bool = False,
     *,
     eps: float = 1e-8,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""SGDP (Heo et al. 2021, alg. 1), as in the authors' code.
 

@@ -31,14 +31,13 @@ from optax_sphere.groups import (
     GroupsLike,
     accumulation_dtype,
     group_sq_norm,
-    per_unit,
     resolve_groups,
 )
 
 __all__ = ["PsiSgdState", "scale_by_psi_metric", "psi_sgd", "psi_sgdm"]
 
 
-def scale_by_psi_metric(groups: GroupsLike = per_unit) -> optax.GradientTransformation:
+def scale_by_psi_metric(groups: GroupsLike = "unit") -> optax.GradientTransformation:
     """Riemannian gradient of the PSI manifold (seed 004 eq. 7): ``g <- ||x||^2 g`` per group.
 
     Stateless; needs ``params``. Ungrouped leaves pass through. Put it first in a chain (for
@@ -77,7 +76,7 @@ def psi_sgdm(
     *,
     nesterov: bool = False,
     max_norm: float | None = 1e4,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""PSI-SGDM (seed 004 alg. 1, eq. 11): SGD with momentum on the PSI manifold.
 
@@ -93,9 +92,12 @@ def psi_sgdm(
     """
     _utils.check_rate("learning_rate", learning_rate)
     _utils.check_beta("momentum", momentum)
-    if max_norm is not None and not max_norm > 0:
-        raise ValueError(f"`max_norm` must be > 0 or None, got {max_norm!r}.")
-    keep_trace = momentum != 0 or nesterov
+    if max_norm is not None:
+        _utils.check_rate("max_norm", max_norm)
+        if not isinstance(max_norm, jax.core.Tracer) and not max_norm > 0:
+            raise ValueError(f"`max_norm` must be > 0 or None, got {max_norm!r}.")
+    # a traced momentum (inject_hyperparams) may be non-zero: keep the buffer
+    keep_trace = nesterov or isinstance(momentum, jax.core.Tracer) or momentum != 0
 
     def init_fn(params):
         resolve_groups(groups, params)
@@ -142,7 +144,7 @@ def psi_sgd(
     momentum: float = 0.0,
     *,
     max_norm: float | None = 1e4,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""PSI-SGD (seed 004 eq. 10): ``w_{k+1} = w_k - \eta_k \|w_k\|^2 \nabla_w L`` per group.
 

@@ -30,7 +30,6 @@ from optax_sphere.groups import (
     GroupsLike,
     accumulation_dtype,
     group_dot,
-    per_unit,
     resolve_groups,
 )
 
@@ -48,7 +47,7 @@ __all__ = [
 Method = Literal["projection", "exp"]
 
 
-def project_tangent(groups: GroupsLike = per_unit) -> optax.GradientTransformation:
+def project_tangent(groups: GroupsLike = "unit") -> optax.GradientTransformation:
     """Riemannian gradient of the sphere: ``g <- g - <g, u> u`` per group, ``u = x / ||x||``.
 
     Stateless; needs ``params``. Ungrouped leaves pass through.
@@ -77,7 +76,7 @@ def retract_to_sphere(
     method: Method = "projection",
     *,
     radius: float = 1.0,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""Retraction onto the sphere of radius ``radius``: put it last in a chain.
 
@@ -205,7 +204,7 @@ def sgdg(
     *,
     grad_clip: float | None = None,
     omega: float = 0.0,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""SGD-G of Cho & Lee (2017, alg. 1), as their code does it, per group:
 
@@ -277,7 +276,7 @@ def adamg(
     *,
     grad_clip: float | None = None,
     omega: float = 0.0,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""Adam-G of Cho & Lee (2017, alg. 2), as their code does it, per group:
 
@@ -356,7 +355,7 @@ def adagradg(
     beta: float = 1.0,
     v0: Any = 1.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""AdaGradG (thesis 003 sec. 3.4.2; AdamG* of 000 sec. 3.2), per group:
 
