@@ -154,9 +154,14 @@ def _orthogonality_gradient(x: jax.Array, group: Group, omega: float) -> jax.Arr
     return jnp.transpose(grad.reshape(xt.shape), tuple(perm.index(i) for i in range(x.ndim)))
 
 
+def _traced(value: Any) -> bool:
+    """True for a hyperparameter traced by ``optax.inject_hyperparams`` (known at run time)."""
+    return isinstance(value, jax.core.Tracer)
+
+
 def _check_sphere_args(learning_rate, grad_clip, omega) -> None:
     _utils.check_rate("learning_rate", learning_rate)
-    if grad_clip is not None and not grad_clip > 0:
+    if grad_clip is not None and not _traced(grad_clip) and not grad_clip > 0:
         raise ValueError(f"`grad_clip` must be > 0 or None, got {grad_clip!r}.")
     _utils.check_rate("omega", omega)
 
@@ -164,7 +169,7 @@ def _check_sphere_args(learning_rate, grad_clip, omega) -> None:
 def _riemannian_grad_sums(group, g, m, x, grad_clip, omega):
     """``g`` with the regulariser, the six sums, ``1/r``, ``<g,u>`` and the clip factor ``k``
     such that the clipped tangent gradient is ``k (g - <g,u> u)``."""
-    if omega:
+    if _traced(omega) or omega != 0:
         g = g + _orthogonality_gradient(x, group, omega)
     s = _sums(group, g, m, x)
     inv_r = geometry.safe_div(1.0, jnp.sqrt(s.xx))
@@ -374,7 +379,7 @@ def adagradg(
     radii). Ungrouped leaves get the same recursion element-wise, without the projection.
     """
     _utils.check_rate("learning_rate", learning_rate)
-    if not 0 < beta <= 1:
+    if not _traced(beta) and not 0 < beta <= 1:
         raise ValueError(f"`beta` must be in (0, 1], got {beta!r}.")
     if not callable(v0) and not jax.tree.leaves(v0):
         raise ValueError("`v0` must be a number or a pytree of numbers/arrays.")
@@ -383,7 +388,8 @@ def adagradg(
 
     def init_fn(params):
         grp = resolve_groups(groups, params)
-        v0_tree = jax.tree.map(lambda _: v0, params) if isinstance(v0, (int, float)) else v0
+        single = jax.tree_util.treedef_is_leaf(jax.tree.structure(v0))
+        v0_tree = jax.tree.map(lambda _: v0, params) if single else v0
 
         def leaf(group, p, v):
             shape = p.shape if group is None else group.scalar_shape(p.shape)
