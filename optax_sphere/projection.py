@@ -58,7 +58,9 @@ def _decide(group: Group, g: jax.Array, x: jax.Array, delta: float, eps: float) 
     unit_hit = jnp.max(jnp.abs(s_gx) / jnp.maximum(jnp.sqrt(s_gg * s_xx), eps)) < delta / math.sqrt(
         group.size(x.shape)
     )
-    l_gx, l_gg, l_xx = (jnp.sum(s) for s in (s_gx, s_gg, s_xx))
+    # layer sums from the per-group sums (the barrier keeps XLA from turning them back into
+    # full-size reductions of the products)
+    l_gx, l_gg, l_xx = (jnp.sum(s) for s in jax.lax.optimization_barrier((s_gx, s_gg, s_xx)))
     if len(group.axes) == x.ndim:  # the group is the whole leaf: the layer test repeats it
         layer_hit = unit_hit
     else:
@@ -69,7 +71,7 @@ def _decide(group: Group, g: jax.Array, x: jax.Array, delta: float, eps: float) 
 
 def _project(group: Group, p: jax.Array, x: jax.Array, d: _Decision) -> jax.Array:
     """``p - <p, x_n> x_n`` with ``x_n = x / (||x|| + eps)`` per group or per leaf, or ``p``."""
-    s_px = group_dot(p, x, group)
+    s_px = jax.lax.optimization_barrier(group_dot(p, x, group))
     coef = jnp.where(
         d.unit_hit, s_px / d.unit_sq, jnp.where(d.layer_hit, jnp.sum(s_px) / d.layer_sq, 0)
     )

@@ -113,21 +113,28 @@ def psi_sgdm(
         def leaf(group, g, t, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
             g = g.astype(acc)
+            scale = None
             if group is not None:
                 sq = group_sq_norm(x, group)
-                g = sq * g
+                if max_norm is not None:
+                    # per group: 1 / ||w_k|| above max_norm, else 1 (T_a of Theorem 1)
+                    over = sq > max_norm**2
+                    scale = jnp.where(over, jax.lax.rsqrt(jnp.where(over, sq, 1)), 1)
+                    g = (scale * sq) * g
+                else:
+                    g = sq * g
+            # the step reads the *new* trace, as optax.sgd does, so that the trace is
+            # updated in place and read once
             if keep_trace:
+                if scale is not None:
+                    t = scale * t
                 t = momentum * t + g
                 direction = g + momentum * t if nesterov else t
             else:
                 direction = g
             step = -lr * direction
-            if group is not None and max_norm is not None:
-                over = sq > max_norm**2
-                scale = jnp.where(over, jax.lax.rsqrt(jnp.where(over, sq, 1)), 1)
-                step = jnp.where(over, scale * step + (scale - 1) * x.astype(acc), step)
-                if keep_trace:
-                    t = scale * t
+            if scale is not None:
+                step = step + (scale - 1) * x.astype(acc)
             return step.astype(x.dtype), t
 
         out = jax.tree.map(leaf, grp, updates, trace, params, is_leaf=lambda n: n is None)
