@@ -275,7 +275,7 @@ def test_bf16_params_keep_float32_state():
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params(10))
     for tx in (osp.sgdg(), osp.adamg(), osp.adagradg()):
         state = tx.init(params)
-        u, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+        u, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
         assert u["k"].dtype == jnp.bfloat16
         assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(state)[1:])
 
