@@ -67,3 +67,43 @@ __all__ = [
     "theory",
     "wrapped_adam_l2",
 ]
+
+# manifold optimizers: PSI metric, sphere retraction, AdamP/SGDP projection
+from optax_sphere import theory  # noqa: E402
+from optax_sphere.projection import (  # noqa: E402
+    ScaleInvariantProjectionState,
+    adamp,
+    scale_invariant_projection,
+    sgdp,
+)
+from optax_sphere.psi import PsiSgdState, psi_sgd, psi_sgdm, scale_by_psi_metric  # noqa: E402
+from optax_sphere.retraction import (  # noqa: E402
+    AdagradgState,
+    AdamgState,
+    SgdgState,
+    adagradg,
+    adamg,
+    project_tangent,
+    retract_to_sphere,
+    sgdg,
+)
+
+__all__ += [
+    "AdagradgState",
+    "AdamgState",
+    "PsiSgdState",
+    "ScaleInvariantProjectionState",
+    "SgdgState",
+    "adagradg",
+    "adamg",
+    "adamp",
+    "project_tangent",
+    "psi_sgd",
+    "psi_sgdm",
+    "retract_to_sphere",
+    "scale_by_psi_metric",
+    "scale_invariant_projection",
+    "sgdg",
+    "sgdp",
+    "theory",
+]
