@@ -19,6 +19,22 @@ from optax_sphere.transport import (
 )
 from optax_sphere.weight_decay import coupled_weight_decay, decoupled_weight_decay
 
+# isort: split
+# diagnostics
+from optax_sphere import diagnostics
+from optax_sphere.diagnostics import (
+    GeometryStats,
+    History,
+    MonitoredState,
+    MonitorState,
+    adam_step_scale,
+    find_monitor_state,
+    geometry_stats,
+    metrics,
+    monitor,
+    monitored,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -43,4 +59,16 @@ __all__ = [
     "adam_srt",
     "adam_st",
     "sgdm_rt",
+    # diagnostics
+    "GeometryStats",
+    "History",
+    "MonitorState",
+    "MonitoredState",
+    "adam_step_scale",
+    "diagnostics",
+    "find_monitor_state",
+    "geometry_stats",
+    "metrics",
+    "monitor",
+    "monitored",
 ]
