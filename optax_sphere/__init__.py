@@ -21,7 +21,7 @@ from optax_sphere.weight_decay import coupled_weight_decay, decoupled_weight_dec
 
 # isort: split
 # diagnostics
-from optax_sphere import diagnostics
+from optax_sphere import diagnostics, plots
 from optax_sphere.diagnostics import (
     GeometryStats,
     History,
@@ -71,4 +71,5 @@ __all__ = [
     "metrics",
     "monitor",
     "monitored",
+    "plots",
 ]

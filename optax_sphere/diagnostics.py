@@ -464,3 +464,14 @@ class History:
             return np.stack(self.groups[stat][path])
         except KeyError:
             raise KeyError(f"no per-group record of {stat!r} for {path!r}.") from None
+
+    def unit_spread(
+        self, path: str, stat: str = "angular_update", tail: float = 0.5
+    ) -> tuple[float, float, float]:
+        """``(min, mean, max)`` over the groups of ``path`` of each group's average of
+        ``stat`` over the last ``tail`` fraction of the records: how balanced the groups are
+        (seed 002 fig. 8: equal for AdamW, spread for Adam + L2)."""
+        values = self.per_group(path, stat)
+        start = min(int(len(values) * (1 - tail)), len(values) - 1)
+        means = values[start:].mean(axis=0)
+        return float(means.min()), float(means.mean()), float(means.max())
