@@ -93,6 +93,10 @@ def _layer_lines(
     steps = np.asarray(history.steps)
     layers = history.layers() if layers is None else list(layers)
     colors = _colors(len(layers))
+    if isinstance(prediction, Mapping):
+        values = [prediction.get(layer) for layer in layers]
+        if all(v is not None and np.ndim(v) == 0 for v in values) and len(set(values)) == 1:
+            prediction = values[0]  # the same for every layer: one red line
     shared = prediction is not None and not isinstance(prediction, Mapping)
     for color, layer in zip(colors, layers):
         ax.plot(steps, smooth(history.series(layer, stat), window), color=color, lw=1.2,

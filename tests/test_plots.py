@@ -89,3 +89,9 @@ def test_geometry_figure_is_saved(tmp_path, suffix):
     assert any(ln.get_linestyle() == "--" and ln.get_ydata()[0] == 5.0 for ln in norm_lines)
     # the per-layer prediction of the unit layer is drawn on the unit panel
     assert any(ln.get_linestyle() == "--" for ln in axes[2].get_lines())
+
+
+def test_equal_per_layer_predictions_draw_one_line():
+    ax = plots.plot_angular_updates(_history(), prediction={"a": 0.01, "b": 0.01})
+    (pred,) = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert pred.get_label() == "prediction" and pred.get_ydata()[0] == 0.01
