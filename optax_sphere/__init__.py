@@ -30,6 +30,22 @@ from optax_sphere.transport import (
 )
 from optax_sphere.weight_decay import coupled_weight_decay, decoupled_weight_decay
 
+# isort: split
+# diagnostics
+from optax_sphere import diagnostics, plots
+from optax_sphere.diagnostics import (
+    GeometryStats,
+    History,
+    MonitoredState,
+    MonitorState,
+    adam_step_scale,
+    find_monitor_state,
+    geometry_stats,
+    metrics,
+    monitor,
+    monitored,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -66,6 +82,19 @@ __all__ = [
     "scale_by_adam_l2_direction",
     "theory",
     "wrapped_adam_l2",
+    # diagnostics
+    "GeometryStats",
+    "History",
+    "MonitorState",
+    "MonitoredState",
+    "adam_step_scale",
+    "diagnostics",
+    "find_monitor_state",
+    "geometry_stats",
+    "metrics",
+    "monitor",
+    "monitored",
+    "plots",
 ]
 
 # manifold optimizers: PSI metric, sphere retraction, AdamP/SGDP projection
