@@ -62,9 +62,10 @@ def transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) ->
     exact transport. Returns ``a`` unchanged for a zero-norm group.
     """
     a, x_old, x_new = _acc(a, x_old, x_new)
-    norm_prod = jnp.sqrt(group_sq_norm(x_old, group) * group_sq_norm(x_new, group))
-    num = group_dot(x_old, x_new, group) * a - group_dot(a, x_new, group) * x_old
-    return jnp.where(norm_prod > 0, safe_div(num, norm_prod), a)
+    norm_prod = jnp.sqrt(group_sq_norm(x_old, group)) * jnp.sqrt(group_sq_norm(x_new, group))
+    coef_a = safe_div(group_dot(x_old, x_new, group), norm_prod)
+    coef_x = safe_div(group_dot(a, x_new, group), norm_prod)
+    return jnp.where(norm_prod > 0, coef_a * a - coef_x * x_old, a)
 
 
 def rescale(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
@@ -83,8 +84,9 @@ def rescale_transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: G
     a, x_old, x_new = _acc(a, x_old, x_new)
     den = group_sq_norm(x_new, group)
     ok = (den > 0) & (group_sq_norm(x_old, group) > 0)
-    num = group_dot(x_new, x_old, group) * a - group_dot(x_new, a, group) * x_old
-    return jnp.where(ok, safe_div(num, den), a)
+    coef_a = safe_div(group_dot(x_new, x_old, group), den)
+    coef_x = safe_div(group_dot(x_new, a, group), den)
+    return jnp.where(ok, coef_a * a - coef_x * x_old, a)
 
 
 def parallel_transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:

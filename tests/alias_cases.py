@@ -35,7 +35,14 @@ class Case:
     kwargs: dict[str, Any]
     requires: tuple[str, ...]
     kind: str  # "alias" or "primitive"
-    lr_scale: float = 1.0  # learning rate of the case relative to its default ``kwargs``
+    # Documented behaviour (docs/reliability.md), asserted by the tests:
+    # a group at the origin with a nonzero gradient "moves", or "stays" there (its norm or its
+    # metric is zero: rotational and PSI optimizers).
+    zero_group: str = "moves"
+    # dtype of the floating state for bf16 / fp16 params: "float32" (this library's
+    # transforms accumulate in at least float32) or "params" (an optax inner optimizer's
+    # state, which follows the params).
+    state_dtype: str = "float32"
 
     @property
     def available(self) -> bool:
@@ -45,15 +52,20 @@ class Case:
         return self.factory(**{**self.kwargs, **overrides})
 
 
-def _alias(name: str, **kwargs: Any) -> Case:
+def _alias(name: str, behaviour: dict[str, str] | None = None, **kwargs: Any) -> Case:
     def factory(**kw: Any) -> optax.GradientTransformation:
         return _exported(name)(**kw)
 
-    return Case(name, factory, kwargs, (name,), "alias")
+    return Case(name, factory, kwargs, (name,), "alias", **(behaviour or {}))
 
 
-def _primitive(name: str, requires: tuple[str, ...], build: Factory, **kwargs: Any) -> Case:
-    return Case(name, build, {"learning_rate": 1e-2, **kwargs}, requires, "primitive")
+def _primitive(
+    name: str,
+    requires: tuple[str, ...],
+    build: Factory,
+    behaviour: dict[str, str] | None = None,
+) -> Case:
+    return Case(name, build, {"learning_rate": 1e-2}, requires, "primitive", **(behaviour or {}))
 
 
 # Published aliases (DESIGN.md section 4), with the fixtures' hyperparameters, scaled to take
@@ -83,7 +95,7 @@ def _osp(name: str) -> Any:
 # The primitives, each made a complete optimizer by the smallest chain that needs it.
 PRIMITIVES = [
     _primitive(
-        "chain(coupled_weight_decay, scale_by_standardized_adam)",
+        "chain(coupled_weight_decay,scale_by_standardized_adam)",
         ("coupled_weight_decay", "scale_by_standardized_adam"),
         lambda learning_rate, groups=optax_sphere.per_unit: optax.chain(
             _osp("coupled_weight_decay")(1e-3),
@@ -97,6 +109,7 @@ PRIMITIVES = [
         lambda learning_rate, groups=optax_sphere.per_unit: _osp("rescale_momentum")(
             optax.sgd(learning_rate, momentum=0.9), groups=groups
         ),
+        {"state_dtype": "params"},
     ),
     _primitive(
         "transport_momentum(adam)",
@@ -104,13 +117,15 @@ PRIMITIVES = [
         lambda learning_rate, groups=optax_sphere.per_unit: _osp("transport_momentum")(
             optax.adam(learning_rate), groups=groups
         ),
+        {"state_dtype": "params"},
     ),
     _primitive(
-        "transport_momentum(adam, exact=True)",
+        "transport_momentum(adam,exact=True)",
         ("transport_momentum",),
         lambda learning_rate, groups=optax_sphere.per_unit: _osp("transport_momentum")(
             optax.adam(learning_rate), groups=groups, exact=True
         ),
+        {"state_dtype": "params"},
     ),
     _primitive(
         "rescale_transport_momentum(scale_by_standardized_adam)",
@@ -124,11 +139,11 @@ PRIMITIVES = [
         ),
     ),
     _primitive(
-        "chain(adam, decoupled_weight_decay)",
-        ("decoupled_weight_decay",),
-        # ``groups`` is accepted for a uniform interface: weight decay acts on every leaf.
-        lambda learning_rate, groups=None: optax.chain(
-            optax.adam(learning_rate),
+        "chain(scale_by_standardized_adam,decoupled_weight_decay)",
+        ("scale_by_standardized_adam", "decoupled_weight_decay"),
+        lambda learning_rate, groups=optax_sphere.per_unit: optax.chain(
+            _osp("scale_by_standardized_adam")(groups=groups),
+            optax.scale_by_learning_rate(learning_rate),
             _osp("decoupled_weight_decay")(1e-2, learning_rate),
         ),
     ),
