@@ -9,7 +9,10 @@ Accepted forms of ``groups``:
 
 * a callable ``params -> spec tree`` (like an optax mask), for example :func:`per_unit`
   (the default) or :func:`per_tensor`;
-* the strings ``"unit"`` / ``"tensor"``, shorthands for those two callables;
+* the strings ``"unit"`` / ``"tensor"``, shorthands for those two callables (``"unit"`` is
+  every transformation's default: ``optax.inject_hyperparams`` takes any callable argument for
+  a schedule, so a callable spec given to an injected optimizer must be named in its
+  ``static_args=("groups",)``, while a string or a spec tree needs nothing);
 * ``None``: no leaf is grouped (every transformation reduces to its base optimizer);
 * a pytree with the structure of the params whose leaves are per-leaf specs.
 

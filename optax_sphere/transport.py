@@ -31,7 +31,7 @@ import jax
 import optax
 
 from optax_sphere import _utils, geometry
-from optax_sphere.groups import GroupsLike, group_sq_norm, per_unit, resolve_groups
+from optax_sphere.groups import GroupsLike, group_sq_norm, resolve_groups
 
 __all__ = [
     "MOMENTUM_FIELDS",
@@ -156,7 +156,7 @@ def _momentum_geometry(
 def rescale_momentum(
     inner: optax.GradientTransformation,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
     """R (seed 000 eq. 69, 21): after each step, momentum ``*= r_k / r_{k+1}`` and second
@@ -169,7 +169,7 @@ def rescale_momentum(
 def transport_momentum(
     inner: optax.GradientTransformation,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
     exact: bool = False,
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
@@ -187,7 +187,7 @@ def transport_momentum(
 def rescale_transport_momentum(
     inner: optax.GradientTransformation,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
     """RT (seed 000 eq. 75): ``a <- (<x_{k+1},x_k> a - <x_{k+1},a> x_k) / ||x_{k+1}||^2`` on the

@@ -113,7 +113,7 @@ PRIMITIVES = [
     _primitive(
         "chain(coupled_weight_decay,scale_by_standardized_adam)",
         ("coupled_weight_decay", "scale_by_standardized_adam"),
-        lambda learning_rate, groups=optax_sphere.per_unit: optax.chain(
+        lambda learning_rate, groups="unit": optax.chain(
             _osp("coupled_weight_decay")(1e-3),
             _osp("scale_by_standardized_adam")(0.9, 0.99, groups=groups),
             optax.scale_by_learning_rate(learning_rate),
@@ -122,7 +122,7 @@ PRIMITIVES = [
     _primitive(
         "rescale_momentum(sgd)",
         ("rescale_momentum",),
-        lambda learning_rate, groups=optax_sphere.per_unit: _osp("rescale_momentum")(
+        lambda learning_rate, groups="unit": _osp("rescale_momentum")(
             optax.sgd(learning_rate, momentum=0.9), groups=groups
         ),
         {"state_dtype": "params"},
@@ -130,7 +130,7 @@ PRIMITIVES = [
     _primitive(
         "transport_momentum(adam)",
         ("transport_momentum",),
-        lambda learning_rate, groups=optax_sphere.per_unit: _osp("transport_momentum")(
+        lambda learning_rate, groups="unit": _osp("transport_momentum")(
             optax.adam(learning_rate), groups=groups
         ),
         ADAM_INNER,
@@ -138,7 +138,7 @@ PRIMITIVES = [
     _primitive(
         "transport_momentum(adam,exact=True)",
         ("transport_momentum",),
-        lambda learning_rate, groups=optax_sphere.per_unit: _osp("transport_momentum")(
+        lambda learning_rate, groups="unit": _osp("transport_momentum")(
             optax.adam(learning_rate), groups=groups, exact=True
         ),
         ADAM_INNER,
@@ -146,7 +146,7 @@ PRIMITIVES = [
     _primitive(
         "rescale_transport_momentum(scale_by_standardized_adam)",
         ("rescale_transport_momentum", "scale_by_standardized_adam"),
-        lambda learning_rate, groups=optax_sphere.per_unit: _osp("rescale_transport_momentum")(
+        lambda learning_rate, groups="unit": _osp("rescale_transport_momentum")(
             optax.chain(
                 _osp("scale_by_standardized_adam")(groups=groups),
                 optax.scale_by_learning_rate(learning_rate),
@@ -157,7 +157,7 @@ PRIMITIVES = [
     _primitive(
         "chain(scale_by_standardized_adam,decoupled_weight_decay)",
         ("scale_by_standardized_adam", "decoupled_weight_decay"),
-        lambda learning_rate, groups=optax_sphere.per_unit: optax.chain(
+        lambda learning_rate, groups="unit": optax.chain(
             _osp("scale_by_standardized_adam")(groups=groups),
             optax.scale_by_learning_rate(learning_rate),
             _osp("decoupled_weight_decay")(1e-2, learning_rate),
@@ -166,7 +166,7 @@ PRIMITIVES = [
     _primitive(
         "scale_invariant_projection(adam)",
         ("scale_invariant_projection",),
-        lambda learning_rate, groups=optax_sphere.per_unit: optax.chain(
+        lambda learning_rate, groups="unit": optax.chain(
             _osp("scale_invariant_projection")(
                 optax.scale_by_adam(), weight_decay=1e-2, groups=groups
             ),
