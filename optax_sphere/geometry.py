@@ -112,15 +112,18 @@ def parallel_transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: 
 def angle(x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
     """Angle between ``x_old`` and ``x_new`` per group (seed 002 eq. 5), in radians.
 
-    Computed as ``atan2(||u_old x u_new||, <u_old, u_new>)`` through the norm of the
-    difference of unit vectors, which is accurate for tiny angles (where ``arccos`` of the
-    cosine is not). Zero-norm groups give 0.
+    Computed as ``2 atan2(||u_new - u_old||, ||u_new + u_old||)`` from the unit vectors,
+    which is accurate over the whole range: for tiny angles (where ``arccos`` of the cosine
+    is not) and near ``pi`` (where ``arcsin`` of the half chord is not). Zero-norm groups
+    give 0.
     """
     x_old, x_new = _acc(x_old, x_new)
-    u_old = safe_div(x_old, jnp.sqrt(group_sq_norm(x_old, group)))
-    u_new = safe_div(x_new, jnp.sqrt(group_sq_norm(x_new, group)))
-    half_chord = 0.5 * jnp.sqrt(group_sq_norm(u_new - u_old, group))
-    return 2 * jnp.arcsin(jnp.clip(half_chord, 0, 1))
+    r_old = jnp.sqrt(group_sq_norm(x_old, group))
+    r_new = jnp.sqrt(group_sq_norm(x_new, group))
+    u_old, u_new = safe_div(x_old, r_old), safe_div(x_new, r_new)
+    chord = jnp.sqrt(group_sq_norm(u_new - u_old, group))
+    theta = 2 * jnp.arctan2(chord, jnp.sqrt(group_sq_norm(u_new + u_old, group)))
+    return jnp.where((r_old > 0) & (r_new > 0), theta, 0)
 
 
 def exp_map(u: jax.Array, v: jax.Array, group: Group) -> jax.Array:
