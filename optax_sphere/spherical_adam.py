@@ -30,7 +30,6 @@ from optax_sphere.groups import (
     GroupsLike,
     accumulation_dtype,
     group_dot,
-    per_unit,
     resolve_groups,
 )
 from optax_sphere.standardization import (
@@ -85,10 +84,13 @@ def _fused_momentum_step(
     mk_x1 = mk_x - c * mk_mk  # <m_k, x'>
     x1_x1 = jnp.maximum(s_xx - 2 * c * mk_x + c**2 * mk_mk, 0)  # ||x'||^2
     m_k = beta * m + gamma * (g + wd * x)
-    den = x1_x1 if transport == "rt" else jnp.sqrt(s_xx * x1_x1)
+    # sqrt of each factor, not of the product: the product of squared norms overflows float32
+    # for norms above ~1e9 (the RT denominator ||x'||^2 itself is fine up to ~1e19).
+    den = x1_x1 if transport == "rt" else jnp.sqrt(s_xx) * jnp.sqrt(x1_x1)
     ok = (s_xx > 0) & (x1_x1 > 0)
     safe_den = jnp.where(ok, den, 1)
-    m_new = jnp.where(ok, (x_x1 * m_k - mk_x1 * x) / safe_den, m_k)
+    # per-group coefficients first, then one element-wise pass: O(1) factors, no overflow
+    m_new = jnp.where(ok, (x_x1 / safe_den) * m_k - (mk_x1 / safe_den) * x, m_k)
     ratio = jnp.where(ok, s_xx / jnp.where(ok, x1_x1, 1), 1)
     return -c * m_k, m_new, aux, ratio
 
@@ -108,7 +110,7 @@ def adam_s(
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""Adam-S: Adam with a standardised second moment (seed 000 sec. 4.1, eqs. 61-63).
 
@@ -187,7 +189,7 @@ def adam_st(
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""Adam-ST: Adam-S plus transport of the momentum ("Adam w/o (ab)", seed 001 / 003 tab. 3.3).
 
@@ -207,7 +209,7 @@ def adam_srt(
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""Adam-SRT (seed 000 sec. 4.2, eqs. 19-21 / 78-80, alg. 1): "Adam w/o (abc)".
 
@@ -229,7 +231,7 @@ def sgdm_rt(
     momentum: float = 0.9,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""SGD-MRT (seed 000 sec. 4.2 remark, app. E.2): SGD momentum with RT of the momentum.
 
