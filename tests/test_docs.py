@@ -1,0 +1,72 @@
+"""The documentation builds with warnings as errors, and its code runs.
+
+* ``test_docs_build``: ``sphinx -W -n`` into a temporary directory, so a broken reference,
+  a docstring that does not parse, or a missing page fails the suite;
+* ``test_page_snippets``: every ```` ```python ```` block of every page under ``docs/``
+  runs, in order, in one namespace per page (a page's blocks build on each other, as a
+  reader would paste them). Blocks meant to be read, not run, use another language tag or a
+  ``{code-block}`` directive.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+FENCE = re.compile(
+    r"^(?P<fence>`{3,}|~{3,})python[ \t]*\n(?P<code>.*?)^(?P=fence)[ \t]*$", re.M | re.S
+)
+
+
+def python_blocks(text: str) -> list[tuple[int, str]]:
+    """The ```python blocks of a markdown page, with the line each starts on."""
+    return [(text[: m.start()].count("\n") + 2, m.group("code")) for m in FENCE.finditer(text)]
+
+
+PAGES = sorted(p for p in DOCS.glob("*.md") if python_blocks(p.read_text(encoding="utf-8")))
+
+
+def test_fence_extraction():
+    text = "intro\n```python\na = 1\n```\n\n```bash\nls\n```\n````python\nb = 2\n````\n"
+    assert python_blocks(text) == [(3, "a = 1\n"), (10, "b = 2\n")]
+    assert PAGES, "no page with python code found"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_page_snippets(page, monkeypatch, tmp_path):
+    pytest.importorskip("flax")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT))
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    for line, code in python_blocks(page.read_text(encoding="utf-8")):
+        # pad so that tracebacks show the line number in the page
+        compiled = compile("\n" * (line - 1) + code, str(page), "exec")
+        exec(compiled, namespace)
+
+
+def test_docs_build(tmp_path):
+    pytest.importorskip("sphinx")
+    pytest.importorskip("myst_parser")
+    pytest.importorskip("sphinx_book_theme")
+    out = tmp_path / "html"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
+    proc = subprocess.run(
+        [*cmd, str(DOCS), str(out)], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:] + proc.stdout[-2000:]
+    for page in ("index", "getting_started", "geometry", "recipes", "results", "api"):
+        assert (out / f"{page}.html").exists(), page
+    api = (out / "api" / "optax_sphere.html").read_text(encoding="utf-8")
+    import optax_sphere
+
+    for name in optax_sphere.__all__:  # every exported name is on the reference page
+        assert re.search(rf">(optax_sphere\.)?{name}<", api), name
