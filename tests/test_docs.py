@@ -45,11 +45,17 @@ def test_page_snippets(page, monkeypatch, tmp_path):
     pytest.importorskip("flax")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT))
+    import jax
+
     namespace: dict = {"__name__": f"docs_{page.stem}"}
-    for line, code in python_blocks(page.read_text(encoding="utf-8")):
-        # pad so that tracebacks show the line number in the page
-        compiled = compile("\n" * (line - 1) + code, str(page), "exec")
-        exec(compiled, namespace)
+    x64 = jax.config.jax_enable_x64
+    try:
+        for line, code in python_blocks(page.read_text(encoding="utf-8")):
+            # pad so that tracebacks show the line number in the page
+            compiled = compile("\n" * (line - 1) + code, str(page), "exec")
+            exec(compiled, namespace)
+    finally:
+        jax.config.update("jax_enable_x64", x64)  # a page may switch precision
 
 
 def test_docs_build(tmp_path):

@@ -91,9 +91,7 @@ def render_module(module: ModuleType, documented: set[str]) -> str:
         lines.append("")
     if own:
         lines.append(_title("Summary", "-"))
-        lines.append(".. autosummary::\n")
-        lines += [f"   {attr}" for attr, _, _ in own]
-        lines.append("")
+        lines.append(summary_table([(f"{name}.{attr}", attr, obj) for attr, obj, _ in own]))
     if elsewhere:
         by_home: dict[str, list[str]] = {}
         for attr, _, home in elsewhere:
@@ -102,11 +100,8 @@ def render_module(module: ModuleType, documented: set[str]) -> str:
         lines.append(_title(title, "-"))
         for home, attrs in by_home.items():
             lines.append(f"Documented in :mod:`{home}`:\n")
-            lines.append(f".. currentmodule:: {home}\n")
-            lines.append(".. autosummary::\n")
-            lines += [f"   {attr}" for attr in attrs]
-            lines.append("")
-        lines.append(f".. currentmodule:: {name}\n")
+            rows = [(f"{home}.{attr}", attr, getattr(module, attr)) for attr in attrs]
+            lines.append(summary_table(rows))
     if own:
         lines.append(_title("Reference", "-"))
         for attr, obj, _ in own:
@@ -116,6 +111,25 @@ def render_module(module: ModuleType, documented: set[str]) -> str:
                 options = "\n   :members:\n   :undoc-members:"
             lines.append(f".. {directive}:: {name}.{attr}{options}\n")
     return "\n".join(lines) + "\n"
+
+
+def first_paragraph(obj: Any) -> str:
+    """The first paragraph of the docstring, on one line (autosummary's first *sentence*
+    stops at the abbreviations the docstrings use to cite papers, such as "sec. 4")."""
+    doc = inspect.getdoc(obj) or ""
+    if inspect.getdoc(type(obj)) == doc and not (inspect.isclass(obj) or callable(obj)):
+        return ""  # data without its own docstring
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def summary_table(rows: list[tuple[str, str, Any]]) -> str:
+    """A two-column list-table: linked name, first paragraph of the docstring."""
+    out = [".. list-table::", "   :widths: 30 70", ""]
+    for target, attr, obj in rows:
+        role = "class" if inspect.isclass(obj) else "func" if callable(obj) else "data"
+        out.append(f"   * - :py:{role}:`{attr} <{target}>`")
+        out.append(f"     - {first_paragraph(obj)}")
+    return "\n".join(out) + "\n"
 
 
 def _is_namedtuple(cls: type) -> bool:
@@ -163,19 +177,18 @@ def resolve_reexport(app, env, node, contnode):
         break
     else:
         return None
-    home = getattr(obj, "__module__", None)
-    real = f"{home}.{getattr(obj, '__name__', attr)}"
-    if not isinstance(home, str) or real == target:
-        return None
     domain = env.get_domain("py")
-    new = node.deepcopy()
-    new["reftarget"] = real
-    found = domain.resolve_xref(
-        env, node["refdoc"], app.builder, node["reftype"], real, new, contnode
-    )
-    if found is None:
-        matches = domain.resolve_any_xref(env, node["refdoc"], app.builder, real, new, contnode)
-        found = matches[0][1] if matches else None
+
+    def resolve_any(name):  # any object type: a type alias documented as data, say
+        new = node.deepcopy()
+        new["reftarget"] = name
+        matches = domain.resolve_any_xref(env, node["refdoc"], app.builder, name, new, contnode)
+        return matches[0][1] if matches else None
+
+    found = resolve_any(target)
+    home = getattr(obj, "__module__", None)
+    if found is None and isinstance(home, str) and home.startswith(PACKAGE):
+        found = resolve_any(f"{home}.{getattr(obj, '__name__', attr)}")
     return found
 
 
