@@ -36,6 +36,8 @@ import jax.numpy as jnp
 
 PyTree = Any
 LeafSpec = Union[None, str, int, Sequence[int]]
+#: What ``groups=`` accepts: ``None``, ``"unit"`` / ``"tensor"``, a callable of the params, or a
+#: pytree of per-leaf specs (see the module docstring).
 GroupsLike = Union[None, str, Callable[[PyTree], PyTree], PyTree]
 
 __all__ = [

@@ -76,3 +76,33 @@ def test_docs_build(tmp_path):
 
     for name in optax_sphere.__all__:  # every exported name is on the reference page
         assert re.search(rf">(optax_sphere\.)?{name}<", api), name
+
+
+def _results_tables(monkeypatch):
+    pytest.importorskip("sphinx")
+    monkeypatch.syspath_prepend(str(DOCS / "_ext"))
+    import results_tables
+
+    return results_tables
+
+
+def test_results_table_rendered_from_json(monkeypatch, tmp_path):
+    rt = _results_tables(monkeypatch)
+    name, source = next(iter(rt.SOURCES.items()))
+    path = tmp_path / source.path
+    path.parent.mkdir(parents=True)
+    path.write_text('[{"optimizer": "adam", "acc": 0.91234}, {"optimizer": "adam_srt"}]')
+    monkeypatch.setitem(rt.SOURCES, name, rt.Source(source.path, source.command, rt.generic))
+    text, read = rt.render_source(name, str(tmp_path))
+    assert read == str(path)
+    assert "| optimizer | acc |" in text and "| adam | 0.9123 |" in text
+    assert "| adam_srt |  |" in text and source.command in text
+
+
+def test_results_table_missing_json_names_the_command(monkeypatch, tmp_path):
+    rt = _results_tables(monkeypatch)
+    for name, source in rt.SOURCES.items():
+        text, read = rt.render_source(name, str(tmp_path))
+        assert read is None
+        assert source.command in text and source.path in text
+        assert "|" not in text  # no table, no numbers

@@ -17,6 +17,9 @@ import pkgutil
 from types import ModuleType
 from typing import Any
 
+from sphinx.errors import PycodeError
+from sphinx.pycode import ModuleAnalyzer
+
 PACKAGE = "optax_sphere"
 OUT_DIR = "api"
 
@@ -60,7 +63,7 @@ def home_module(obj: Any, owner: ModuleType, documented: set[str]) -> str:
 def directive_for(obj: Any) -> str:
     if inspect.isclass(obj):
         return "autoclass"
-    if callable(obj) and not isinstance(obj, type):
+    if inspect.isroutine(obj):
         return "autofunction"
     return "autodata"
 
@@ -113,12 +116,22 @@ def render_module(module: ModuleType, documented: set[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def first_paragraph(obj: Any) -> str:
+def attribute_comments(module_name: str) -> dict[str, str]:
+    """``#:`` documentation comments of a module's attributes (what autodoc shows for data)."""
+    try:
+        analyzer = ModuleAnalyzer.for_module(module_name)
+        docs = analyzer.find_attr_docs()
+    except PycodeError:
+        return {}
+    return {name: " ".join(lines) for (scope, name), lines in docs.items() if scope == ""}
+
+
+def first_paragraph(obj: Any, comment: str = "") -> str:
     """The first paragraph of the docstring, on one line (autosummary's first *sentence*
     stops at the abbreviations the docstrings use to cite papers, such as "sec. 4")."""
+    if not (inspect.isclass(obj) or inspect.isroutine(obj) or inspect.ismodule(obj)):
+        return " ".join(comment.split())  # data: its ``#:`` comment, if any
     doc = inspect.getdoc(obj) or ""
-    if inspect.getdoc(type(obj)) == doc and not (inspect.isclass(obj) or callable(obj)):
-        return ""  # data without its own docstring
     return " ".join(doc.split("\n\n")[0].split())
 
 
@@ -126,9 +139,11 @@ def summary_table(rows: list[tuple[str, str, Any]]) -> str:
     """A two-column list-table: linked name, first paragraph of the docstring."""
     out = [".. list-table::", "   :widths: 30 70", ""]
     for target, attr, obj in rows:
-        role = "class" if inspect.isclass(obj) else "func" if callable(obj) else "data"
+        role = "class" if inspect.isclass(obj) else "func" if inspect.isroutine(obj) else "data"
+        module_name, _, name = target.rpartition(".")
+        comment = attribute_comments(module_name).get(name, "")
         out.append(f"   * - :py:{role}:`{attr} <{target}>`")
-        out.append(f"     - {first_paragraph(obj)}")
+        out.append(f"     - {first_paragraph(obj, comment)}")
     return "\n".join(out) + "\n"
 
 
