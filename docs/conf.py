@@ -79,11 +79,3 @@ mathjax3_config = {"tex": {"macros": {"R": r"\mathbb{R}"}}}
 # OPTAX_SPHERE_MATHJAX=/path/to/tex-mml-chtml.js python -m sphinx ...
 if os.environ.get("OPTAX_SPHERE_MATHJAX"):
     mathjax_path = "file://" + os.path.abspath(os.environ["OPTAX_SPHERE_MATHJAX"])
-
-# Show the library's type aliases by name in signatures instead of expanding them.
-autodoc_type_aliases = {
-    "_utils.Hyper": "optax_sphere._utils.Hyper",
-    "Hyper": "optax_sphere._utils.Hyper",
-    "GroupsLike": "optax_sphere.groups.GroupsLike",
-    "PyTree": "PyTree",
-}

@@ -173,38 +173,53 @@ def write_api_pages(srcdir: str) -> list[str]:
     return pages
 
 
+def canonical_name(dotted: str, context: str = "") -> str | None:
+    """The documented name of ``dotted`` (looked up as given, then relative to the module
+    ``context``): the object's defining module plus its qualified name, so that a name a module
+    re-exports or imports (``optax_sphere.adam_srt``, ``History.layers`` inside a module that
+    imports ``History``) resolves to where it is documented."""
+    for base in (dotted, f"{context}.{dotted}" if context else ""):
+        parts = [p for p in base.split(".") if p]
+        if not parts or parts[0] != PACKAGE:
+            continue
+        for i in range(len(parts), 0, -1):  # longest importable module prefix
+            try:
+                module = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            rest = parts[i:]
+            break
+        else:
+            continue
+        if not rest:
+            return module.__name__
+        head = getattr(module, rest[0], None)
+        if head is None:
+            continue
+        home = getattr(head, "__module__", None)
+        if inspect.ismodule(head):
+            return ".".join([head.__name__, *rest[1:]])
+        if not (isinstance(home, str) and home.startswith(PACKAGE)):
+            home = module.__name__  # data (a tuple, a type alias): documented where exported
+        return ".".join([home, getattr(head, "__qualname__", rest[0]), *rest[1:]])
+    return None
+
+
 def resolve_reexport(app, env, node, contnode):
-    """Resolves ``optax_sphere.NAME`` (and ``module.NAME`` re-exports) to the page of the
-    module that defines the object."""
+    """``missing-reference`` handler: resolves a reference to a name of the package through
+    :func:`canonical_name`, for any object type (a type alias documented as data, say)."""
     if node.get("refdomain") != "py":
         return None
     target = node.get("reftarget", "").lstrip("~.")
     context = node.get("py:module") or ""
-    for candidate in (target, f"{context}.{target}"):
-        if not candidate.startswith(PACKAGE + ".") and candidate != PACKAGE:
-            continue
-        module_name, _, attr = candidate.rpartition(".")
-        try:
-            obj = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError, ValueError):
-            continue
-        target = candidate
-        break
-    else:
-        return None
     domain = env.get_domain("py")
-
-    def resolve_any(name):  # any object type: a type alias documented as data, say
+    for name in dict.fromkeys(filter(None, [target, canonical_name(target, context)])):
         new = node.deepcopy()
         new["reftarget"] = name
         matches = domain.resolve_any_xref(env, node["refdoc"], app.builder, name, new, contnode)
-        return matches[0][1] if matches else None
-
-    found = resolve_any(target)
-    home = getattr(obj, "__module__", None)
-    if found is None and isinstance(home, str) and home.startswith(PACKAGE):
-        found = resolve_any(f"{home}.{getattr(obj, '__name__', attr)}")
-    return found
+        if matches:
+            return matches[0][1]
+    return None
 
 
 def _on_builder_inited(app) -> None:
