@@ -69,8 +69,16 @@ def test_docs_build(tmp_path):
         [*cmd, str(DOCS), str(out)], capture_output=True, text=True, env=env, cwd=ROOT
     )
     assert proc.returncode == 0, proc.stderr[-5000:] + proc.stdout[-2000:]
-    for page in ("index", "getting_started", "geometry", "recipes", "results", "api"):
+    pages = ("index", "getting_started", "geometry", "recipes", "results", "api")
+    index = (out / "index.html").read_text(encoding="utf-8")
+    for page in pages:
         assert (out / f"{page}.html").exists(), page
+        assert f'href="{page}.html"' in index or page == "index", page  # navigation
+    geometry = (out / "geometry.html").read_text(encoding="utf-8")
+    assert geometry.count('class="math') > 20 and "mathjax" in geometry.lower()
+    assert (
+        "_images/angular_updates.png" in geometry and (out / "_images/angular_updates.png").exists()
+    )
     api = (out / "api" / "optax_sphere.html").read_text(encoding="utf-8")
     import optax_sphere
 
