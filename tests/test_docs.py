@@ -114,3 +114,46 @@ def test_results_table_missing_json_names_the_command(monkeypatch, tmp_path):
         assert read is None
         assert source.command in text and source.path in text
         assert "|" not in text  # no table, no numbers
+
+
+def test_results_renderers_of_the_scripts_layouts(monkeypatch):
+    rt = _results_tables(monkeypatch)
+    compare = {
+        "benchmark": "MNIST-1D",
+        "model": "1-D CNN",
+        "protocol": {"epochs": 2, "seeds": [0, 1]},
+        "environment": {"jax": "0.10"},
+        "skipped": ["adamg"],
+        "optimizers": {
+            name: {
+                "label": name,
+                "selected_learning_rate": 1e-3,
+                "summary": {
+                    "test_accuracy_mean": acc,
+                    "test_accuracy_std": 0.01,
+                    "val_accuracy_mean": acc,
+                    "final_train_loss_mean": 0.5,
+                    "seconds_per_run": 3.0,
+                },
+            }
+            for name, acc in (("adam", 0.8), ("adam_srt", 0.9))
+        },
+    }
+    text = rt.SOURCES["compare"].render(compare)
+    assert text.index("`adam_srt`") < text.index("`adam`")  # best first
+    assert "90.00 ± 1.00" in text and "2 seeds" in text and "adamg" in text
+    row = {
+        "tree": "resnet18",
+        "alias": "adam_s",
+        "baseline": "optax.adam",
+        "time_ratio": 1.05,
+        "alias_ms": 2.1,
+        "baseline_ms": 2.0,
+        "state_bytes_ratio": 0.51,
+    }
+    bench = {"rows": [row], "targets": {"adam_s": {"time": 1.1, "state": 0.55}}}
+    text = rt.SOURCES["benchmarks"].render(bench)
+    assert "| `adam_s` | `optax.adam` | 1.050 |" in text
+    assert "time ≤ 1.1: met" in text and "state ≤ 0.55: met" in text
+    # another layout falls back to a plain table of the records, not an error
+    assert "| a |" in rt.SOURCES["benchmarks"].render([{"a": 1}])

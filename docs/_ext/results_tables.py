@@ -82,6 +82,146 @@ def generic(data: Any) -> str:
     raise ValueError("expected a list of records or a dict of records")
 
 
+def _pct(mean: Any, std: Any = None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def render_compare(data: dict[str, Any]) -> str:
+    """``examples/compare.py``'s ``results.json``: one row per optimizer, best test accuracy
+    first, then the protocol and the environment it ran in."""
+    rows = data["optimizers"]
+    seeds = len(data["protocol"]["seeds"])
+
+    def order(name: str) -> float:
+        v = rows[name]["summary"].get("test_accuracy_mean")
+        return math.inf if v is None else -v
+
+    table = []
+    for rank, name in enumerate(sorted(rows, key=order), 1):
+        r, s = rows[name], rows[name]["summary"]
+        table.append(
+            [
+                rank,
+                f"`{name}`" if r.get("label", name) == name else r["label"],
+                r.get("selected_learning_rate"),
+                s.get("final_train_loss_mean"),
+                _pct(s.get("val_accuracy_mean")),
+                _pct(s.get("test_accuracy_mean"), s.get("test_accuracy_std")),
+                s.get("seconds_per_run"),
+            ]
+        )
+    header = [
+        "rank",
+        "optimizer",
+        "learning rate",
+        "final train loss",
+        "validation accuracy %",
+        f"test accuracy % (mean ± std, {seeds} seed{'s' if seeds != 1 else ''})",
+        "seconds per run",
+    ]
+    out = [markdown_table(header, table), ""]
+    proto, env = data.get("protocol", {}), data.get("environment", {})
+    facts = [f"{data['benchmark']}; {data['model']}." if "benchmark" in data else ""]
+    facts.append(
+        ", ".join(f"{k}: {fmt(v)}" for k, v in proto.items() if not isinstance(v, dict)) + "."
+    )
+    facts.append("Environment: " + ", ".join(f"{k} {fmt(v)}" for k, v in env.items()) + ".")
+    if data.get("skipped"):
+        facts.append("Not run (not in this version of the library): " + fmt(data["skipped"]))
+    out += [f for f in facts if f]
+    return "\n\n".join(out)
+
+
+def render_benchmarks(data: dict[str, Any]) -> str:
+    """``benchmarks/bench.py``'s JSON: per tree, each alias against its optax baseline."""
+    targets = data.get("targets", {})
+
+    def verdict(row: dict[str, Any]) -> str:
+        if row["tree"] != "resnet18":  # the targets are set on ResNet-18
+            return ""
+        target = targets.get(row["alias"]) or {}
+        time_target, state_target = target.get("time"), target.get("state")
+        parts = []
+        if time_target is not None:
+            ok = row["time_ratio"] <= time_target
+            parts.append(f"time ≤ {time_target}: {'met' if ok else 'missed'}")
+        if state_target is not None:
+            ok = row["state_bytes_ratio"] <= state_target
+            parts.append(f"state ≤ {state_target}: {'met' if ok else 'missed'}")
+        return "; ".join(parts)
+
+    out = []
+    trees = data.get("trees", {})
+    for tree in dict.fromkeys(r["tree"] for r in data["rows"]):
+        info = trees.get(tree, {})
+        title = f"**{tree}**"
+        if info:
+            title += f": {info.get('parameters', 0):,} parameters in {info.get('leaves')} leaves"
+        rows = [
+            [
+                f"`{r['alias']}`",
+                f"`{r['baseline']}`",
+                f"{r['time_ratio']:.3f}",
+                f"{r['alias_ms']:.3f} / {r['baseline_ms']:.3f}",
+                f"{r['state_bytes_ratio']:.3f}",
+                _pct(r.get("alias_bandwidth_fraction")),
+                r.get("alias_compile_s"),
+                verdict(r),
+            ]
+            for r in data["rows"]
+            if r["tree"] == tree
+        ]
+        header = [
+            "alias",
+            "optax baseline",
+            "time ratio",
+            "ms per step (alias / baseline)",
+            "state bytes ratio",
+            "% of copy bandwidth",
+            "compile s",
+            "target",
+        ]
+        out += [title, markdown_table(header, rows)]
+    machine, versions = data.get("machine", {}), data.get("versions", {})
+    if machine or versions:
+        out.append(
+            "Measured "
+            + (f"on {data['date_utc']} UTC " if "date_utc" in data else "")
+            + "on "
+            + ", ".join(f"{k} {fmt(v)}" for k, v in machine.items() if k != "devices")
+            + "; "
+            + ", ".join(f"{k} {v}" for k, v in versions.items())
+            + "."
+        )
+    copy = data.get("copy_bandwidth") or {}
+    if "numpy_memcpy_GBps" in copy:
+        out.append(
+            f"Memory-copy bandwidth of the machine: {copy['numpy_memcpy_GBps']:.2f} GB/s "
+            f"(numpy), {copy.get('xla_stream_GBps', float('nan')):.2f} GB/s (XLA); the "
+            "bandwidth column is the alias's minimum bytes moved per step over its step time, "
+            "as a fraction of it."
+        )
+    if data.get("skipped"):
+        out.append("Not measured (not in this version of the library): " + fmt(data["skipped"]))
+    if data.get("command"):
+        out.append(f"The run that wrote this file: `{data['command']}`.")
+    return "\n\n".join(out)
+
+
+def specific_or_generic(render: Callable[[Any], str]) -> Callable[[Any], str]:
+    """``render``, or :func:`generic` when the JSON does not have the layout it expects."""
+
+    def fn(data: Any) -> str:
+        try:
+            return render(data)
+        except (KeyError, TypeError, AttributeError, ValueError):
+            return generic(data)
+
+    return fn
+
+
 # ----------------------------------------------------------------------------- sources
 @dataclass(frozen=True)
 class Source:
@@ -95,12 +235,12 @@ SOURCES: dict[str, Source] = {
         "docs/results/compare.json",
         "python examples/compare.py --out runs/compare && "
         "cp runs/compare/results.json docs/results/compare.json",
-        generic,
+        specific_or_generic(render_compare),
     ),
     "benchmarks": Source(
         "benchmarks/results/cpu.json",
-        "python benchmarks/run.py --json benchmarks/results/cpu.json",
-        generic,
+        "python benchmarks/bench.py --out benchmarks/results/cpu.json",
+        specific_or_generic(render_benchmarks),
     ),
     "reliability": Source(
         "docs/results/reliability.json",
