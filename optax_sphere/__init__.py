@@ -5,8 +5,19 @@ a sphere matters. Each fix of the papers is one composable ``optax.GradientTrans
 over pytrees; the published optimizers are chains of them.
 """
 
-from optax_sphere import geometry, groups
+from optax_sphere import gains, geometry, groups, theory
 from optax_sphere.groups import Group, per_tensor, per_unit, resolve_groups
+from optax_sphere.rotational import (
+    RotationalRmsControlState,
+    ScaleByAdamL2DirectionState,
+    center_groups,
+    rotational_rms_control,
+    rv_adamw,
+    rv_lion,
+    rv_sgdm,
+    scale_by_adam_l2_direction,
+    wrapped_adam_l2,
+)
 from optax_sphere.spherical_adam import SgdmRtState, adam_s, adam_srt, adam_st, sgdm_rt
 from optax_sphere.standardization import (
     ScaleByStandardizedAdamState,
@@ -43,4 +54,16 @@ __all__ = [
     "adam_srt",
     "adam_st",
     "sgdm_rt",
+    # rotational equilibrium (seed 002)
+    "RotationalRmsControlState",
+    "ScaleByAdamL2DirectionState",
+    "center_groups",
+    "gains",
+    "rotational_rms_control",
+    "rv_adamw",
+    "rv_lion",
+    "rv_sgdm",
+    "scale_by_adam_l2_direction",
+    "theory",
+    "wrapped_adam_l2",
 ]
