@@ -7,7 +7,14 @@ over pytrees; the published optimizers are chains of them.
 
 from optax_sphere import geometry, groups
 from optax_sphere.groups import Group, per_tensor, per_unit, resolve_groups
-from optax_sphere.spherical_adam import SgdmRtState, adam_s, adam_srt, adam_st, sgdm_rt
+from optax_sphere.spherical_adam import (
+    SgdmRtState,
+    SphericalAdamState,
+    adam_s,
+    adam_srt,
+    adam_st,
+    sgdm_rt,
+)
 from optax_sphere.standardization import (
     ScaleByStandardizedAdamState,
     scale_by_standardized_adam,
@@ -39,6 +46,7 @@ __all__ = [
     "transport_momentum",
     # aliases
     "SgdmRtState",
+    "SphericalAdamState",
     "adam_s",
     "adam_srt",
     "adam_st",
