@@ -18,7 +18,14 @@ from optax_sphere.rotational import (
     scale_by_adam_l2_direction,
     wrapped_adam_l2,
 )
-from optax_sphere.spherical_adam import SgdmRtState, adam_s, adam_srt, adam_st, sgdm_rt
+from optax_sphere.spherical_adam import (
+    SgdmRtState,
+    SphericalAdamState,
+    adam_s,
+    adam_srt,
+    adam_st,
+    sgdm_rt,
+)
 from optax_sphere.standardization import (
     ScaleByStandardizedAdamState,
     scale_by_standardized_adam,
@@ -66,6 +73,7 @@ __all__ = [
     "transport_momentum",
     # aliases
     "SgdmRtState",
+    "SphericalAdamState",
     "adam_s",
     "adam_srt",
     "adam_st",
@@ -98,7 +106,6 @@ __all__ = [
 ]
 
 # manifold optimizers: PSI metric, sphere retraction, AdamP/SGDP projection
-from optax_sphere import theory  # noqa: E402
 from optax_sphere.projection import (  # noqa: E402
     ScaleInvariantProjectionState,
     adamp,
