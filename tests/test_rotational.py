@@ -221,6 +221,18 @@ def test_explicit_eta_r_and_schedules():
         assert (moved > 1e-3) if t < 3 else (moved < 1e-6)
 
 
+def test_weight_decay_acts_only_through_eta_r():
+    """Rotational leaves: with eta_r fixed, weight decay changes nothing (RV-AdamW), and
+    the wrapped Adam+L2 differs from RV-AdamW only through L2 in its second moment."""
+    params = osp.center_groups(_params(15))
+    runs = {wd: _run(osp.rv_adamw(1e-2, wd, eta_r=0.02), params, 4)[0][-1] for wd in (0.01, 10.0)}
+    _leaves_close(runs[0.01], runs[10.0], 0)
+    wrapped = _run(osp.wrapped_adam_l2(1e-2, 10.0, eta_r=0.02), params, 4)[0][-1]
+    assert not np.allclose(wrapped["conv"]["kernel"], runs[0.01]["conv"]["kernel"], atol=1e-4)
+    tiny = _run(osp.wrapped_adam_l2(1e-2, 1e-9, eta_r=0.02), params, 4)[0][-1]
+    _leaves_close(tiny, runs[0.01], 1e-5)
+
+
 def _leaves_close(a, b, tol):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
