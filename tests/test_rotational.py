@@ -79,7 +79,7 @@ def _leaf_and_axes(draw):
     return shape, axes, draw(st.integers(0, 2**31 - 1)), draw(st.booleans())
 
 
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(_leaf_and_axes())
 def test_fused_step_equals_algorithm_1(case):
     """The one-pass closed form equals alg. 1 on uncentred params, any group axes."""
@@ -106,8 +106,16 @@ def test_fused_step_equals_algorithm_1(case):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("groups", ["unit", "tensor"])
-@pytest.mark.parametrize("alias", [osp.rv_adamw, osp.rv_sgdm, osp.rv_lion, osp.wrapped_adam_l2])
+@pytest.mark.parametrize(
+    "alias, groups",
+    [
+        (osp.rv_adamw, "unit"),
+        (osp.rv_adamw, "tensor"),
+        (osp.rv_sgdm, "tensor"),
+        (osp.rv_lion, "unit"),
+        (osp.wrapped_adam_l2, "tensor"),
+    ],
+)
 def test_norms_kept_and_means_zero(alias, groups):
     params = osp.center_groups(_params(1), groups)
     grp = osp.resolve_groups(groups, params)
