@@ -17,10 +17,11 @@ norm. Weight decay of rotational groups acts only through ``eta_r``. Ungrouped l
 plain inner step ``-lr (U + wd x)`` with ``wd = 0`` by default, as in the authors' code.
 
 Cost: once ``U`` is made orthogonal to ``x``, ``||x'||^2`` is known in closed form, so all
-per-group scalars of a step (``<U,U>``, ``<U,x>``, ``<x,x>``, ``sum U``, ``sum x``) come from
-one reduction pass over ``(U, x)``, followed by one element-wise pass
-``update = A x + B U + C`` with per-group scalars ``A, B, C``. The state added to the inner
-optimizer's is two scalars per group (``N`` and ``q``) and a step count.
+per-group scalars of a step come from five sums over ``(U, x)`` (``<U,U>``, ``<U,x>``,
+``<x,x>``, ``sum U``, ``sum x``: sibling reductions of the same operands, which XLA can fuse
+into one multi-output pass), followed by one element-wise pass ``update = A x + B U + C``
+with per-group scalars ``A, B, C``; nothing is reduced after the step. The state added to
+the inner optimizer's is two float32 scalars per group (``N`` and ``q``) and a step count.
 """
 
 from __future__ import annotations
