@@ -318,3 +318,45 @@ def test_trains_a_flax_batchnorm_network_under_jit(alias):
     assert losses[-1] < 0.5 * losses[0]
     k = params["Conv_1"]["kernel"]
     np.testing.assert_allclose(jnp.sqrt(jnp.sum(k * k, axis=(0, 1, 2))), 1.0, rtol=1e-5)
+
+
+# one alias per module (composition is generic: update functions without Python side effects)
+ALL_ALIASES = {
+    "adamg": lambda: osp.adamg(0.05),
+    "psi_sgdm": lambda: osp.psi_sgdm(0.05),
+    "sgdp": lambda: osp.sgdp(0.1, weight_decay=1e-3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_ALIASES))
+def test_composes_with_multisteps_apply_if_finite_and_multi_transform(name):
+    """Accumulating two micro-batches equals one step on their mean; a non-finite gradient is
+    skipped; multi_transform routes leaves."""
+    params = _params(12)
+    g1, g2 = _grad(params), jax.tree.map(lambda v: 0.5 * v, _grad(params))
+    mean = jax.tree.map(lambda a, b: 0.5 * (a + b), g1, g2)
+    plain = ALL_ALIASES[name]()
+    one, _ = plain.update(mean, plain.init(params), params)
+    multi = optax.MultiSteps(ALL_ALIASES[name](), every_k_schedule=2)
+    state = multi.init(params)
+    update = multi.update
+    _, state = update(g1, state, params)
+    two, state = update(g2, state, params)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    guarded = optax.apply_if_finite(ALL_ALIASES[name](), max_consecutive_errors=3)
+    state = guarded.init(params)
+    bad = jax.tree.map(lambda v: v.at[(0,) * v.ndim].set(jnp.nan), g1)
+    u, state = guarded.update(bad, state, params)
+    assert all(bool(jnp.all(u_leaf == 0)) for u_leaf in jax.tree.leaves(u))
+
+    routed = optax.multi_transform(
+        {"sphere": ALL_ALIASES[name](), "sgd": optax.sgd(0.1)}, {"k": "sphere", "b": "sgd"}
+    )
+    u, _ = routed.update(g1, routed.init(params), params)
+    np.testing.assert_allclose(u["b"], -0.1 * g1["b"], rtol=1e-6)
+    alone = ALL_ALIASES[name]()
+    k_only = {"k": params["k"]}
+    expected, _ = alone.update({"k": g1["k"]}, alone.init(k_only), k_only)
+    np.testing.assert_allclose(u["k"], expected["k"], rtol=1e-5, atol=1e-7)
