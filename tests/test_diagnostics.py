@@ -298,3 +298,25 @@ def test_errors():
         opt.update(params, opt.init(params), params)
     with pytest.raises(ValueError, match="groups for parameter 'w'"):
         osp.monitor(groups={"w": 5}).init(params)
+
+
+def test_every_records_one_step_in_n_and_state_can_be_donated():
+    params, grad = _problem(6)
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    every = optax.chain(optax.sgd(0.1), osp.monitor(every=3))
+    always = optax.chain(optax.sgd(0.1), osp.monitor())
+    step_e = jax.jit(every.update, donate_argnums=(1,))
+    step_a = jax.jit(always.update)
+    se, sa, recorded = every.init(params), always.init(params), []
+    for k in range(5):
+        g = grad(params)
+        updates, se = step_e(g, se, params)
+        _, sa = step_a(g, sa, params)
+        if k % 3 == 0:
+            recorded = np.asarray(D.find_monitor_state(sa).stats.angular_update["w"])
+        got = np.asarray(D.find_monitor_state(se).stats.angular_update["w"])
+        np.testing.assert_array_equal(got, recorded)  # steps 1, 2, 4 keep the last record
+        params = optax.apply_updates(params, updates)
+    assert int(D.find_monitor_state(se).count) == 5
+    with pytest.raises(ValueError, match="every"):
+        osp.monitor(every=0)
