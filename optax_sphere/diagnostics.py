@@ -246,9 +246,10 @@ def monitor(groups: GroupsLike = per_unit, *, step_scale: _utils.Hyper = None, e
     """Records the per-group geometry of each step; put it last in an ``optax.chain``.
 
     The updates pass through unchanged; the state holds the :class:`GeometryStats` of the
-    last step ``x_k -> x_k + updates`` (computed in at least float32, one reduction pass per
-    stat, no host transfer), so it works under ``jit``, ``pmap`` / sharding and with every
-    optax wrapper. Read it with :func:`metrics` or :class:`History`.
+    last step ``x_k -> x_k + updates`` (computed in at least float32 from two reduction
+    passes over the params and the updates, no host transfer), so it works under ``jit``,
+    ``pmap`` / sharding and with every optax wrapper. Its state is 6 scalars per group (8
+    with ``step_scale``). Read it with :func:`metrics` or :class:`History`.
 
     Args:
       groups: the radially invariant groups.

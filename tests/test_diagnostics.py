@@ -320,3 +320,25 @@ def test_every_records_one_step_in_n_and_state_can_be_donated():
     assert int(D.find_monitor_state(se).count) == 5
     with pytest.raises(ValueError, match="every"):
         osp.monitor(every=0)
+
+
+def test_sharded_group_axis_gives_the_same_stats():
+    """A group axis split over devices: XLA reduces across them; the stats do not change."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = np.array(jax.devices()[:4])
+    if devices.size < 4:
+        pytest.skip("needs 4 devices")
+    mesh = Mesh(devices, ("d",))
+    rng = np.random.default_rng(7)
+    params = {"w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)}
+    updates = {"w": jnp.asarray(0.01 * rng.normal(size=(8, 6)), jnp.float32)}
+    opt = osp.monitor(step_scale=0.1)
+    _, ref = jax.jit(opt.update)(updates, opt.init(params), params)
+    shard = NamedSharding(mesh, PartitionSpec("d", None))  # rows = the group axis
+    sharded = jax.tree.map(lambda x: jax.device_put(x, shard), (params, updates))
+    _, got = jax.jit(opt.update)(sharded[1], opt.init(sharded[0]), sharded[0])
+    for name in osp.GeometryStats._fields:
+        np.testing.assert_allclose(
+            getattr(got.stats, name)["w"], getattr(ref.stats, name)["w"], rtol=1e-5
+        )
