@@ -351,9 +351,11 @@ def adam_step_scale(
     :math:`a_k = m_k/(1-\beta_1)`, :math:`b_k = \frac{1-\beta_1^{k+1}}{1-\beta_1}
     (\sqrt{v_k/(1-\beta_2^{k+1}) + \epsilon_{root}} + \epsilon)`. Reads ``count`` and ``nu``
     from the (unique) ``ScaleByAdamState`` in the state after the step; the hyperparameters
-    must be the optimizer's. Works for ``optax.adam`` and Adam + L2
-    (``chain(add_decayed_weights(wd), adam(...))``); not for ``optax.adamw``, whose decoupled
-    decay is not of the generic form.
+    must be the optimizer's. Works for ``optax.adam``, Adam + L2
+    (``chain(add_decayed_weights(wd), adam(...))``) and :func:`~optax_sphere.adam_s` /
+    :func:`~optax_sphere.adam_st` (a scalar ``v`` per group); not for ``optax.adamw``, whose
+    decoupled decay is not of the generic form, nor for :func:`~optax_sphere.adam_srt`, whose
+    stored ``v`` is already rescaled for the next step.
     """
 
     def fn(inner_state: Any, params: PyTree) -> PyTree:

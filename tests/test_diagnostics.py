@@ -59,6 +59,7 @@ CASES = {  # name: (L2 coefficient, scheme)
     "sgdm_l2": (WD, "sgdm"),
     "adam": (0.0, "adam"),
     "adam_l2": (WD, "adam"),
+    "adam_s_l2": (WD, "adam"),  # a scalar second moment per group: b is constant per group
 }
 
 
@@ -72,6 +73,8 @@ def _build(name):
         inner = optax.chain(optax.add_decayed_weights(wd), optax.sgd(sched, momentum=0.9))
         return optax.chain(inner, D.monitor(step_scale=sched)), sched
     inner = optax.chain(optax.add_decayed_weights(wd), optax.adam(LR, B1, B2, EPS))
+    if name == "adam_s_l2":
+        inner = osp.adam_s(LR, B1, B2, EPS, weight_decay=wd)
     scale = D.adam_step_scale(LR, b1=B1, b2=B2, eps=EPS)
     return D.monitored(inner, step_scale=scale), lambda k: LR
 
