@@ -305,7 +305,8 @@ def rv_adamw(
     ``learning_rate`` and ``weight_decay``) at fixed norm; ``weight_decay`` acts only
     through :math:`\hat\eta_r`. Ungrouped leaves get AdamW with ``ungrouped_weight_decay``
     (0: plain Adam). ``eta_r`` overrides the Table 1 value. See :func:`rotational_rms_control`
-    for ``beta``, ``center``, ``rotational_eps`` and ``groups``.
+    for ``beta``, ``center``, ``rotational_eps`` and ``groups``. State: ``optax.scale_by_adam``'s
+    (moments in the gradients' dtype) plus two float32 scalars per group and a step count.
     """
     _utils.check_rate("learning_rate", learning_rate)
     _utils.check_rate("weight_decay", weight_decay)
@@ -354,10 +355,10 @@ def rv_sgdm(
         eta_r = _hyper_fn(
             learning_rate, weight_decay, formula=lambda lr, wd: _sgdm_eta_r(lr, wd, momentum)
         )
-    inner = optax.chain(
-        optax.masked(optax.add_decayed_weights(ungrouped_weight_decay), _ungrouped_mask(groups)),
-        optax.trace(decay=momentum),
-    )
+    inner = optax.trace(decay=momentum)
+    if callable(ungrouped_weight_decay) or ungrouped_weight_decay != 0:
+        coupled = optax.add_decayed_weights(ungrouped_weight_decay)
+        inner = optax.chain(optax.masked(coupled, _ungrouped_mask(groups)), inner)
     return rotational_rms_control(
         inner,
         eta_r=eta_r,

@@ -9,24 +9,30 @@ import numpy as np
 import optax
 import pytest
 
+import optax_sphere as osp
 from optax_sphere.theory import Equilibrium, equilibrium
 
 
-def simulate(tx, *, steps, dim=32, units=32, batch=32, seed=0):
+def simulate(
+    tx, *, steps, dim=32, units=32, batch=32, seed=0, gammas="normal", start=0, init_scale=1.0
+):
     """The simple system of seed 002 app. J (eq. 88): ``f(X) = g_out * BN((g_in * X) W)``.
 
     Inputs and output gradients are drawn i.i.d. at every step (std ``1/(K B)`` for the
     latter), so the weights do a random walk; each column of ``W`` (Flax layout ``(C, K)``)
-    is scale-invariant through the batch normalisation. PyTorch's default init, random
-    normal gammas. Returns, per unit, the means over the second half of the run (after the
-    transient phase) of the angular update, of the weight norm, and of ``(||g|| ||w||)^2``
-    (the squared gradient norm at unit weight norm, which differs between units).
+    is scale-invariant through the batch normalisation. PyTorch's default init (times
+    ``init_scale``), gammas random normal or ones. Returns, per unit, the means over steps
+    ``start`` to ``steps`` (default: the second half, after the transient phase) of the
+    angular update, of the weight norm, and of ``(||g|| ||w||)^2`` (the squared gradient
+    norm at unit weight norm, which differs between units).
     """
     k_w, k_in, k_out, k_steps = jax.random.split(jax.random.PRNGKey(seed), 4)
     bound = 1 / math.sqrt(dim)
-    w0 = jax.random.uniform(k_w, (dim, units), minval=-bound, maxval=bound)
-    gamma_in = jax.random.normal(k_in, (dim,))
-    gamma_out = jax.random.normal(k_out, (units,))
+    w0 = init_scale * jax.random.uniform(k_w, (dim, units), minval=-bound, maxval=bound)
+    if gammas == "ones":
+        gamma_in, gamma_out = jnp.ones(dim), jnp.ones(units)
+    else:
+        gamma_in, gamma_out = jax.random.normal(k_in, (dim,)), jax.random.normal(k_out, (units,))
 
     def f(w, x):
         y = (x * gamma_in) @ w
@@ -47,8 +53,8 @@ def simulate(tx, *, steps, dim=32, units=32, batch=32, seed=0):
 
     run = jax.jit(lambda w, s: jax.lax.scan(step, (w, s), jax.random.split(k_steps, steps)))
     _, (angle, norm, unit_grad_sq) = run(w0, tx.init(w0))
-    half = steps // 2
-    return tuple(np.mean(np.asarray(a[half:]), axis=0) for a in (angle, norm, unit_grad_sq))
+    start = start or steps // 2
+    return tuple(np.mean(np.asarray(a[start:]), axis=0) for a in (angle, norm, unit_grad_sq))
 
 
 SIMULATIONS = {
@@ -73,6 +79,30 @@ def test_random_walk_converges_to_predicted_equilibrium(name):
     pred = equilibrium(name, dim=32, grad_norm=np.sqrt(unit_grad_sq), **hyper)  # per unit
     assert np.mean(angle / pred.angular_update) == pytest.approx(1, abs=0.1)
     assert np.mean(norm / pred.weight_norm) == pytest.approx(1, abs=0.1)
+
+
+def test_random_walk_adam_l2_matches_eq_84_and_87():
+    """Seed 002 app. I.2: the Adam+L2 predictions hold with unit gammas (a second moment
+    uniform over the coordinates, the assumption of eq. 76)."""
+    tx = optax.chain(optax.add_decayed_weights(1e-2), optax.adam(1e-2))
+    angle, norm, unit_grad_sq = simulate(tx, steps=3000, gammas="ones")
+    pred = equilibrium(
+        "adam_l2", learning_rate=1e-2, weight_decay=1e-2, dim=32, grad_norm=np.sqrt(unit_grad_sq)
+    )
+    assert np.mean(angle / pred.angular_update) == pytest.approx(1, abs=0.1)
+    assert np.mean(norm / pred.weight_norm) == pytest.approx(1, abs=0.1)
+
+
+def test_rotational_variant_is_in_equilibrium_from_the_start():
+    """Started 4x away from the equilibrium norm, RV-AdamW turns by the AdamW equilibrium
+    angle after a few steps of its update-norm tracker, while plain AdamW is still in its
+    transient phase (~ 1 / (2 eta lambda) = 100 steps; seed 002 fig. 1, app. M)."""
+    hyper = dict(learning_rate=1e-2, weight_decay=0.5)
+    pred = equilibrium("adamw", dim=32, **hyper).angular_update
+    rv, _, _ = simulate(osp.rv_adamw(**hyper), steps=100, start=20, init_scale=4.0)
+    assert np.mean(rv / pred) == pytest.approx(1, abs=0.1)
+    plain, _, _ = simulate(optax.adamw(**hyper), steps=100, start=20, init_scale=4.0)
+    assert np.mean(plain / pred) < 0.5
 
 
 def test_random_walk_distinguishes_hyperparameters():

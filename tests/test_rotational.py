@@ -32,12 +32,17 @@ def _grads(params, t):
 
 
 def _run(tx, params, steps=8, grads=_grads):
+    """``steps`` steps of ``tx`` with gradients ``grads(x, t)``; all iterates and the state."""
+
+    @jax.jit
+    def step(x, state, t):
+        u, state = tx.update(grads(x, t), state, x)
+        return optax.apply_updates(x, u), state
+
     state, x = tx.init(params), params
-    update = jax.jit(tx.update)
     history = [x]
     for t in range(steps):
-        u, state = update(grads(x, t), state, x)
-        x = optax.apply_updates(x, u)
+        x, state = step(x, state, t)
         history.append(x)
     return history, state
 
@@ -74,7 +79,7 @@ def _leaf_and_axes(draw):
     return shape, axes, draw(st.integers(0, 2**31 - 1)), draw(st.booleans())
 
 
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(_leaf_and_axes())
 def test_fused_step_equals_algorithm_1(case):
     """The one-pass closed form equals alg. 1 on uncentred params, any group axes."""
@@ -82,7 +87,7 @@ def test_fused_step_equals_algorithm_1(case):
     rng = np.random.default_rng(seed)
     with jax.enable_x64(True):
         x0 = jnp.asarray(rng.normal(size=shape) + 0.5)
-        directions = [jnp.asarray(rng.normal(size=shape) + 0.3 * k) for k in range(4)]
+        directions = [jnp.asarray(rng.normal(size=shape) + 0.3 * k) for k in range(3)]
         tx = osp.rotational_rms_control(
             optax.identity(),
             eta_r=0.05,
@@ -152,17 +157,16 @@ def test_center_groups_keeps_degenerate_groups():
 
 
 def _angles(history, key):
-    out = []
-    for a, b in zip(history[:-1], history[1:]):
-        a, b = a[key]["kernel"], b[key]["kernel"]
-        axes = tuple(range(a.ndim - 1))
-        cos = jnp.sum(a * b, axes) / jnp.sqrt(jnp.sum(a * a, axes) * jnp.sum(b * b, axes))
-        out.append(np.arccos(np.clip(np.asarray(cos, np.float64), -1, 1)))
-    return np.stack(out)
+    """Per-step, per-unit angle between successive kernels ``key`` (float64 numpy)."""
+    k = np.stack([np.asarray(x[key]["kernel"], np.float64) for x in history])
+    k = k.reshape(k.shape[0], -1, k.shape[-1])
+    a, b = k[:-1], k[1:]
+    cos = np.sum(a * b, 1) / np.sqrt(np.sum(a * a, 1) * np.sum(b * b, 1))
+    return np.arccos(np.clip(cos, -1, 1))
 
 
 def _random_grads(x, t):
-    keys = jax.random.split(jax.random.PRNGKey(t), 3)
+    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), t), 3)
     leaves, treedef = jax.tree.flatten(x)
     scales = [1.0, 30.0, 0.01]  # very different gradient scales per leaf
     return jax.tree.unflatten(
@@ -211,7 +215,7 @@ def test_explicit_eta_r_and_schedules():
     history, _ = _run(osp.rv_adamw(schedule, 0.1), params, 6, grads=_random_grads)
     for t in range(6):
         moved = max(
-            float(jnp.max(jnp.abs(a - b)))
+            np.max(np.abs(np.asarray(a) - np.asarray(b)))
             for a, b in zip(*map(jax.tree.leaves, history[t : t + 2]))
         )
         assert (moved > 1e-3) if t < 3 else (moved < 1e-6)
@@ -309,7 +313,7 @@ def test_composes_with_optax_wrappers():
     _leaves_close(_run(static(1e-2, 0.1, groups=osp.per_unit), params, 4)[0][-1], plain, 1e-5)
     # apply_if_finite drops a NaN step and keeps the state
     tx = optax.apply_if_finite(osp.rv_adamw(1e-2, 0.1), 3)
-    nan_at_1 = lambda x, t: jax.tree.map(lambda p: p * (jnp.nan if t == 1 else 1.0), x)
+    nan_at_1 = lambda x, t: jax.tree.map(lambda p: p * jnp.where(t == 1, jnp.nan, 1.0), x)
     history, _ = _run(tx, params, 3, grads=nan_at_1)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(history[-1]))
     _leaves_close(history[2], history[1], 0)
@@ -318,6 +322,35 @@ def test_composes_with_optax_wrappers():
     history, _ = _run(ms, params, 4)
     _leaves_close(history[1], history[0], 0)
     assert not np.allclose(history[2]["conv"]["kernel"], params["conv"]["kernel"])
+
+
+def test_multi_transform_and_masked():
+    params = osp.center_groups(_params(14))
+    labels = {"conv": {"kernel": "rv"}, "dense": {"kernel": "sgd", "bias": "sgd"}}
+    tx = optax.multi_transform({"rv": osp.rv_adamw(1e-2, 0.1), "sgd": optax.sgd(0.1)}, labels)
+    got = _run(tx, params, 3)[0][-1]
+    _leaves_close(got["dense"], _run(optax.sgd(0.1), params, 3)[0][-1]["dense"], 1e-6)
+    k0, k = params["conv"]["kernel"], got["conv"]["kernel"]
+    assert not np.allclose(k, k0, atol=1e-3)
+    np.testing.assert_allclose(
+        jnp.linalg.norm(k.reshape(-1, 8), axis=0),
+        jnp.linalg.norm(k0.reshape(-1, 8), axis=0),
+        rtol=1e-5,
+    )
+    mask = {"conv": {"kernel": True}, "dense": {"kernel": False, "bias": False}}
+    tx = optax.chain(
+        optax.masked(osp.rv_adamw(1e-2, 0.1), mask),
+        optax.masked(
+            optax.sgd(0.1), {"conv": {"kernel": False}, "dense": {"kernel": True, "bias": True}}
+        ),
+    )
+    got = _run(tx, params, 3)[0][-1]
+    _leaves_close(got["dense"], _run(optax.sgd(0.1), params, 3)[0][-1]["dense"], 1e-6)
+    np.testing.assert_allclose(
+        jnp.linalg.norm(got["conv"]["kernel"].reshape(-1, 8), axis=0),
+        jnp.linalg.norm(k0.reshape(-1, 8), axis=0),
+        rtol=1e-5,
+    )
 
 
 def test_invalid_hyperparameters_fail_at_build():
@@ -378,8 +411,8 @@ def test_trains_flax_layernorm_model_with_whole_layer_groups(alias):
     model = _LayerNormNet()
     x, y = _data((12,))
     params = osp.center_groups(model.init(jax.random.PRNGKey(0), x)["params"], osp.per_tensor)
-    lr = {osp.rv_sgdm: 0.1, osp.rv_adamw: 3e-3, osp.rv_lion: 3e-4}[alias]
-    tx = alias(learning_rate=lr, weight_decay=0.1, groups=_groups_without_head(osp.per_tensor))
+    lr, wd = {osp.rv_sgdm: (0.1, 0.1), osp.rv_adamw: (3e-3, 0.1), osp.rv_lion: (1e-3, 1.0)}[alias]
+    tx = alias(learning_rate=lr, weight_decay=wd, groups=_groups_without_head(osp.per_tensor))
 
     def loss_fn(p):
         logits = model.apply({"params": p}, x)
@@ -392,7 +425,7 @@ def test_trains_flax_layernorm_model_with_whole_layer_groups(alias):
         return optax.apply_updates(p, u), s, loss
 
     state, p, losses = tx.init(params), params, []
-    for _ in range(60):
+    for _ in range(40):
         p, state, loss = step(p, state)
         losses.append(float(loss))
     assert losses[-1] < 0.7 * losses[0]
@@ -419,7 +452,7 @@ def test_trains_flax_batchnorm_model_with_per_unit_groups():
         return optax.apply_updates(p, u), stats, s, loss
 
     state, p, stats, losses = tx.init(params), params, variables["batch_stats"], []
-    for _ in range(60):
+    for _ in range(40):
         p, stats, state, loss = step(p, stats, state)
         losses.append(float(loss))
     assert losses[-1] < 0.7 * losses[0]
@@ -429,3 +462,42 @@ def test_trains_flax_batchnorm_model_with_per_unit_groups():
         jnp.linalg.norm(k0.reshape(-1, 8), axis=0),
         rtol=1e-5,
     )
+
+
+@pytest.mark.parametrize("axis", [2, 3])
+def test_sharded_params_give_the_same_step(axis):
+    """Group axes sharded (axis 2: cross-device reductions) or unit axis sharded (axis 3)."""
+    devices = np.array(jax.devices()[:8])
+    if devices.size < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.sharding.Mesh(devices, ("d",))
+    spec = [None] * 4
+    spec[axis] = "d"
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    rng = np.random.default_rng(12)
+    params = osp.center_groups({"w": jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.float32)})
+    tx = osp.rv_adamw(1e-2, 0.1)
+    plain = _run(tx, params, 3)[0][-1]
+    sharded_params = jax.device_put(params, sharding)
+    sharded = _run(tx, sharded_params, 3)[0][-1]
+    assert sharded["w"].sharding.is_equivalent_to(sharding, 4)
+    np.testing.assert_allclose(sharded["w"], plain["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_mostly_radial_direction_in_float32():
+    """The one-pass expansion of ||U_perp||^2 stays accurate when 99% of U is radial."""
+    rng = np.random.default_rng(13)
+    x0 = osp.center_groups({"w": jnp.asarray(rng.normal(size=(64, 6)), jnp.float32)})["w"]
+    directions = [
+        jnp.asarray(
+            10 * np.asarray(x0) * rng.normal(size=6) + rng.normal(size=(64, 6)), jnp.float32
+        )
+        for _ in range(3)
+    ]
+    tx = osp.rotational_rms_control(optax.identity(), eta_r=0.05, learning_rate=0.1)
+    state, x = tx.init({"w": x0}), {"w": x0}
+    for u in directions:
+        upd, state = jax.jit(tx.update)({"w": u}, state, x)
+        x = optax.apply_updates(x, upd)
+    expected = _algorithm_1(x0, directions, (0,), eta_r=0.05, beta=0.9, eps=1e-8, center=True)
+    np.testing.assert_allclose(np.asarray(x["w"]), expected[-1], rtol=1e-4, atol=1e-5)
