@@ -352,10 +352,10 @@ def adam_step_scale(
     (\sqrt{v_k/(1-\beta_2^{k+1}) + \epsilon_{root}} + \epsilon)`. Reads ``count`` and ``nu``
     from the (unique) ``ScaleByAdamState`` in the state after the step; the hyperparameters
     must be the optimizer's. Works for ``optax.adam``, Adam + L2
-    (``chain(add_decayed_weights(wd), adam(...))``) and :func:`~optax_sphere.adam_s` /
-    :func:`~optax_sphere.adam_st` (a scalar ``v`` per group); not for ``optax.adamw``, whose
-    decoupled decay is not of the generic form, nor for :func:`~optax_sphere.adam_srt`, whose
-    stored ``v`` is already rescaled for the next step.
+    (``chain(add_decayed_weights(wd), adam(...))``) and this library's
+    :func:`~optax_sphere.adam_s`, :func:`~optax_sphere.adam_st`, :func:`~optax_sphere.adam_srt`
+    (a scalar ``v`` per group, stored as used by the step); not for ``optax.adamw``, whose
+    decoupled decay is not of the generic form.
     """
 
     def fn(inner_state: Any, params: PyTree) -> PyTree:
