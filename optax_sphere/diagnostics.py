@@ -117,24 +117,29 @@ class MonitoredState(NamedTuple):
 
 
 def _leaf_stats(group: Group, x0: jax.Array, delta: jax.Array, scale: Any) -> tuple:
-    """All stats of one leaf from ``x_k`` and ``Delta``, keepdims reductions, then squeezed."""
+    """All stats of one leaf from ``x_k`` and ``Delta``: two reduction passes (``<x,x>``,
+    ``<x,Delta>``, ``<Delta,Delta>`` in one, ``||Delta_perp||^2`` in the other, so that the
+    tangential part, hence tiny angles, keeps full relative precision), then scalar math.
+    Per-group results are squeezed over the group axes."""
     acc = accumulation_dtype(jnp.result_type(x0, delta))
     x0, delta = x0.astype(acc), delta.astype(acc)
-    x1 = x0 + delta
-    r2 = group_sq_norm(x0, group)
-    r = jnp.sqrt(r2)
-    r_new = jnp.sqrt(group_sq_norm(x1, group))
-    cross = group_dot(x0, x1, group)  # <x_k, x_{k+1}> = r_k^2 (1 - A_k <c_k, u_k>)
-    perp = jnp.sqrt(group_sq_norm(geometry.tangent_part(delta, x0, group), group))
+    xx = group_sq_norm(x0, group)
+    xd = group_dot(x0, delta, group)
+    dd = group_sq_norm(delta, group)
+    along = geometry.safe_div(xd, xx)  # Delta = along x_k + Delta_perp
+    perp = jnp.sqrt(group_sq_norm(delta - along * x0, group))
+    r = jnp.sqrt(xx)
+    r_new = jnp.sqrt(jnp.maximum(xx + 2 * xd + dd, 0))
+    cross = xx + xd  # <x_k, x_{k+1}> = r_k^2 (1 - A_k <c_k, u_k>)
     rise = r * perp  # r_k ||Delta_perp|| = r_k^2 A_k ||c_perp||
     out = [
         r,
         # tan(angle) = r_k ||Delta_perp|| / <x_k, x_{k+1}> (eqs. 12, 37); atan2 of the
         # tangential part is accurate for tiny angles and in [0, pi]. Zero groups give 0.
         jnp.where(r > 0, jnp.arctan2(rise, cross), 0),
-        jnp.sqrt(group_sq_norm(delta, group)),
+        jnp.sqrt(dd),
         geometry.safe_div(r_new, r),
-        -geometry.safe_div(group_dot(delta, x0, group), r2),
+        -along,
         geometry.safe_div(rise, cross),
     ]
     if scale is not None:
@@ -219,19 +224,32 @@ def _init_stats(grp: PyTree, params: PyTree, with_scale: bool) -> GeometryStats:
         shape = tuple(n for i, n in enumerate(p.shape) if i not in group.axes)
         return jnp.zeros(shape, accumulation_dtype(p.dtype))
 
-    field = _utils.map_groups(zeros, grp, params)
     n = 8 if with_scale else 6
-    fields = [field] * n + [None] * (8 - n)
+    # distinct buffers per field, so that the state can be donated
+    fields = [_utils.map_groups(zeros, grp, params) for _ in range(n)] + [None] * (8 - n)
     return GeometryStats(*fields)
 
 
-def monitor(groups: GroupsLike = per_unit, *, step_scale: _utils.Hyper = None):
+def _check_every(every: Any) -> None:
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ValueError(f"`every` must be an int >= 1, got {every!r}.")
+
+
+def _maybe_record(every: int, state: MonitorState, compute: Callable[[], GeometryStats]):
+    """The stats of this step when ``count % every == 0``, else the recorded ones."""
+    if every == 1:
+        return compute()
+    return jax.lax.cond(state.count % every == 0, compute, lambda: state.stats)
+
+
+def monitor(groups: GroupsLike = per_unit, *, step_scale: _utils.Hyper = None, every: int = 1):
     """Records the per-group geometry of each step; put it last in an ``optax.chain``.
 
     The updates pass through unchanged; the state holds the :class:`GeometryStats` of the
-    last step ``x_k -> x_k + updates`` (computed in at least float32, one reduction pass per
-    stat, no host transfer), so it works under ``jit``, ``pmap`` / sharding and with every
-    optax wrapper. Read it with :func:`metrics` or :class:`History`.
+    last step ``x_k -> x_k + updates`` (computed in at least float32 from two reduction
+    passes over the params and the updates, no host transfer), so it works under ``jit``,
+    ``pmap`` / sharding and with every optax wrapper. Its state is 6 scalars per group (8
+    with ``step_scale``). Read it with :func:`metrics` or :class:`History`.
 
     Args:
       groups: the radially invariant groups.
@@ -239,9 +257,12 @@ def monitor(groups: GroupsLike = per_unit, *, step_scale: _utils.Hyper = None):
         number or a schedule of the monitor's step count): the learning rate for SGD and
         SGD with momentum, with or without L2 (``b = 1``). Enables ``effective_lr`` and
         ``direction_norm``. For Adam-like optimizers, use :func:`monitored`.
+      every: record the steps ``k`` with ``k % every == 0`` only (the state keeps the last
+        recorded stats); the other steps skip the reductions (``lax.cond``).
     """
     if step_scale is not None:
         _utils.check_rate("step_scale", step_scale)
+    _check_every(every)
 
     def init_fn(params):
         grp = resolve_groups(groups, params)
@@ -253,7 +274,7 @@ def monitor(groups: GroupsLike = per_unit, *, step_scale: _utils.Hyper = None):
         params = _utils.require_params(params, "monitor")
         grp = resolve_groups(groups, params)
         scale = None if step_scale is None else _utils.value_at(step_scale, state.count)
-        stats = _stats_from_step(grp, params, updates, scale)
+        stats = _maybe_record(every, state, lambda: _stats_from_step(grp, params, updates, scale))
         return updates, MonitorState(optax.safe_increment(state.count), stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -264,6 +285,7 @@ def monitored(
     groups: GroupsLike = per_unit,
     *,
     step_scale: Callable[[Any, PyTree], Any] | None = None,
+    every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """``inner`` followed by :func:`monitor`, with a step scale read from ``inner``'s state.
 
@@ -273,7 +295,9 @@ def monitored(
       step_scale: optional ``step_scale(inner_state, params) -> s_k`` evaluated on the state
         after the step and the params before it, returning a number or a tree of per-group
         ``keepdims`` arrays, e.g. :func:`adam_step_scale` for optax's Adam and Adam + L2.
+      every: as in :func:`monitor`.
     """
+    _check_every(every)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -285,8 +309,16 @@ def monitored(
         params = _utils.require_params(params, "monitored")
         grp = resolve_groups(groups, params)
         updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        scale = None if step_scale is None else step_scale(inner_state, params)
-        stats = _stats_from_step(grp, params, updates, scale)
+        stats = _maybe_record(
+            every,
+            state.monitor,
+            lambda: _stats_from_step(
+                grp,
+                params,
+                updates,
+                None if step_scale is None else step_scale(inner_state, params),
+            ),
+        )
         mon = MonitorState(optax.safe_increment(state.monitor.count), stats)
         return updates, MonitoredState(inner_state, mon)
 
@@ -319,9 +351,11 @@ def adam_step_scale(
     :math:`a_k = m_k/(1-\beta_1)`, :math:`b_k = \frac{1-\beta_1^{k+1}}{1-\beta_1}
     (\sqrt{v_k/(1-\beta_2^{k+1}) + \epsilon_{root}} + \epsilon)`. Reads ``count`` and ``nu``
     from the (unique) ``ScaleByAdamState`` in the state after the step; the hyperparameters
-    must be the optimizer's. Works for ``optax.adam`` and Adam + L2
-    (``chain(add_decayed_weights(wd), adam(...))``); not for ``optax.adamw``, whose decoupled
-    decay is not of the generic form.
+    must be the optimizer's. Works for ``optax.adam``, Adam + L2
+    (``chain(add_decayed_weights(wd), adam(...))``) and this library's
+    :func:`~optax_sphere.adam_s`, :func:`~optax_sphere.adam_st`, :func:`~optax_sphere.adam_srt`
+    (a scalar ``v`` per group, stored as used by the step); not for ``optax.adamw``, whose
+    decoupled decay is not of the generic form.
     """
 
     def fn(inner_state: Any, params: PyTree) -> PyTree:

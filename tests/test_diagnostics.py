@@ -59,6 +59,7 @@ CASES = {  # name: (L2 coefficient, scheme)
     "sgdm_l2": (WD, "sgdm"),
     "adam": (0.0, "adam"),
     "adam_l2": (WD, "adam"),
+    "adam_s_l2": (WD, "adam"),  # a scalar second moment per group: b is constant per group
 }
 
 
@@ -72,6 +73,8 @@ def _build(name):
         inner = optax.chain(optax.add_decayed_weights(wd), optax.sgd(sched, momentum=0.9))
         return optax.chain(inner, D.monitor(step_scale=sched)), sched
     inner = optax.chain(optax.add_decayed_weights(wd), optax.adam(LR, B1, B2, EPS))
+    if name == "adam_s_l2":
+        inner = osp.adam_s(LR, B1, B2, EPS, weight_decay=wd)
     scale = D.adam_step_scale(LR, b1=B1, b2=B2, eps=EPS)
     return D.monitored(inner, step_scale=scale), lambda k: LR
 
@@ -139,29 +142,37 @@ def test_theorem_2_identities_and_table_1(name):
 
 def test_table_1_adam_srt_row():
     """Adam-SRT: eta_e = eta / (r nu^R) (1 - eta wd r / nu^R)^-1 (table 1): the transported
-    momentum is tangent, so only the current L2 term is radial. Plain Adam-S fails it."""
+    momentum is tangent, so only the current L2 term is radial. Plain Adam-S fails it.
+    ``nu^R = r d^-1/2 ||b||`` is computed here from eqs. 15 and 21, independently of the
+    optimizer; the monitor reads the step scale from the state with adam_step_scale."""
     with jax.enable_x64(True):
         for alias, should_hold in ((osp.adam_srt, True), (osp.adam_s, False)):
             params, grad = _problem(1)
-            opt = alias(LR, B1, B2, EPS, weight_decay=WD)
+            opt = D.monitored(
+                alias(LR, B1, B2, EPS, weight_decay=WD),
+                step_scale=D.adam_step_scale(LR, b1=B1, b2=B2, eps=EPS),
+            )
             state = opt.init(params)
+            v = jnp.zeros((1, UNITS))
+            prev_r2 = None
             holds = []
             for k in range(STEPS):
                 g = grad(params)
                 x = params["w"]
-                (st,) = D._find_named(state, lambda s: "nu" in s._fields)
+                r = _col_norm(x)
                 gt = g["w"] + WD * x
-                v = B2 * st.nu["w"] + (1 - B2) * jnp.mean(gt * gt, axis=0, keepdims=True)
+                ratio = 1.0 if prev_r2 is None or alias is osp.adam_s else prev_r2 / r**2
+                v = B2 * v * ratio + (1 - B2) * jnp.mean(gt * gt, axis=0, keepdims=True)
                 nb = (1 - B1 ** (k + 1)) / (1 - B1) * (jnp.sqrt(v / (1 - B2 ** (k + 1))) + EPS)
                 updates, state = opt.update(g, state, params)
                 new = optax.apply_updates(params, updates)
-                scale = {"bias": None, "w": LR / nb}
-                stats = D.geometry_stats(params, new, step_scale=scale)
-                r = _col_norm(x)
+                recorded = state.monitor.stats.effective_lr["w"][None]
+                pure = D.geometry_stats(params, new, step_scale={"bias": None, "w": LR / nb})
+                _close(recorded, pure.effective_lr["w"][None], rtol=1e-10)
                 nu_r = r * nb
                 closed = LR / (r * nu_r) / (1 - LR * WD * r / nu_r)
-                holds.append(np.allclose(stats.effective_lr["w"][None], closed, rtol=1e-10))
-                params = new
+                holds.append(np.allclose(recorded, closed, rtol=1e-10))
+                params, prev_r2 = new, r**2
             assert all(holds) == should_hold, (alias, holds)
 
 
@@ -248,8 +259,7 @@ def test_degenerate_groups_do_not_produce_nans():
     assert float(stats.angular_update["w"][1]) == 0.0  # unchanged unit
     assert float(stats.angular_update["w"][0]) == 0.0  # zero-norm unit: no direction
     assert stats.radius["s"] is None
-    keys = {f"{p}/radius/{r}" for p in ("e", "w") for r in D.REDUCTIONS}
-    assert D.metrics(stats, fields=["radius"]).keys() == keys
+    assert D.metrics(stats, fields=["radius"]).keys() == {f"w/radius/{r}" for r in D.REDUCTIONS}
 
 
 def test_metrics_and_history():
@@ -298,3 +308,47 @@ def test_errors():
         opt.update(params, opt.init(params), params)
     with pytest.raises(ValueError, match="groups for parameter 'w'"):
         osp.monitor(groups={"w": 5}).init(params)
+
+
+def test_every_records_one_step_in_n_and_state_can_be_donated():
+    params, grad = _problem(6)
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    every = optax.chain(optax.sgd(0.1), osp.monitor(every=3))
+    always = optax.chain(optax.sgd(0.1), osp.monitor())
+    step_e = jax.jit(every.update, donate_argnums=(1,))
+    step_a = jax.jit(always.update)
+    se, sa, recorded = every.init(params), always.init(params), []
+    for k in range(5):
+        g = grad(params)
+        updates, se = step_e(g, se, params)
+        _, sa = step_a(g, sa, params)
+        if k % 3 == 0:
+            recorded = np.asarray(D.find_monitor_state(sa).stats.angular_update["w"])
+        got = np.asarray(D.find_monitor_state(se).stats.angular_update["w"])
+        np.testing.assert_array_equal(got, recorded)  # steps 1, 2, 4 keep the last record
+        params = optax.apply_updates(params, updates)
+    assert int(D.find_monitor_state(se).count) == 5
+    with pytest.raises(ValueError, match="every"):
+        osp.monitor(every=0)
+
+
+def test_sharded_group_axis_gives_the_same_stats():
+    """A group axis split over devices: XLA reduces across them; the stats do not change."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = np.array(jax.devices()[:4])
+    if devices.size < 4:
+        pytest.skip("needs 4 devices")
+    mesh = Mesh(devices, ("d",))
+    rng = np.random.default_rng(7)
+    params = {"w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)}
+    updates = {"w": jnp.asarray(0.01 * rng.normal(size=(8, 6)), jnp.float32)}
+    opt = osp.monitor(step_scale=0.1)
+    _, ref = jax.jit(opt.update)(updates, opt.init(params), params)
+    shard = NamedSharding(mesh, PartitionSpec("d", None))  # rows = the group axis
+    sharded = jax.tree.map(lambda x: jax.device_put(x, shard), (params, updates))
+    _, got = jax.jit(opt.update)(sharded[1], opt.init(sharded[0]), sharded[0])
+    for name in osp.GeometryStats._fields:
+        np.testing.assert_allclose(
+            getattr(got.stats, name)["w"], getattr(ref.stats, name)["w"], rtol=1e-5
+        )

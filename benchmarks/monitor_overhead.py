@@ -1,0 +1,112 @@
+"""Cost of recording the geometry: an optimizer step with and without ``monitor()``.
+
+A ResNet-18-sized parameter tree in Flax layout (11.7M parameters; conv kernels grouped per
+output filter). One step is ``update`` + ``apply_updates`` in one jitted function with donated
+buffers; the variants are timed alternately (so machine load affects them alike) and the
+medians are reported with the ratio to the bare optimizer and the size of the monitor's state.
+
+    python benchmarks/monitor_overhead.py [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_sphere as osp
+
+
+def resnet18_params(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    params: dict = {}
+
+    def conv(name, k, cin, cout):
+        w = rng.normal(size=(k, k, cin, cout)).astype(np.float32) * np.sqrt(2 / (k * k * cin))
+        params[name] = {"kernel": jnp.asarray(w)}
+        params[name + "_bn"] = {"scale": jnp.ones(cout), "bias": jnp.zeros(cout)}
+
+    conv("conv1", 7, 3, 64)
+    cin = 64
+    for stage, cout in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+            name = f"layer{stage + 1}_{block}"
+            conv(name + "_a", 3, cin, cout)
+            conv(name + "_b", 3, cout, cout)
+            if cin != cout:
+                conv(name + "_down", 1, cin, cout)
+            cin = cout
+    params["fc"] = {
+        "kernel": jnp.asarray(rng.normal(size=(512, 1000)).astype(np.float32) * 0.03),
+        "bias": jnp.zeros(1000),
+    }
+    return params
+
+
+def conv_filters(params):
+    return jax.tree.map(lambda p: "unit" if p.ndim == 4 else None, params)
+
+
+VARIANTS = {
+    "adamw": lambda: optax.adamw(1e-3, weight_decay=1e-2),
+    "adamw + monitor": lambda: optax.chain(
+        optax.adamw(1e-3, weight_decay=1e-2), osp.monitor(conv_filters)
+    ),
+    "adamw + monitor(every=10)": lambda: optax.chain(
+        optax.adamw(1e-3, weight_decay=1e-2), osp.monitor(conv_filters, every=10)
+    ),
+    "monitored(adam + L2, adam_step_scale)": lambda: osp.monitored(
+        optax.chain(optax.add_decayed_weights(1e-4), optax.adam(1e-3)),
+        conv_filters,
+        step_scale=osp.adam_step_scale(1e-3, groups=conv_filters),
+    ),
+    "adam + L2": lambda: optax.chain(optax.add_decayed_weights(1e-4), optax.adam(1e-3)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    params = resnet18_params()
+    grads = jax.tree.map(lambda p: 1e-3 * jnp.cos(p * 7.0), params)
+    runs = {}
+    for name, make in VARIANTS.items():
+        tx = make()
+
+        def step(p, s, g, tx=tx):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        state = tx.init(params)
+        runs[name] = [jax.jit(step, donate_argnums=(0, 1)), jax.tree.map(jnp.copy, params), state]
+        runs[name].append(sum(x.nbytes for x in jax.tree.leaves(state)))
+        runs[name].append([])
+    for run in runs.values():  # compile and warm up
+        for _ in range(3):
+            run[1], run[2] = run[0](run[1], run[2], grads)
+        jax.block_until_ready(run[1])
+    for _ in range(args.steps):
+        for run in runs.values():
+            t = time.perf_counter()
+            run[1], run[2] = run[0](run[1], run[2], grads)
+            jax.block_until_ready(run[1])
+            run[4].append(time.perf_counter() - t)
+    med = {name: statistics.median(run[4]) for name, run in runs.items()}
+    base = {name: "adamw" for name in VARIANTS if name.startswith("adamw")}
+    print(f"device: {jax.devices()[0].device_kind}, {args.steps} interleaved steps, median")
+    for name, run in runs.items():
+        ref = base.get(name, "adam + L2")
+        print(
+            f"{name:40s} {1e3 * med[name]:8.2f} ms  x{med[name] / med[ref]:.3f} vs {ref:10s} "
+            f"state {run[3] / 2**20:7.2f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
