@@ -8,9 +8,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_sphere.groups import accumulation_dtype
+from optax_sphere.groups import accumulation_dtype, path_str
 
 PyTree = Any
 Hyper = Any  # a number, a scalar array, or a schedule ``count -> value``
@@ -20,6 +21,7 @@ __all__ = [
     "check_rate",
     "check_beta",
     "map_groups",
+    "check_trees_match",
     "unzip",
     "require_params",
     "zeros_acc",
@@ -55,8 +57,60 @@ def value_at(h: Hyper, count: jax.Array) -> Any:
     return h(count) if callable(h) else h
 
 
+def _leaf_paths(tree: PyTree) -> list[str]:
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def check_trees_match(*trees: PyTree) -> None:
+    """Raises a ``ValueError`` naming the parameter paths when ``trees`` (the first one the
+    parameters or updates of this step, the others the optimizer state built by ``init``) do
+    not have the same structure, or hold leaves whose shapes cannot broadcast together.
+
+    This is what a parameter tree that changed between ``init`` and ``update`` looks like; it
+    is checked when the update is traced (shapes are static), so it costs nothing under jit.
+    """
+    reference, *others = trees
+    ref_def = jax.tree.structure(reference)
+    hint = " Re-run `init` on the new parameter tree (or restore a matching checkpoint)."
+    for other in others:
+        if jax.tree.structure(other) == ref_def:
+            continue
+        new, old = _leaf_paths(reference), _leaf_paths(other)
+        added = sorted(set(new) - set(old))
+        removed = sorted(set(old) - set(new))
+        detail = (
+            f"parameters not in the optimizer state: {added or 'none'}; "
+            f"state entries with no parameter: {removed or 'none'}"
+            if added or removed
+            else f"same paths, different containers: {ref_def} vs {jax.tree.structure(other)}"
+        )
+        raise ValueError(
+            "the parameter tree does not match the one the optimizer state was initialised "
+            f"with ({detail}).{hint}"
+        )
+    flat = [jax.tree_util.tree_flatten_with_path(reference)[0]] + [
+        jax.tree.leaves(o) for o in others
+    ]
+    for (path, leaf), *state_leaves in zip(*flat):
+        shape = tuple(np.shape(leaf))
+        for s in state_leaves:
+            try:
+                np.broadcast_shapes(shape, tuple(np.shape(s)))
+            except ValueError:
+                raise ValueError(
+                    f"parameter '{path_str(path)}' has shape {shape}, but the optimizer state "
+                    f"holds shape {tuple(np.shape(s))} for it: the parameter tree changed "
+                    f"since `init`.{hint}"
+                ) from None
+
+
 def map_groups(fn: Callable[..., Any], groups: PyTree, *trees: PyTree) -> PyTree:
-    """``fn(group, *leaves)`` over the leaves of ``trees`` (``groups`` resolved, same tree)."""
+    """``fn(group, *leaves)`` over the leaves of ``trees`` (``groups`` resolved, same tree).
+
+    ``trees`` are checked with :func:`check_trees_match` first (the first tree is the
+    reference), so a parameter tree that changed since ``init`` gives a clear ``ValueError``.
+    """
+    check_trees_match(*trees)
     return jax.tree.map(lambda *xs: fn(xs[-1], *xs[:-1]), *trees, groups)
 
 

@@ -34,7 +34,6 @@ from optax_sphere.groups import (
     accumulation_dtype,
     group_dot,
     group_sq_norm,
-    per_unit,
     resolve_groups,
 )
 from optax_sphere.standardization import (
@@ -145,7 +144,7 @@ def adam_s(
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""Adam-S: Adam with a standardised second moment (seed 000 sec. 4.1, eqs. 61-63).
 
@@ -225,7 +224,7 @@ def adam_st(
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""Adam-ST: Adam-S plus transport of the momentum ("Adam w/o (ab)", seed 001 / 003 tab. 3.3).
 
@@ -245,7 +244,7 @@ def adam_srt(
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""Adam-SRT (seed 000 sec. 4.2, eqs. 19-21 / 78-80, alg. 1): "Adam w/o (abc)".
 
@@ -268,7 +267,7 @@ def sgdm_rt(
     momentum: float = 0.9,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""SGD-MRT (seed 000 sec. 4.2 remark, app. E.2): SGD momentum with RT of the momentum.
 
