@@ -374,6 +374,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The main columns as a Markdown table."""
+    lines = [
+        "| tree | alias | baseline | time ratio | IQR of A/B | ms (alias / baseline) "
+        "| state ratio | GB/s (alias / baseline) | compile s (alias / baseline) | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        q1, _, q3 = r["pair_ratio_quartiles"]
+        lines.append(
+            f"| {r['tree']} | `{r['alias']}` | `{r['baseline']}` | {r['time_ratio']:.3f} "
+            f"| {q1:.2f}-{q3:.2f} | {r['alias_ms']:.2f} / {r['baseline_ms']:.2f} "
+            f"| {r['state_bytes_ratio']:.3f} | {r['alias_GBps']:.1f} / {r['baseline_GBps']:.1f} "
+            f"| {r['alias_compile_s']:.1f} / {r['baseline_compile_s']:.1f} | {target_check(r)} |"
+        )
+    return "\n".join(lines)
+
+
 def default_steps(tree: str, quick: bool) -> tuple[int, int]:
     if quick:
         return 5, 2
@@ -388,7 +406,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, help="untimed A/B pairs before timing")
     parser.add_argument("--quick", action="store_true", help="a few steps: a smoke run")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--markdown", type=Path, help="print the table of a saved run and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        saved = json.loads(args.markdown.read_text())
+        print(markdown_table(saved["rows"]))
+        return saved
 
     copy = measure_copy_bandwidth(repeats=3 if args.quick else 15)
     copy_GBps = copy["xla_stream_GBps"]
