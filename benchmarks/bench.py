@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -91,8 +92,8 @@ def transformer_shapes(depth: int = 12, dim: int = 256, heads: int = 4, mlp: int
     return tree
 
 
-def many_small_shapes(layers: int = 512, width: int = 16) -> dict:
-    """Many small Dense layers: 1024 leaves of at most 256 elements (per-leaf overheads)."""
+def many_small_shapes(layers: int = 256, width: int = 16) -> dict:
+    """Many small Dense layers: 512 leaves of at most 256 elements (per-leaf overheads)."""
     return {f"Dense_{i}": {"kernel": (width, width), "bias": (width,)} for i in range(layers)}
 
 
@@ -192,6 +193,21 @@ def _copy_tree(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+_FREE_OPS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
+
+
+def count_kernels(hlo: str) -> int:
+    """Instructions of the compiled entry computation that run (fusions, copies, ...): each
+    is at least one pass over its operands, and one launch."""
+    entry = hlo[hlo.index("ENTRY") :].split("\n}")[0]
+    count = 0
+    for line in entry.splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = .*? ([a-z][\w\-]*)\(", line)
+        if m and m.group(1) not in _FREE_OPS:
+            count += 1
+    return count
+
+
 class Stepper:
     """One optimizer on one tree: a compiled, donating ``update`` + ``apply_updates`` step."""
 
@@ -209,10 +225,7 @@ class Stepper:
         lowered = jax.jit(step, donate_argnums=(0, 1)).lower(self.params, self.state, grads)
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - t0
-        hlo = self.compiled.as_text()
-        self.fusions = sum(
-            1 for line in hlo.splitlines() if line.lstrip().startswith("%fusion") and " = " in line
-        )
+        self.kernels = count_kernels(self.compiled.as_text())
         # Floor of the traffic: read params, grads and state once, write params and state once.
         self.min_bytes = 2 * tree_bytes(params) + tree_bytes(grads) + 2 * self.state_bytes
         self.times: list[float] = []
@@ -268,13 +281,19 @@ def compare(
     steps: int,
     warmup: int,
     copy_GBps: float,
+    baselines: dict[str, Stepper],
 ) -> dict | None:
+    """Times ``alias`` against its baseline, interleaved; ``baselines`` caches the compiled
+    baseline steppers of this tree (one compilation per baseline and tree)."""
     tx = build_alias(alias, groups)
     if tx is None:
         return None
     _, baseline_name, baseline = ALIASES[alias]
     a = Stepper(tx, params, grads)
-    b = Stepper(baseline(), params, grads)
+    if baseline_name not in baselines:
+        baselines[baseline_name] = Stepper(baseline(), params, grads)
+    b = baselines[baseline_name]
+    b.times = []
     for _ in range(warmup):
         a.run(record=False)
         b.run(record=False)
@@ -300,8 +319,8 @@ def compare(
         "baseline_state_bytes": b.state_bytes,
         "alias_compile_s": a.compile_s,
         "baseline_compile_s": b.compile_s,
-        "alias_fusions": a.fusions,
-        "baseline_fusions": b.fusions,
+        "alias_kernels": a.kernels,
+        "baseline_kernels": b.kernels,
         "alias_min_bytes": a.min_bytes,
         "baseline_min_bytes": b.min_bytes,
         "alias_GBps": a.min_bytes / ta / 1e9,
@@ -340,7 +359,7 @@ def table(rows: list[dict]) -> str:
     head = (
         f"{'tree':<12}{'alias':<10}{'baseline':<30}{'time':>7}{'IQR of A/B':>14}"
         f"{'A ms':>9}{'B ms':>9}{'state':>7}{'A GB/s':>8}{'B GB/s':>8}{'A cmp s':>8}"
-        f"{'B cmp s':>8}{'A fus':>6}{'B fus':>6}  target"
+        f"{'B cmp s':>8}{'A krn':>6}{'B krn':>6}  target"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -350,7 +369,25 @@ def table(rows: list[dict]) -> str:
             f"{f'{q1:.2f}-{q3:.2f}':>14}{r['alias_ms']:>9.3f}{r['baseline_ms']:>9.3f}"
             f"{r['state_bytes_ratio']:>7.3f}{r['alias_GBps']:>8.2f}{r['baseline_GBps']:>8.2f}"
             f"{r['alias_compile_s']:>8.2f}{r['baseline_compile_s']:>8.2f}"
-            f"{r['alias_fusions']:>6}{r['baseline_fusions']:>6}  {target_check(r)}"
+            f"{r['alias_kernels']:>6}{r['baseline_kernels']:>6}  {target_check(r)}"
+        )
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The main columns as a Markdown table."""
+    lines = [
+        "| tree | alias | baseline | time ratio | IQR of A/B | ms (alias / baseline) "
+        "| state ratio | GB/s (alias / baseline) | compile s (alias / baseline) | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        q1, _, q3 = r["pair_ratio_quartiles"]
+        lines.append(
+            f"| {r['tree']} | `{r['alias']}` | `{r['baseline']}` | {r['time_ratio']:.3f} "
+            f"| {q1:.2f}-{q3:.2f} | {r['alias_ms']:.2f} / {r['baseline_ms']:.2f} "
+            f"| {r['state_bytes_ratio']:.3f} | {r['alias_GBps']:.1f} / {r['baseline_GBps']:.1f} "
+            f"| {r['alias_compile_s']:.1f} / {r['baseline_compile_s']:.1f} | {target_check(r)} |"
         )
     return "\n".join(lines)
 
@@ -358,7 +395,7 @@ def table(rows: list[dict]) -> str:
 def default_steps(tree: str, quick: bool) -> tuple[int, int]:
     if quick:
         return 5, 2
-    return {"resnet18": (100, 10), "transformer": (100, 10), "many_small": (300, 30)}[tree]
+    return {"resnet18": (100, 10), "transformer": (80, 10), "many_small": (100, 20)}[tree]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -369,7 +406,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, help="untimed A/B pairs before timing")
     parser.add_argument("--quick", action="store_true", help="a few steps: a smoke run")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--markdown", type=Path, help="print the table of a saved run and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        saved = json.loads(args.markdown.read_text())
+        print(markdown_table(saved["rows"]))
+        return saved
 
     copy = measure_copy_bandwidth(repeats=3 if args.quick else 15)
     copy_GBps = copy["xla_stream_GBps"]
@@ -379,6 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
     rows, skipped = [], []
+    failed: dict[str, str] = {}
     trees_info = {}
     for tree_name in args.trees:
         shapes, groups = TREES[tree_name]
@@ -397,8 +440,16 @@ def main(argv: list[str] | None = None) -> dict:
         steps, warmup = default_steps(tree_name, args.quick)
         steps = args.steps or steps
         warmup = args.warmup if args.warmup is not None else warmup
+        baselines: dict[str, Stepper] = {}
         for alias in args.aliases:
-            row = compare(alias, tree_name, params, grads, groups, steps, warmup, copy_GBps)
+            try:
+                row = compare(
+                    alias, tree_name, params, grads, groups, steps, warmup, copy_GBps, baselines
+                )
+            except Exception as err:  # report and go on: one alias must not stop the run
+                failed[f"{tree_name}/{alias}"] = f"{type(err).__name__}: {err}"
+                print(f"  {alias:<10} FAILED: {type(err).__name__}: {err}", flush=True)
+                continue
             if row is None:
                 skipped.append(alias)
                 continue
@@ -409,10 +460,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"state {row['state_bytes_ratio']:.3f}x  {target_check(row)}",
                 flush=True,
             )
+        del baselines
     skipped = sorted(set(skipped))
     print("\n" + table(rows))
     if skipped:
         print(f"\nnot in this version of optax_sphere (skipped): {', '.join(skipped)}")
+    for key, err in failed.items():
+        print(f"failed: {key}: {err}")
     result = {
         "machine": {
             "platform": platform.platform(),
@@ -435,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": {k: {"time": t, "state": s} for k, (t, s) in TARGETS.items()},
         "rows": rows,
         "skipped": skipped,
+        "failed": failed,
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

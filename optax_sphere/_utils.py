@@ -72,9 +72,15 @@ def check_trees_match(*trees: PyTree) -> None:
     reference, *others = trees
     ref_def = jax.tree.structure(reference)
     hint = " Re-run `init` on the new parameter tree (or restore a matching checkpoint)."
+    matched = []
     for other in others:
-        if jax.tree.structure(other) == ref_def:
+        try:
+            # As jax.tree.map does: a parameter leaf may face a placeholder subtree in the
+            # state (``optax.MaskedNode()`` for an ungrouped leaf, for instance).
+            matched.append(ref_def.flatten_up_to(other))
             continue
+        except (ValueError, TypeError):
+            pass
         new, old = _leaf_paths(reference), _leaf_paths(other)
         added = sorted(set(new) - set(old))
         removed = sorted(set(old) - set(new))
@@ -88,12 +94,12 @@ def check_trees_match(*trees: PyTree) -> None:
             "the parameter tree does not match the one the optimizer state was initialised "
             f"with ({detail}).{hint}"
         )
-    flat = [jax.tree_util.tree_flatten_with_path(reference)[0]] + [
-        jax.tree.leaves(o) for o in others
-    ]
+    flat = [jax.tree_util.tree_flatten_with_path(reference)[0], *matched]
     for (path, leaf), *state_leaves in zip(*flat):
         shape = tuple(np.shape(leaf))
         for s in state_leaves:
+            if not hasattr(s, "shape"):
+                continue  # a placeholder subtree, not an array
             try:
                 np.broadcast_shapes(shape, tuple(np.shape(s)))
             except ValueError:
