@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_sphere.groups import accumulation_dtype, path_str
 
@@ -124,9 +125,33 @@ def require_params(params: PyTree | None, name: str) -> PyTree:
     return params
 
 
+def _reduced_sharding(p: Any, shape: tuple[int, ...]) -> Any:
+    """Sharding for an array of ``shape`` derived from ``p``'s (a keepdims per-group scalar, or
+    a scalar): axes of size 1 and dropped axes are replicated, the others keep ``p``'s split.
+    ``None`` when ``p`` carries no sharding (a tracer, a NumPy array)."""
+    sharding = getattr(p, "sharding", None) if isinstance(p, jax.Array) else None
+    if isinstance(p, jax.core.Tracer) or sharding is None:
+        return None
+    if not isinstance(sharding, NamedSharding):
+        return sharding if len(sharding.device_set) == 1 else None
+    spec = tuple(sharding.spec) + (None,) * (len(p.shape) - len(sharding.spec))
+    if len(shape) != len(p.shape):
+        return NamedSharding(sharding.mesh, PartitionSpec())
+    kept = [s if n == m else None for s, n, m in zip(spec, shape, p.shape)]
+    return NamedSharding(sharding.mesh, PartitionSpec(*kept))
+
+
 def zeros_acc(p: jax.Array, shape: tuple[int, ...] | None = None) -> jax.Array:
-    """Zeros in the accumulation dtype (at least float32) of ``p``."""
-    return jnp.zeros(p.shape if shape is None else shape, accumulation_dtype(p.dtype))
+    """Zeros in the accumulation dtype (at least float32) of ``p``.
+
+    Laid out like ``p``: a buffer shaped like ``p`` gets ``p``'s sharding, and a smaller one
+    (``shape``: per-group scalars) keeps ``p``'s split on the axes it keeps, so that
+    ``init`` on sharded parameters gives a state sharded like them (as optax does).
+    """
+    dtype = accumulation_dtype(p.dtype)
+    if shape is None or tuple(shape) == tuple(p.shape):
+        return jnp.zeros_like(p, dtype=dtype)
+    return jnp.zeros(shape, dtype, device=_reduced_sharding(p, tuple(shape)))
 
 
 def bias_corrections(

@@ -42,6 +42,8 @@ import optax
 
 PyTree = Any
 LeafSpec = Union[None, str, int, Sequence[int]]
+#: What ``groups=`` accepts: ``None``, ``"unit"`` / ``"tensor"``, a callable of the params, or a
+#: pytree of per-leaf specs (see the module docstring).
 GroupsLike = Union[None, str, Callable[[PyTree], PyTree], PyTree]
 
 __all__ = [

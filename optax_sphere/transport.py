@@ -41,7 +41,9 @@ __all__ = [
     "rescale_transport_momentum",
 ]
 
+#: State fields treated as momentum buffers (optax's Adam and Lion, SGD momentum, ours).
 MOMENTUM_FIELDS: tuple[str, ...] = ("mu", "trace", "momentum")
+#: State fields treated as second moments (rescaled by R and RT).
 SECOND_MOMENT_FIELDS: tuple[str, ...] = ("nu",)
 
 Op = Callable[[Any, Any, Any, Any], Any]
