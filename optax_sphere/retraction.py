@@ -417,8 +417,10 @@ def adagradg(
         raise ValueError(f"`beta` must be in (0, 1], got {beta!r}.")
     if not callable(v0) and not jax.tree.leaves(v0):
         raise ValueError("`v0` must be a number or a pytree of numbers/arrays.")
-    if isinstance(v0, (int, float)) and not v0 > 0:
-        raise ValueError(f"`v0` must be > 0 (the first step divides by sqrt(v0)), got {v0!r}.")
+    if isinstance(v0, (int, float)) and not 0 < v0 < math.inf:
+        raise ValueError(
+            f"`v0` must be finite and > 0 (the first step divides by sqrt(v0)), got {v0!r}."
+        )
 
     def init_fn(params):
         grp = resolve_groups(groups, params)

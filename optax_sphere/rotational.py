@@ -285,6 +285,14 @@ def _ungrouped_mask(groups: GroupsLike):
     )
 
 
+def _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay) -> None:
+    """Build-time checks shared by the RV aliases, under the names the user passed."""
+    _utils.check_rate("learning_rate", learning_rate)
+    _utils.check_rate("weight_decay", weight_decay)
+    _utils.check_rate("rotational_eps", rotational_eps)
+    _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
+
+
 def rv_adamw(
     learning_rate: _utils.Hyper = 1e-3,
     weight_decay: _utils.Hyper = 1e-2,
@@ -309,10 +317,10 @@ def rv_adamw(
     for ``beta``, ``center``, ``rotational_eps`` and ``groups``. State: ``optax.scale_by_adam``'s
     (moments in the gradients' dtype) plus two float32 scalars per group and a step count.
     """
-    _utils.check_rate("learning_rate", learning_rate)
-    _utils.check_rate("weight_decay", weight_decay)
+    _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)
+    _utils.check_rate("eps", eps)
     if eta_r is None:
         eta_r = _hyper_fn(
             learning_rate, weight_decay, formula=lambda lr, wd: _adamw_eta_r(lr, wd, b1)
@@ -348,10 +356,8 @@ def rv_sgdm(
     Ungrouped leaves get SGD momentum with coupled L2 ``ungrouped_weight_decay`` (0: plain
     SGD momentum), as the authors' code.
     """
-    _utils.check_rate("learning_rate", learning_rate)
-    _utils.check_rate("weight_decay", weight_decay)
+    _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     _utils.check_beta("momentum", momentum)
-    _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
     if eta_r is None:
         eta_r = _hyper_fn(
             learning_rate, weight_decay, formula=lambda lr, wd: _sgdm_eta_r(lr, wd, momentum)
@@ -390,8 +396,7 @@ def rv_lion(
     \sqrt{(1-b_1)^2 + b_1^2(1-b_2)/(1+b_2)}` per step on average (Table 1, eq. 72).
     Ungrouped leaves get Lion with decoupled ``ungrouped_weight_decay`` (0 by default).
     """
-    _utils.check_rate("learning_rate", learning_rate)
-    _utils.check_rate("weight_decay", weight_decay)
+    _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)
     if eta_r is None:
@@ -492,8 +497,7 @@ def wrapped_adam_l2(
     equilibrium, which depends on the gradient norm (eq. 84, 87). Ungrouped leaves get Adam
     with coupled L2 ``ungrouped_weight_decay`` (0: plain Adam).
     """
-    _utils.check_rate("learning_rate", learning_rate)
-    _utils.check_rate("weight_decay", weight_decay)
+    _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     if eta_r is None:
         eta_r = _hyper_fn(
             learning_rate, weight_decay, formula=lambda lr, wd: _adamw_eta_r(lr, wd, b1)

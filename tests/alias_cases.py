@@ -77,6 +77,9 @@ def _primitive(
     return Case(name, build, {"learning_rate": 1e-2}, requires, "primitive", **(behaviour or {}))
 
 
+# the step of a group is proportional to its norm: a group at the origin stays there
+STAYS = {"zero_group": "stays"}
+
 # Published aliases (DESIGN.md section 4), with the fixtures' hyperparameters, scaled to take
 # visible steps on the small problems of the tests.
 ALIASES = [
@@ -84,14 +87,15 @@ ALIASES = [
     _alias("adam_st", learning_rate=1e-2, weight_decay=1e-3),
     _alias("adam_srt", learning_rate=1e-2, weight_decay=1e-3),
     _alias("sgdm_rt", learning_rate=0.05, momentum=0.9, weight_decay=5e-4),
-    _alias("rv_adamw", learning_rate=1e-2, weight_decay=0.1),
-    _alias("rv_sgdm", learning_rate=0.05, momentum=0.9, weight_decay=5e-4),
-    _alias("rv_lion", learning_rate=1e-3, weight_decay=1.0),
-    _alias("adamg", learning_rate=1e-2),
-    _alias("sgdg", learning_rate=0.05, momentum=0.9),
-    _alias("adagradg", learning_rate=0.05),
-    _alias("psi_sgd", learning_rate=0.05),
-    _alias("psi_sgdm", learning_rate=0.05, momentum=0.9),
+    _alias("rv_adamw", STAYS, learning_rate=1e-2, weight_decay=0.1),
+    _alias("rv_sgdm", STAYS, learning_rate=0.05, momentum=0.9, weight_decay=5e-4),
+    _alias("rv_lion", STAYS, learning_rate=1e-3, weight_decay=1.0),
+    _alias("wrapped_adam_l2", STAYS, learning_rate=1e-2, weight_decay=0.1),
+    _alias("adamg", STAYS, learning_rate=1e-2),
+    _alias("sgdg", STAYS, learning_rate=0.05, momentum=0.9),
+    _alias("adagradg", STAYS, learning_rate=0.05),
+    _alias("psi_sgd", STAYS, learning_rate=0.05),
+    _alias("psi_sgdm", STAYS, learning_rate=0.05, momentum=0.9),
     _alias("adamp", learning_rate=1e-2, weight_decay=1e-2),
     _alias("sgdp", learning_rate=0.05, momentum=0.9, weight_decay=1e-4),
 ]
@@ -171,6 +175,46 @@ PRIMITIVES = [
                 optax.scale_by_adam(), weight_decay=1e-2, groups=groups
             ),
             optax.scale_by_learning_rate(learning_rate),
+        ),
+    ),
+]
+
+PRIMITIVES += [
+    _primitive(
+        "rotational_rms_control(scale_by_adam)",
+        ("rotational_rms_control",),
+        lambda learning_rate, groups="unit": _osp("rotational_rms_control")(
+            optax.scale_by_adam(),
+            eta_r=0.02,
+            learning_rate=learning_rate,
+            weight_decay=1e-2,
+            groups=groups,
+        ),
+        STAYS,
+    ),
+    _primitive(
+        "chain(scale_by_psi_metric,sgd)",
+        ("scale_by_psi_metric",),
+        lambda learning_rate, groups="unit": optax.chain(
+            _osp("scale_by_psi_metric")(groups=groups), optax.sgd(learning_rate, momentum=0.9)
+        ),
+        STAYS,
+    ),
+    _primitive(
+        "chain(project_tangent,sgd,retract_to_sphere)",
+        ("project_tangent", "retract_to_sphere"),
+        lambda learning_rate, groups="unit": optax.chain(
+            _osp("project_tangent")(groups=groups),
+            optax.sgd(learning_rate, momentum=0.9),
+            _osp("retract_to_sphere")("exp", groups=groups),
+        ),
+        {"state_dtype": "params"},
+    ),
+    _primitive(
+        "monitored(adam_srt)",
+        ("monitored", "adam_srt"),
+        lambda learning_rate, groups="unit": _osp("monitored")(
+            _osp("adam_srt")(learning_rate, groups=groups), groups=groups
         ),
     ),
 ]

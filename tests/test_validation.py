@@ -9,22 +9,40 @@ import alias_cases
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optax_sphere
 
 # Hyperparameters that must be finite and >= 0, and decay rates that must lie in [0, 1).
-RATES = ("learning_rate", "weight_decay", "eps", "wd_ratio", "delta", "omega", "v0")
+RATES = (
+    "learning_rate",
+    "weight_decay",
+    "eps",
+    "wd_ratio",
+    "delta",
+    "omega",
+    "v0",
+    "eta_r",
+    "rotational_eps",
+    "ungrouped_weight_decay",
+)
 DECAYS = ("b1", "b2", "momentum", "beta")
+POSITIVE = ("max_norm", "grad_clip", "radius")  # thresholds and radii: > 0 (or None)
 BAD_RATES = (-1e-3, math.nan, math.inf, -math.inf)
 BAD_DECAYS = (-0.1, 1.5, math.nan)
-VALID = {"learning_rate": 1e-2, "weight_decay": 1e-3}
+BAD_POSITIVE = (-1.0, 0.0, math.nan)
+VALID = {"learning_rate": 1e-2, "weight_decay": 1e-3, "eta_r": 1e-2}
 
 # Every public builder that takes numeric hyperparameters: aliases and primitives.
 BUILDERS = [c.name for c in alias_cases.ALIASES] + [
     "scale_by_standardized_adam",
     "coupled_weight_decay",
     "decoupled_weight_decay",
+    "rotational_rms_control",
+    "scale_by_adam_l2_direction",
+    "scale_invariant_projection",
+    "retract_to_sphere",
 ]
 
 
@@ -38,11 +56,13 @@ def _builder_params():
 
 
 def _required(fn):
-    """Valid values for the required arguments of ``fn`` (hyperparameters without defaults)."""
+    """Valid values for the required arguments of ``fn`` (hyperparameters without defaults,
+    and the inner optimizer of a wrapper)."""
+    values = {**VALID, "inner": optax.scale_by_adam()}
     return {
-        n: VALID[n]
+        n: values[n]
         for n, p in inspect.signature(fn).parameters.items()
-        if p.default is inspect.Parameter.empty and n in VALID
+        if p.default is inspect.Parameter.empty and n in values
     }
 
 
@@ -51,7 +71,8 @@ def test_invalid_hyperparameters_raise_when_built(name):
     fn = getattr(optax_sphere, name)
     names = inspect.signature(fn).parameters
     checked = 0
-    for keyword, bad_values in [(k, BAD_RATES) for k in RATES] + [(k, BAD_DECAYS) for k in DECAYS]:
+    checks = [(k, BAD_RATES) for k in RATES] + [(k, BAD_DECAYS) for k in DECAYS]
+    for keyword, bad_values in checks + [(k, BAD_POSITIVE) for k in POSITIVE]:
         if keyword not in names:
             continue
         for bad in bad_values:
