@@ -18,7 +18,14 @@ from optax_sphere.rotational import (
     scale_by_adam_l2_direction,
     wrapped_adam_l2,
 )
-from optax_sphere.spherical_adam import SgdmRtState, adam_s, adam_srt, adam_st, sgdm_rt
+from optax_sphere.spherical_adam import (
+    SgdmRtState,
+    SphericalAdamState,
+    adam_s,
+    adam_srt,
+    adam_st,
+    sgdm_rt,
+)
 from optax_sphere.standardization import (
     ScaleByStandardizedAdamState,
     scale_by_standardized_adam,
@@ -29,6 +36,22 @@ from optax_sphere.transport import (
     transport_momentum,
 )
 from optax_sphere.weight_decay import coupled_weight_decay, decoupled_weight_decay
+
+# isort: split
+# diagnostics
+from optax_sphere import diagnostics, plots
+from optax_sphere.diagnostics import (
+    GeometryStats,
+    History,
+    MonitoredState,
+    MonitorState,
+    adam_step_scale,
+    find_monitor_state,
+    geometry_stats,
+    metrics,
+    monitor,
+    monitored,
+)
 
 __version__ = "0.1.0"
 
@@ -50,6 +73,7 @@ __all__ = [
     "transport_momentum",
     # aliases
     "SgdmRtState",
+    "SphericalAdamState",
     "adam_s",
     "adam_srt",
     "adam_st",
@@ -66,4 +90,56 @@ __all__ = [
     "scale_by_adam_l2_direction",
     "theory",
     "wrapped_adam_l2",
+    # diagnostics
+    "GeometryStats",
+    "History",
+    "MonitorState",
+    "MonitoredState",
+    "adam_step_scale",
+    "diagnostics",
+    "find_monitor_state",
+    "geometry_stats",
+    "metrics",
+    "monitor",
+    "monitored",
+    "plots",
+]
+
+# manifold optimizers: PSI metric, sphere retraction, AdamP/SGDP projection
+from optax_sphere.projection import (  # noqa: E402
+    ScaleInvariantProjectionState,
+    adamp,
+    scale_invariant_projection,
+    sgdp,
+)
+from optax_sphere.psi import PsiSgdState, psi_sgd, psi_sgdm, scale_by_psi_metric  # noqa: E402
+from optax_sphere.retraction import (  # noqa: E402
+    AdagradgState,
+    AdamgState,
+    SgdgState,
+    adagradg,
+    adamg,
+    project_tangent,
+    retract_to_sphere,
+    sgdg,
+)
+
+__all__ += [
+    "AdagradgState",
+    "AdamgState",
+    "PsiSgdState",
+    "ScaleInvariantProjectionState",
+    "SgdgState",
+    "adagradg",
+    "adamg",
+    "adamp",
+    "project_tangent",
+    "psi_sgd",
+    "psi_sgdm",
+    "retract_to_sphere",
+    "scale_by_psi_metric",
+    "scale_invariant_projection",
+    "sgdg",
+    "sgdp",
+    "theory",
 ]
