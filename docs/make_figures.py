@@ -1,14 +1,16 @@
-"""Draws the figures of the documentation with the library's own geometry functions.
+"""Draws the figures of the documentation with the library's own diagnostics and plots.
 
     python docs/make_figures.py            # writes docs/_static/figures/*.png
 
 1. ``groups.png``: the leaves of a small Flax BatchNorm CNN and how the default
    ``groups=per_unit`` splits them into radially invariant groups (from
    :func:`optax_sphere.resolve_groups` on the real parameter tree).
-2. ``angular_updates.png``: per layer, the mean angular update per step
-   (:func:`optax_sphere.geometry.angle`, seed 002 eq. 5) and the mean weight norm of the conv
-   filters while training the CNN on scikit-learn's digits with Adam, Adam + L2, AdamW and
-   Adam-SRT, with the rotational equilibrium of AdamW predicted by seed 002 table 1 (dashed).
+2. ``angular_updates.png``: the CNN trained on scikit-learn's digits with Adam, Adam + L2,
+   AdamW, Adam-SRT and RV-AdamW; each step is measured by
+   :func:`optax_sphere.geometry_stats` and recorded in a :class:`optax_sphere.History`, and
+   :func:`optax_sphere.plots.geometry_figure` draws, per run, the angular update per step of
+   each layer with the AdamW equilibrium of :func:`optax_sphere.theory.equilibrium` (dashed),
+   the weight norms, and the angular updates of the individual filters of one layer.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ import optax  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import optax_sphere as osp  # noqa: E402
-from optax_sphere import geometry  # noqa: E402
-from optax_sphere.groups import group_sq_norm, path_str  # noqa: E402
+from optax_sphere import plots, theory  # noqa: E402
+from optax_sphere.groups import path_str  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_static", "figures")
 
@@ -48,12 +50,23 @@ class CNN(nn.Module):
         return nn.Dense(10)(x.mean(axis=(1, 2)))
 
 
+def conv_filters(params):
+    """Groups: one per filter of each conv kernel (followed by BatchNorm); nothing else."""
+
+    def spec(path, p):
+        return "unit" if path_str(path).startswith("Conv") and p.ndim > 1 else None
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
 OPTIMIZERS = {
     "optax.adam": lambda: optax.adam(LR),
     "optax.adam + L2": lambda: optax.chain(optax.add_decayed_weights(L2), optax.adam(LR)),
     "optax.adamw": lambda: optax.adamw(LR, b1=B1, weight_decay=WD),
-    "optax_sphere.adam_srt + L2": lambda: osp.adam_srt(LR, b1=B1, weight_decay=L2),
+    "adam_srt + L2": lambda: osp.adam_srt(LR, b1=B1, weight_decay=L2, groups=conv_filters),
+    "rv_adamw": lambda: osp.rv_adamw(LR, WD, b1=B1, groups=conv_filters),
 }
+EQUILIBRIUM_RUNS = ("optax.adamw", "rv_adamw")  # runs whose target is AdamW's equilibrium
 
 
 def groups_figure(path: str) -> None:
@@ -119,23 +132,13 @@ def load_data():
     return x, digits.target.astype(np.int32)
 
 
-def train(make_tx, steps: int, batch: int = 64, seed: int = 0):
-    """Returns per-layer arrays (steps,) of the mean angular update and mean filter norm."""
+def train(make_tx, steps: int, batch: int = 64, seed: int = 0) -> osp.History:
+    """Trains the CNN and records the geometry of every step of its conv filters."""
     x_all, y_all = load_data()
     model, tx = CNN(), make_tx()
     variables = model.init(jax.random.key(seed), jnp.asarray(x_all[:1]))
     params, stats = variables["params"], variables["batch_stats"]
-    groups = osp.resolve_groups(osp.per_unit, params)
     opt_state = tx.init(params)
-
-    def per_layer(fn, *trees):
-        out = jax.tree.map(
-            lambda g, *xs: None if g is None else fn(g, *xs),
-            groups,
-            *trees,
-            is_leaf=lambda g: g is None or isinstance(g, osp.Group),
-        )
-        return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(out)[0]}
 
     @jax.jit
     def step(params, stats, opt_state, x, y):
@@ -145,57 +148,35 @@ def train(make_tx, steps: int, batch: int = 64, seed: int = 0):
             )
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
 
-        (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (_, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        angles = per_layer(lambda g, a, b: geometry.angle(a, b, g).mean(), params, new_params)
-        norms = per_layer(lambda g, a: jnp.sqrt(group_sq_norm(a, g)).mean(), new_params)
-        return new_params, new["batch_stats"], opt_state, angles, norms
+        geometry = osp.geometry_stats(params, new_params, conv_filters)
+        return new_params, new["batch_stats"], opt_state, geometry
 
     rng = np.random.default_rng(seed)
-    angles, norms = [], []
-    for _ in range(steps):
+    history = osp.History()
+    for k in range(steps):
         idx = rng.integers(0, len(x_all), batch)
-        params, stats, opt_state, a, n = step(params, stats, opt_state, x_all[idx], y_all[idx])
-        angles.append(a)
-        norms.append(n)
-    layers = [k for k in angles[0] if k.startswith("Conv")]
-    return {k: np.array([float(a[k]) for a in angles]) for k in layers}, {
-        k: np.array([float(n[k]) for n in norms]) for k in layers
-    }
-
-
-def smooth(v: np.ndarray, width: int = 15) -> np.ndarray:
-    return np.convolve(v, np.ones(width) / width, mode="valid")
+        params, stats, opt_state, geometry = step(params, stats, opt_state, x_all[idx], y_all[idx])
+        history.record(k, geometry)
+    return history
 
 
 def angular_figure(path: str, steps: int) -> None:
-    runs = {name: train(make, steps) for name, make in OPTIMIZERS.items()}
-    layers = list(next(iter(runs.values()))[0])
-    prediction = np.sqrt(2 * LR * WD * (1 - B1) / (1 + B1))
-    fig, axes = plt.subplots(2, len(layers), figsize=(4.2 * len(layers), 6.6), sharex=True)
-    colors = dict(zip(runs, ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
-    for j, layer in enumerate(layers):
-        for name, (angles, norms) in runs.items():
-            axes[0, j].plot(smooth(angles[layer]), color=colors[name], label=name, lw=1.3)
-            axes[1, j].plot(norms[layer], color=colors[name], label=name, lw=1.3)
-        axes[0, j].axhline(
-            prediction, color="k", ls="--", lw=1, label="AdamW equilibrium (Kosson et al. tab. 1)"
-        )
-        axes[0, j].set_title(layer)
-        axes[0, j].set_yscale("log")
-        axes[1, j].set_xlabel("step")
-    axes[0, 0].set_ylabel("mean angular update per step (rad)")
-    axes[1, 0].set_ylabel("mean filter norm $r$")
-    axes[0, 0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(
-        f"BatchNorm CNN on scikit-learn digits, lr={LR}; AdamW weight decay {WD}; "
-        f"coupled L2 {L2} for Adam + L2 and adam_srt",
-        fontsize=10,
+    histories = {name: train(make, steps) for name, make in OPTIMIZERS.items()}
+    target = theory.equilibrium("adamw", learning_rate=LR, weight_decay=WD, dim=1, b1=B1)
+    predictions = {name: target.angular_update for name in EQUILIBRIUM_RUNS}
+    fig = plots.geometry_figure(
+        histories, predictions=predictions, unit_layer="Conv_2/kernel", window=15
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.suptitle(
+        f"BatchNorm CNN on scikit-learn digits, lr={LR}: weight decay {WD} for AdamW and "
+        f"RV-AdamW, coupled L2 {L2} for Adam + L2 and adam_srt\n"
+        "dashed: the AdamW equilibrium angular update (Kosson et al. table 1)",
+        fontsize=12,
+    )
+    fig.savefig(path, dpi=72)
 
 
 def main() -> None:
