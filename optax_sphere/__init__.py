@@ -5,7 +5,7 @@ a sphere matters. Each fix of the papers is one composable ``optax.GradientTrans
 over pytrees; the published optimizers are chains of them.
 """
 
-from optax_sphere import geometry, groups
+from optax_sphere import geometry, groups, presets
 from optax_sphere.groups import Group, per_tensor, per_unit, resolve_groups
 from optax_sphere.spherical_adam import SgdmRtState, adam_s, adam_srt, adam_st, sgdm_rt
 from optax_sphere.standardization import (
@@ -43,4 +43,6 @@ __all__ = [
     "adam_srt",
     "adam_st",
     "sgdm_rt",
+    # the papers' best hyperparameters
+    "presets",
 ]
