@@ -62,6 +62,17 @@ def step_decay(init_value: Any, total_steps: int) -> Callable[[jax.Array], jax.A
     return schedule
 
 
+@dataclass
+class Candidate:
+    """One optimizer of a comparison: ``make(**keywords)`` builds it."""
+
+    name: str
+    label: str
+    hyperparams: dict[str, Any]  # the starting point; learning_rate is searched around it
+    source: str
+    make: Callable[..., optax.GradientTransformation]
+
+
 # ---------------------------------------------------------------------------------- training
 @dataclass
 class Task:
@@ -218,6 +229,80 @@ def train_runs(
     return result
 
 
+def run_grid(
+    task: Task,
+    cand: Candidate,
+    data: Mapping[str, Batch],
+    *,
+    learning_rates: Sequence[float],
+    seeds: Sequence[int],
+    metric: str = "accuracy",
+    higher_is_better: bool = True,
+    **train_kwargs: Any,
+) -> tuple[dict[str, Any], RunSet]:
+    """Every (learning rate, seed) pair on ``data["train"]``; the learning rate with the best
+    mean final validation ``metric`` over seeds is selected; returns the results entry (all
+    runs, summary of the selected ones) and the selected runs' curves."""
+    run_lrs = [lr for lr in learning_rates for _ in seeds]
+    run_seeds = [s for _ in learning_rates for s in seeds]
+    hp = {k: v for k, v in cand.hyperparams.items() if k != "learning_rate"}
+    evals = {k: v for k, v in data.items() if k != "train"}
+    out = train_runs(
+        task,
+        lambda schedule: cand.make(learning_rate=schedule, **hp),
+        data["train"],
+        evals,
+        learning_rates=run_lrs,
+        seeds=run_seeds,
+        **train_kwargs,
+    )
+    val = out.curves[f"val_{metric}"][:, -1].reshape(len(learning_rates), len(seeds))
+    worst = -np.inf if higher_is_better else np.inf
+    val = np.where(np.isfinite(val), val, worst).mean(1)
+    best = int(np.argmax(val) if higher_is_better else np.argmin(val))
+    picked = slice(best * len(seeds), (best + 1) * len(seeds))
+    runs = []
+    for i, (lr, seed) in enumerate(zip(run_lrs, run_seeds)):
+        run = {
+            "seed": seed,
+            "hyperparameters": {**hp, "learning_rate": lr},
+            "selected": i // len(seeds) == best,
+            "final_train_loss": finite_or_none(out.curves["train_loss"][i, -1]),
+        }
+        for split in evals:
+            for name in [k for k in out.curves if k.startswith(split + "_")]:
+                run[name] = finite_or_none(out.curves[name][i, -1])
+        run["seconds"] = out.seconds / len(run_lrs)
+        run["curves"] = {k: [finite_or_none(v) for v in c[i]] for k, c in out.curves.items()}
+        runs.append(run)
+    summary = {}
+    for key in ["final_train_loss"] + [k for k in runs[0] if k.startswith(("val_", "test_"))]:
+        values = [r[key] for r in runs if r["selected"]]
+        if any(v is None for v in values):
+            summary[f"{key}_mean"], summary[f"{key}_std"] = None, None
+        else:
+            summary[f"{key}_mean"], summary[f"{key}_std"] = mean_std(values)
+    summary["seconds_per_run"] = out.seconds / len(run_lrs)
+    entry = {
+        "label": cand.label,
+        "source": cand.source,
+        "learning_rate_grid": list(learning_rates),
+        "selected_learning_rate": learning_rates[best],
+        "hyperparameters": {**hp, "learning_rate": learning_rates[best]},
+        "summary": summary,
+        "angular_updates": {
+            layer: [float(v) for v in a[picked].mean(0)] for layer, a in out.angles.items()
+        },
+        "runs": runs,
+    }
+    selected = RunSet(
+        curves={k: v[picked] for k, v in out.curves.items()},
+        angles={k: v[picked] for k, v in out.angles.items()},
+        seconds=out.seconds,
+    )
+    return entry, selected
+
+
 # ----------------------------------------------------------------------------------- output
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
@@ -228,6 +313,43 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def finite_or_none(x: float) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def format_table(results: Mapping[str, Any], metric: str = "accuracy") -> str:
+    """The comparison table, best test ``metric`` first (accuracy shown in %)."""
+    rows = results["optimizers"]
+    key = f"test_{metric}_mean"
+    scale = 100.0 if metric == "accuracy" else 1.0
+    higher = metric == "accuracy"
+
+    def order(name):
+        v = rows[name]["summary"].get(key)
+        return math.inf if v is None else (-v if higher else v)
+
+    n_seeds = len(results["protocol"]["seeds"])
+    unit = " %" if metric == "accuracy" else ""
+    head = f"test {metric}{unit} (mean +- std, {n_seeds} seed{'s' if n_seeds > 1 else ''})"
+    lines = [
+        f"{'rank':>4}  {'optimizer':<26} {'lr':>8} {'train loss':>10} {'val ' + metric:>12} "
+        f"{head:>40} {'s/run':>6}"
+    ]
+
+    def fmt(v, width, digits=2):
+        return f"{'nan':>{width}}" if v is None else f"{scale * v:>{width}.{digits}f}"
+
+    for rank, name in enumerate(sorted(rows, key=order), 1):
+        r, s = rows[name], rows[name]["summary"]
+        loss = s["final_train_loss_mean"]
+        loss = "nan" if loss is None else f"{loss:.4f}"
+        std = s.get(f"test_{metric}_std")
+        lines.append(
+            f"{rank:>4}  {r['label']:<26} {r['selected_learning_rate']:>8.2g} {loss:>10} "
+            f"{fmt(s.get(f'val_{metric}_mean'), 12)} {fmt(s.get(key), 30)} +- "
+            f"{'nan' if std is None else f'{scale * std:.2f}':<6} {s['seconds_per_run']:>6.1f}"
+        )
+    for name, why in results.get("skipped", {}).items():
+        lines.append(f"   -  {name:<26} skipped: {why}")
+    return "\n".join(lines)
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -31,8 +31,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -79,16 +77,7 @@ PRESET_OF = {
 }
 
 
-@dataclass
-class Candidate:
-    name: str
-    label: str
-    hyperparams: dict[str, Any]
-    source: str
-    make: Callable[..., optax.GradientTransformation]  # keywords -> transformation
-
-
-def candidates(only: list[str] | None) -> tuple[list[Candidate], dict[str, str]]:
+def candidates(only: list[str] | None) -> tuple[list[_common.Candidate], dict[str, str]]:
     """The optimizers to compare, and a reason for each one skipped."""
     out, skipped = [], {}
     for name in BASELINES + OURS:
@@ -110,7 +99,7 @@ def candidates(only: list[str] | None) -> tuple[list[Candidate], dict[str, str]]
             hp, source = dict(preset.hyperparams), f"preset {preset.name} ({preset.source})"
             extra = {} if name in BASELINES else {"groups": _common.filters_before_norm}
             make = lambda preset=preset, extra=extra, **kw: preset.build(**kw, **extra)
-        out.append(Candidate(name, LABELS.get(name, name), hp, source, make))
+        out.append(_common.Candidate(name, LABELS.get(name, name), hp, source, make))
     return out, skipped
 
 
@@ -225,73 +214,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     angles_for_plot, curves_for_plot = {}, {"test accuracy": {}, "train loss": {}}
     for cand in chosen:
         progress.set_description(cand.name)
-        grid = learning_rates_of[cand.name]
-        run_lrs = [lr for lr in grid for _ in seeds]
-        run_seeds = [s for _ in grid for s in seeds]
-        hp = {k: v for k, v in cand.hyperparams.items() if k != "learning_rate"}
-
-        def make_tx(schedule, cand=cand, hp=hp):
-            return cand.make(learning_rate=schedule, **hp)
-
-        out = _common.train_runs(
+        entry, picked = _common.run_grid(
             task,
-            make_tx,
-            data["train"],
-            {"val": data["val"], "test": data["test"]},
-            learning_rates=run_lrs,
-            seeds=run_seeds,
+            cand,
+            data,
+            learning_rates=learning_rates_of[cand.name],
+            seeds=seeds,
             epochs=epochs,
             batch_size=batch_size,
             progress=progress,
         )
-        val = out.curves["val_accuracy"][:, -1].reshape(len(grid), len(seeds))
-        mean_val = np.where(np.isfinite(val), val, 0.0).mean(1)
-        best = int(np.argmax(mean_val))
-        runs = []
-        for i, (lr, seed) in enumerate(zip(run_lrs, run_seeds)):
-            runs.append(
-                {
-                    "seed": seed,
-                    "hyperparameters": {**hp, "learning_rate": lr},
-                    "selected": i // len(seeds) == best,
-                    "final_train_loss": _common.finite_or_none(out.curves["train_loss"][i, -1]),
-                    "val_accuracy": float(out.curves["val_accuracy"][i, -1]),
-                    "test_accuracy": float(out.curves["test_accuracy"][i, -1]),
-                    "seconds": out.seconds / len(run_lrs),
-                    "curves": {
-                        k: [_common.finite_or_none(v) for v in c[i]] for k, c in out.curves.items()
-                    },
-                }
-            )
-        picked = slice(best * len(seeds), (best + 1) * len(seeds))
-        sel = [r for r in runs if r["selected"]]
-        test_m, test_s = _common.mean_std([r["test_accuracy"] for r in sel])
-        val_m, val_s = _common.mean_std([r["val_accuracy"] for r in sel])
-        losses = [r["final_train_loss"] for r in sel]
-        results["optimizers"][cand.name] = {
-            "label": cand.label,
-            "source": cand.source,
-            "learning_rate_grid": grid,
-            "selected_learning_rate": grid[best],
-            "hyperparameters": {**hp, "learning_rate": grid[best]},
-            "summary": {
-                "test_accuracy_mean": test_m,
-                "test_accuracy_std": test_s,
-                "val_accuracy_mean": val_m,
-                "val_accuracy_std": val_s,
-                "final_train_loss_mean": _common.finite_or_none(
-                    np.mean([np.inf if v is None else v for v in losses])
-                ),
-                "seconds_per_run": out.seconds / len(run_lrs),
-            },
-            "angular_updates": {
-                layer: [float(v) for v in a[picked].mean(0)] for layer, a in out.angles.items()
-            },
-            "runs": runs,
-        }
-        curves_for_plot["test accuracy"][cand.name] = out.curves["test_accuracy"][picked]
-        curves_for_plot["train loss"][cand.name] = out.curves["train_loss"][picked]
-        angles_for_plot[cand.name] = {k: v[picked] for k, v in out.angles.items()}
+        results["optimizers"][cand.name] = entry
+        curves_for_plot["test accuracy"][cand.name] = picked.curves["test_accuracy"]
+        curves_for_plot["train loss"][cand.name] = picked.curves["train_loss"]
+        angles_for_plot[cand.name] = picked.angles
     progress.close()
 
     os.makedirs(args.out, exist_ok=True)
@@ -301,29 +237,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _common.plot_curves(os.path.join(args.out, "curves.png"), curves_for_plot, title)
         _common.plot_angles(os.path.join(args.out, "angular_updates.png"), angles_for_plot)
     return results
-
-
-def format_table(results: dict[str, Any]) -> str:
-    rows = results["optimizers"]
-    ranked = sorted(rows, key=lambda n: -rows[n]["summary"]["test_accuracy_mean"])
-    n_seeds = len(results["protocol"]["seeds"])
-    lines = [
-        f"{'rank':>4}  {'optimizer':<26} {'lr':>8} {'train loss':>10} {'val acc':>8} "
-        f"{f'test acc % (mean +- std, {n_seeds} seeds)':>36} {'s/run':>6}"
-    ]
-    for rank, name in enumerate(ranked, 1):
-        r, s = rows[name], rows[name]["summary"]
-        loss = s["final_train_loss_mean"]
-        lines.append(
-            f"{rank:>4}  {r['label']:<26} {r['selected_learning_rate']:>8.2g} "
-            f"{(f'{loss:.4f}' if loss is not None else 'nan'):>10} "
-            f"{100 * s['val_accuracy_mean']:>8.2f} "
-            f"{100 * s['test_accuracy_mean']:>26.2f} +- {100 * s['test_accuracy_std']:<5.2f} "
-            f"{s['seconds_per_run']:>6.1f}"
-        )
-    for name, why in results["skipped"].items():
-        lines.append(f"   -  {name:<26} skipped: {why}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     results = run(args)
-    print(format_table(results))
+    print(_common.format_table(results))
     print(f"\nwrote {args.out}/results.json and plots in {time.perf_counter() - start:.0f} s")
 
 
