@@ -111,4 +111,10 @@ def test_char_transformer_quick(tmp_path):
 
 def test_nnx_example_quick(tmp_path):
     stdout = _run("nnx_example.py", "--quick")
-    assert "test accuracy" in stdout
+    assert "groups (per filter): convs/0/kernel, convs/1/kernel, convs/2/kernel\n" in stdout
+    accuracies = [
+        float(line.split("test accuracy ")[1].split("%")[0])
+        for line in stdout.splitlines()
+        if "test accuracy" in line
+    ]
+    assert len(accuracies) == 2 and all(a > 20 for a in accuracies)  # chance: 10%
