@@ -110,6 +110,9 @@ def _layer_angles(groups: PyTree, old: PyTree, new: PyTree) -> dict[str, jax.Arr
     return out
 
 
+_zeros_like = jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree))  # shared compilations
+
+
 def _evaluator(task: Task) -> Callable[..., Any]:
     """One compiled evaluation per task (it does not depend on the optimizer)."""
     cached = getattr(task, "_compiled_evaluate", None)
@@ -176,7 +179,6 @@ def train_runs(
     # inside lax.scan (XLA's while loops miss the fast convolution path); dispatch is async.
     init_run = jax.jit(init_one)
     step_run = jax.jit(step_one, donate_argnums=0)
-    reset_run = jax.jit(lambda c: (*c[:4], zero_sums(c[0])), donate_argnums=0)
     evaluate_run = _evaluator(task)
 
     start = time.perf_counter()
@@ -202,7 +204,7 @@ def train_runs(
         sums = []
         for i, lr in enumerate(lrs):
             order = orders[i].permutation(n)[: steps * batch_size].reshape(steps, batch_size)
-            carry = reset_run(carries[i])
+            carry = (*carries[i][:4], _zeros_like(carries[i][4]))
             for idx in order:
                 carry = step_run(carry, lr, idx, xs_dev, ys_dev)
             carries[i] = carry
