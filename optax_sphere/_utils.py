@@ -8,8 +8,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_sphere.groups import accumulation_dtype
+from optax_sphere.groups import accumulation_dtype, path_str
 
 PyTree = Any
 Hyper = Any  # a number, a scalar array, or a schedule ``count -> value``
@@ -19,6 +21,7 @@ __all__ = [
     "check_rate",
     "check_beta",
     "map_groups",
+    "check_trees_match",
     "unzip",
     "require_params",
     "zeros_acc",
@@ -54,8 +57,60 @@ def value_at(h: Hyper, count: jax.Array) -> Any:
     return h(count) if callable(h) else h
 
 
+def _leaf_paths(tree: PyTree) -> list[str]:
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def check_trees_match(*trees: PyTree) -> None:
+    """Raises a ``ValueError`` naming the parameter paths when ``trees`` (the first one the
+    parameters or updates of this step, the others the optimizer state built by ``init``) do
+    not have the same structure, or hold leaves whose shapes cannot broadcast together.
+
+    This is what a parameter tree that changed between ``init`` and ``update`` looks like; it
+    is checked when the update is traced (shapes are static), so it costs nothing under jit.
+    """
+    reference, *others = trees
+    ref_def = jax.tree.structure(reference)
+    hint = " Re-run `init` on the new parameter tree (or restore a matching checkpoint)."
+    for other in others:
+        if jax.tree.structure(other) == ref_def:
+            continue
+        new, old = _leaf_paths(reference), _leaf_paths(other)
+        added = sorted(set(new) - set(old))
+        removed = sorted(set(old) - set(new))
+        detail = (
+            f"parameters not in the optimizer state: {added or 'none'}; "
+            f"state entries with no parameter: {removed or 'none'}"
+            if added or removed
+            else f"same paths, different containers: {ref_def} vs {jax.tree.structure(other)}"
+        )
+        raise ValueError(
+            "the parameter tree does not match the one the optimizer state was initialised "
+            f"with ({detail}).{hint}"
+        )
+    flat = [jax.tree_util.tree_flatten_with_path(reference)[0]] + [
+        jax.tree.leaves(o) for o in others
+    ]
+    for (path, leaf), *state_leaves in zip(*flat):
+        shape = tuple(np.shape(leaf))
+        for s in state_leaves:
+            try:
+                np.broadcast_shapes(shape, tuple(np.shape(s)))
+            except ValueError:
+                raise ValueError(
+                    f"parameter '{path_str(path)}' has shape {shape}, but the optimizer state "
+                    f"holds shape {tuple(np.shape(s))} for it: the parameter tree changed "
+                    f"since `init`.{hint}"
+                ) from None
+
+
 def map_groups(fn: Callable[..., Any], groups: PyTree, *trees: PyTree) -> PyTree:
-    """``fn(group, *leaves)`` over the leaves of ``trees`` (``groups`` resolved, same tree)."""
+    """``fn(group, *leaves)`` over the leaves of ``trees`` (``groups`` resolved, same tree).
+
+    ``trees`` are checked with :func:`check_trees_match` first (the first tree is the
+    reference), so a parameter tree that changed since ``init`` gives a clear ``ValueError``.
+    """
+    check_trees_match(*trees)
     return jax.tree.map(lambda *xs: fn(xs[-1], *xs[:-1]), *trees, groups)
 
 
@@ -70,9 +125,33 @@ def require_params(params: PyTree | None, name: str) -> PyTree:
     return params
 
 
+def _reduced_sharding(p: Any, shape: tuple[int, ...]) -> Any:
+    """Sharding for an array of ``shape`` derived from ``p``'s (a keepdims per-group scalar, or
+    a scalar): axes of size 1 and dropped axes are replicated, the others keep ``p``'s split.
+    ``None`` when ``p`` carries no sharding (a tracer, a NumPy array)."""
+    sharding = getattr(p, "sharding", None) if isinstance(p, jax.Array) else None
+    if isinstance(p, jax.core.Tracer) or sharding is None:
+        return None
+    if not isinstance(sharding, NamedSharding):
+        return sharding if len(sharding.device_set) == 1 else None
+    spec = tuple(sharding.spec) + (None,) * (len(p.shape) - len(sharding.spec))
+    if len(shape) != len(p.shape):
+        return NamedSharding(sharding.mesh, PartitionSpec())
+    kept = [s if n == m else None for s, n, m in zip(spec, shape, p.shape)]
+    return NamedSharding(sharding.mesh, PartitionSpec(*kept))
+
+
 def zeros_acc(p: jax.Array, shape: tuple[int, ...] | None = None) -> jax.Array:
-    """Zeros in the accumulation dtype (at least float32) of ``p``."""
-    return jnp.zeros(p.shape if shape is None else shape, accumulation_dtype(p.dtype))
+    """Zeros in the accumulation dtype (at least float32) of ``p``.
+
+    Laid out like ``p``: a buffer shaped like ``p`` gets ``p``'s sharding, and a smaller one
+    (``shape``: per-group scalars) keeps ``p``'s split on the axes it keeps, so that
+    ``init`` on sharded parameters gives a state sharded like them (as optax does).
+    """
+    dtype = accumulation_dtype(p.dtype)
+    if shape is None or tuple(shape) == tuple(p.shape):
+        return jnp.zeros_like(p, dtype=dtype)
+    return jnp.zeros(shape, dtype, device=_reduced_sharding(p, tuple(shape)))
 
 
 def bias_corrections(

@@ -62,9 +62,10 @@ def transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) ->
     exact transport. Returns ``a`` unchanged for a zero-norm group.
     """
     a, x_old, x_new = _acc(a, x_old, x_new)
-    norm_prod = jnp.sqrt(group_sq_norm(x_old, group) * group_sq_norm(x_new, group))
-    num = group_dot(x_old, x_new, group) * a - group_dot(a, x_new, group) * x_old
-    return jnp.where(norm_prod > 0, safe_div(num, norm_prod), a)
+    norm_prod = jnp.sqrt(group_sq_norm(x_old, group)) * jnp.sqrt(group_sq_norm(x_new, group))
+    coef_a = safe_div(group_dot(x_old, x_new, group), norm_prod)
+    coef_x = safe_div(group_dot(a, x_new, group), norm_prod)
+    return jnp.where(norm_prod > 0, coef_a * a - coef_x * x_old, a)
 
 
 def rescale(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
@@ -83,8 +84,9 @@ def rescale_transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: G
     a, x_old, x_new = _acc(a, x_old, x_new)
     den = group_sq_norm(x_new, group)
     ok = (den > 0) & (group_sq_norm(x_old, group) > 0)
-    num = group_dot(x_new, x_old, group) * a - group_dot(x_new, a, group) * x_old
-    return jnp.where(ok, safe_div(num, den), a)
+    coef_a = safe_div(group_dot(x_new, x_old, group), den)
+    coef_x = safe_div(group_dot(x_new, a, group), den)
+    return jnp.where(ok, coef_a * a - coef_x * x_old, a)
 
 
 def parallel_transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
@@ -110,15 +112,18 @@ def parallel_transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: 
 def angle(x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
     """Angle between ``x_old`` and ``x_new`` per group (seed 002 eq. 5), in radians.
 
-    Computed as ``atan2(||u_old x u_new||, <u_old, u_new>)`` through the norm of the
-    difference of unit vectors, which is accurate for tiny angles (where ``arccos`` of the
-    cosine is not). Zero-norm groups give 0.
+    Computed as ``2 atan2(||u_new - u_old||, ||u_new + u_old||)`` from the unit vectors,
+    which is accurate over the whole range: for tiny angles (where ``arccos`` of the cosine
+    is not) and near ``pi`` (where ``arcsin`` of the half chord is not). Zero-norm groups
+    give 0.
     """
     x_old, x_new = _acc(x_old, x_new)
-    u_old = safe_div(x_old, jnp.sqrt(group_sq_norm(x_old, group)))
-    u_new = safe_div(x_new, jnp.sqrt(group_sq_norm(x_new, group)))
-    half_chord = 0.5 * jnp.sqrt(group_sq_norm(u_new - u_old, group))
-    return 2 * jnp.arcsin(jnp.clip(half_chord, 0, 1))
+    r_old = jnp.sqrt(group_sq_norm(x_old, group))
+    r_new = jnp.sqrt(group_sq_norm(x_new, group))
+    u_old, u_new = safe_div(x_old, r_old), safe_div(x_new, r_new)
+    chord = jnp.sqrt(group_sq_norm(u_new - u_old, group))
+    theta = 2 * jnp.arctan2(chord, jnp.sqrt(group_sq_norm(u_new + u_old, group)))
+    return jnp.where((r_old > 0) & (r_new > 0), theta, 0)
 
 
 def exp_map(u: jax.Array, v: jax.Array, group: Group) -> jax.Array:

@@ -9,7 +9,10 @@ Accepted forms of ``groups``:
 
 * a callable ``params -> spec tree`` (like an optax mask), for example :func:`per_unit`
   (the default) or :func:`per_tensor`;
-* the strings ``"unit"`` / ``"tensor"``, shorthands for those two callables;
+* the strings ``"unit"`` / ``"tensor"``, shorthands for those two callables (``"unit"`` is
+  every transformation's default: ``optax.inject_hyperparams`` takes any callable argument for
+  a schedule, so a callable spec given to an injected optimizer must be named in its
+  ``static_args=("groups",)``, while a string or a spec tree needs nothing);
 * ``None``: no leaf is grouped (every transformation reduces to its base optimizer);
 * a pytree with the structure of the params whose leaves are per-leaf specs.
 
@@ -18,7 +21,9 @@ A per-leaf spec is ``None``, ``"unit"`` (all axes but the last: a Flax ``Dense``
 (all axes) or an ``int`` / sequence of ``int`` axes (negative axes count from the end).
 
 Specs are resolved against the parameters at ``init`` into :class:`Group` leaves; a spec
-that does not fit raises a ``ValueError`` naming the parameter path. All per-group
+that does not fit, or a parameter leaf that is not an array, raises a ``ValueError`` naming the
+parameter path. A leaf with no elements resolves to ``None`` whatever its spec (it has no
+direction), so every transformation treats it as an ungrouped, empty leaf. All per-group
 arithmetic is a ``keepdims`` reduction over :attr:`Group.axes`, so per-group scalars
 broadcast back onto their leaf and XLA inserts the cross-device reductions when a group
 axis is sharded.
@@ -33,9 +38,12 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 LeafSpec = Union[None, str, int, Sequence[int]]
+#: What ``groups=`` accepts: ``None``, ``"unit"`` / ``"tensor"``, a callable of the params, or a
+#: pytree of per-leaf specs (see the module docstring).
 GroupsLike = Union[None, str, Callable[[PyTree], PyTree], PyTree]
 
 __all__ = [
@@ -69,6 +77,10 @@ class Group:
         return tuple(1 if i in self.axes else n for i, n in enumerate(shape))
 
 
+def _ndim(leaf: Any) -> int:
+    return len(getattr(leaf, "shape", ()))  # non-arrays are reported by resolve_groups
+
+
 def per_unit(params: PyTree) -> PyTree:
     """Default grouping: leaves of ndim >= 2 per output unit (all axes but the last).
 
@@ -76,12 +88,12 @@ def per_unit(params: PyTree) -> PyTree:
     after a Flax ``Dense`` / ``Conv`` layer. Leaves of ndim < 2 (biases, norm scales,
     scalars) are not grouped.
     """
-    return jax.tree.map(lambda p: "unit" if jnp.ndim(p) >= 2 else None, params)
+    return jax.tree.map(lambda p: "unit" if _ndim(p) >= 2 else None, params)
 
 
 def per_tensor(params: PyTree) -> PyTree:
     """Whole-tensor grouping for leaves of ndim >= 2 (LayerNorm-style invariance)."""
-    return jax.tree.map(lambda p: "tensor" if jnp.ndim(p) >= 2 else None, params)
+    return jax.tree.map(lambda p: "tensor" if _ndim(p) >= 2 else None, params)
 
 
 _SHORTHANDS: dict[str, Callable[[PyTree], PyTree]] = {"unit": per_unit, "tensor": per_tensor}
@@ -101,17 +113,14 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+        raise ValueError(
+            f"parameter '{path}' is a {type(leaf).__name__}, not an array: every parameter "
+            "leaf must be an array (wrap Python numbers with jnp.asarray)."
+        )
     if spec is None:
         return None
-    if isinstance(spec, Group):
-        axes: Any = spec.axes
-    elif not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-        raise ValueError(
-            f"parameter '{path}' is a {type(leaf).__name__}, not an array: "
-            "a grouped parameter must be an array (use None for it in `groups`)."
-        )
-    else:
-        axes = spec
+    axes: Any = spec.axes if isinstance(spec, Group) else spec
     ndim = len(leaf.shape)
     if isinstance(axes, str):
         if axes == "unit":
@@ -151,6 +160,8 @@ def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
         raise ValueError(
             f"groups for parameter '{path}': an empty axis list is not a group; use None."
         )
+    if math.prod(leaf.shape) == 0:
+        return None  # an empty leaf has no direction: nothing to group, nothing to compute
     return Group(tuple(sorted(normalised)))
 
 
@@ -174,24 +185,60 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
     try:
         specs = treedef.flatten_up_to(spec)
     except (ValueError, TypeError) as err:
-        spec_paths = [
-            path_str(p)
-            for p, _ in jax.tree_util.tree_flatten_with_path(
-                spec, is_leaf=lambda x: x is None or isinstance(x, (str, int, tuple, list))
-            )[0]
-        ]
-        param_paths = [path_str(p) for p, _ in leaves_with_path]
-        missing = sorted(set(param_paths) - set(spec_paths))
-        extra = sorted(set(spec_paths) - set(param_paths))
-        raise ValueError(
-            "the `groups` tree does not match the parameter tree: "
-            f"parameters without a spec: {missing or 'none'}; specs without a parameter: "
-            f"{extra or 'none'} ({err})."
-        ) from None
+        specs = _specs_of_masked_params(spec, params, leaves_with_path)
+        if specs is None:
+            _raise_tree_mismatch(spec, leaves_with_path, err)
     resolved = [
         _resolve_leaf(s, leaf, path_str(p)) for (p, leaf), s in zip(leaves_with_path, specs)
     ]
     return jax.tree.unflatten(treedef, resolved)
+
+
+def _is_masked_node(node: Any) -> bool:
+    return isinstance(node, optax.MaskedNode)  # optax.masked / multi_transform placeholders
+
+
+def _specs_of_masked_params(spec: PyTree, params: PyTree, leaves_with_path: list) -> list | None:
+    """The spec of every leaf by its key path, when ``params`` is the view of
+    ``optax.masked`` / ``optax.multi_transform`` (masked-out leaves replaced by
+    ``MaskedNode``) and ``spec`` is written for the whole tree; ``None`` otherwise."""
+    masked = jax.tree.leaves(params, is_leaf=_is_masked_node)
+    if not any(_is_masked_node(x) for x in masked):
+        return None
+    specs = []
+    for path, _ in leaves_with_path:
+        node = spec
+        try:
+            for key in path:
+                if hasattr(key, "key"):
+                    node = node[key.key]
+                elif hasattr(key, "idx"):
+                    node = node[key.idx]
+                elif hasattr(key, "name"):
+                    node = getattr(node, key.name)
+                else:
+                    return None
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return None
+        specs.append(node)
+    return specs
+
+
+def _raise_tree_mismatch(spec: PyTree, leaves_with_path: list, err: Exception) -> None:
+    spec_paths = [
+        path_str(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(
+            spec, is_leaf=lambda x: x is None or isinstance(x, (str, int, tuple, list))
+        )[0]
+    ]
+    param_paths = [path_str(p) for p, _ in leaves_with_path]
+    missing = sorted(set(param_paths) - set(spec_paths))
+    extra = sorted(set(spec_paths) - set(param_paths))
+    raise ValueError(
+        "the `groups` tree does not match the parameter tree: "
+        f"parameters without a spec: {missing or 'none'}; specs without a parameter: "
+        f"{extra or 'none'} ({err})."
+    ) from None
 
 
 def accumulation_dtype(dtype: Any) -> Any:

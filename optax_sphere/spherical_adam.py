@@ -7,13 +7,16 @@ optimizer (Adam, or SGD with momentum) with coupled L2, as in the papers.
 ``weight_decay`` is the paper's coupled L2 ``g <- grad + wd x`` on every leaf; on grouped
 leaves the transport then decouples it by construction (seed 000 eq. 74).
 
-``adam_st``, ``adam_srt`` and ``sgdm_rt`` are fused: the step ``x_{k+1} = x_k - c m_k``
-(``c`` a per-group scalar) lets every inner product that R and T need expand into inner
-products of ``x_k``, ``m_{k-1}`` and ``grad_k``, so one reduction pass and one element-wise
-pass make a whole step, and the state is one momentum buffer plus one scalar per group.
-They equal the explicit chains of primitives (``rescale_transport_momentum(chain(
-add_decayed_weights(wd), scale_by_standardized_adam(...), scale_by_learning_rate(lr)))``
-and so on), which the tests check.
+``adam_st``, ``adam_srt`` and ``sgdm_rt`` are fused. The step ``x_{k+1} = x_k - c m_k``
+(``c`` a per-group scalar) keeps ``m_k`` in the plane of ``x_k`` and ``x_{k+1}``, where the
+RT of eq. 75 is the projection onto the tangent space at ``x_{k+1}`` and T is that projection
+times ``r_{k+1} / r_k``. So the transport of ``m_k`` is applied at the start of the next
+update, from ``<m_k, x_{k+1}>``, ``||x_{k+1}||^2`` and the previous radius (a scalar per
+group in the state): three reductions and one element-wise pass make a whole step, with no
+copy of ``x_k`` kept, and the state is one momentum buffer plus scalars per group. They
+equal the explicit chains of primitives (``rescale_transport_momentum(chain(
+add_decayed_weights(wd), scale_by_standardized_adam(...), scale_by_learning_rate(lr)))`` and
+so on), which the tests check; the state holds the momentum before its transport.
 """
 
 from __future__ import annotations
@@ -30,67 +33,100 @@ from optax_sphere.groups import (
     GroupsLike,
     accumulation_dtype,
     group_dot,
-    per_unit,
+    group_sq_norm,
     resolve_groups,
 )
 from optax_sphere.standardization import (
-    ScaleByStandardizedAdamState,
     init_second_moment,
     scale_by_standardized_adam,
 )
 
-__all__ = ["adam_s", "adam_st", "adam_srt", "sgdm_rt", "SgdmRtState"]
+__all__ = ["adam_s", "adam_st", "adam_srt", "sgdm_rt", "SgdmRtState", "SphericalAdamState"]
 
 Transport = Literal["t", "rt"]
 
 
 class SgdmRtState(NamedTuple):
-    """State of :func:`sgdm_rt`: step count and the momentum buffer ``trace``."""
+    """State of :func:`sgdm_rt`.
+
+    ``trace``: the momentum buffer ``b_k`` of the last step, in at least float32, kept where
+    it was computed: its RT to the current point is applied at the start of the next update
+    (see :func:`adam_srt`). ``sq_norm``: ``||x_k||^2`` per group at the last step (shape
+    ``()`` for ungrouped leaves).
+    """
 
     count: jax.Array
     trace: Any
+    sq_norm: Any
 
 
-def _fused_momentum_step(
+class SphericalAdamState(NamedTuple):
+    """State of :func:`adam_st` and :func:`adam_srt`.
+
+    ``mu``: first moment ``m_k`` of the last step, shaped like the params, in at least float32;
+    its transport to the current point is applied at the start of the next update.
+    ``nu``: second moment, one scalar per group for grouped leaves (``keepdims`` shape) and
+    element-wise for the others. ``sq_norm``: ``||x_k||^2`` per group at the last step (shape
+    ``()`` for ungrouped leaves). Grouped leaves cost one buffer plus scalars: about half of
+    Adam's state.
+    """
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+    sq_norm: Any
+
+
+def _is_static_zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value == 0
+
+
+def _transported_momentum_step(
     group: Any,
     g: jax.Array,
     m: jax.Array,
     x: jax.Array,
+    prev_sq_norm: jax.Array,
     *,
     beta: Any,
     gamma: Any,
     wd: Any,
     transport: Transport,
-    step_coefficient: Callable[[jax.Array], tuple[jax.Array, Any]],
+    step_coefficient: Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]],
 ) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
-    """One step of ``m_k = beta m + gamma (g + wd x)``, ``x' = x - c m_k``, then T or RT of m_k.
+    """``m_k = beta T(m_{k-1}) + gamma (g + wd x_k)``, ``update = -c m_k`` for one leaf.
 
-    ``step_coefficient(||g + wd x||^2)`` returns the per-group ``c`` and auxiliary state.
-    All per-group scalars come from six inner products of ``(g, m, x)`` (one pass).
-    Returns ``(update, transported m_k, aux, ||x||^2 / ||x'||^2)``.
+    ``m = m_{k-1}`` is the momentum of the previous step, not yet moved: the previous update
+    was ``x_k - x_{k-1} = -c m_{k-1}``, so ``m_{k-1}`` lies in the plane of ``x_{k-1}`` and
+    ``x_k``, where RT (eq. 75) is the projection onto the tangent space at ``x_k``,
+    ``RT(m) = m - <m, x_k> x_k / ||x_k||^2``, and T (eq. 72) is ``(r_k / r_{k-1}) RT(m)``.
+    The transport thus needs ``<m, x_k>``, ``||x_k||^2`` and ``r_{k-1}^2`` (kept in the
+    state), never ``x_{k-1}``. ``step_coefficient(||g + wd x||^2, r_{k-1}^2 / r_k^2)``
+    returns the per-group ``c`` and auxiliary state. Zero-norm groups are not moved.
+    Returns ``(update, m_k, aux, ||x_k||^2)``.
+
+    Costs three reductions (``||x||^2``, ``<m, x>``, ``||g + wd x||^2``) and one element-wise
+    pass that writes ``m_k``, which the parameter update then reads: every buffer is read and
+    written in place, in an order that needs no copy.
     """
     acc = accumulation_dtype(jnp.result_type(g, x))
     g, m, x = g.astype(acc), m.astype(acc), x.astype(acc)
+    sq_norm = group_sq_norm(x, group)
+    gt = g if _is_static_zero(wd) else g + wd * x
+    gt_gt = group_sq_norm(gt, group)
+    ok = (prev_sq_norm > 0) & (sq_norm > 0)
+    safe_sq_norm = jnp.where(ok, sq_norm, 1)
+    safe_prev = jnp.where(ok, prev_sq_norm, 1)
+    radial = jnp.where(ok, group_dot(m, x, group) / safe_sq_norm, 0)  # <m, x> / ||x||^2
+    ratio = jnp.where(ok, safe_prev / safe_sq_norm, 1)  # r_{k-1}^2 / r_k^2
+    momentum_scale = beta if transport == "rt" else beta * jnp.where(ok, jnp.sqrt(1 / ratio), 1)
+    m_k = momentum_scale * (m - radial * x) + gamma * gt
+    c, aux = step_coefficient(gt_gt, ratio)
+    return -c * m_k, m_k, aux, sq_norm
 
-    def dot(a, b):
-        return group_dot(a, b, group)
 
-    s_gg, s_gx, s_xx = dot(g, g), dot(g, x), dot(x, x)
-    s_mx, s_mm, s_mg = dot(m, x), dot(m, m), dot(m, g)
-    gt_gt = s_gg + 2 * wd * s_gx + wd**2 * s_xx  # ||g + wd x||^2
-    c, aux = step_coefficient(gt_gt)
-    mk_x = beta * s_mx + gamma * (s_gx + wd * s_xx)  # <m_k, x>
-    mk_mk = beta**2 * s_mm + 2 * beta * gamma * (s_mg + wd * s_mx) + gamma**2 * gt_gt
-    x_x1 = s_xx - c * mk_x  # <x, x'>
-    mk_x1 = mk_x - c * mk_mk  # <m_k, x'>
-    x1_x1 = jnp.maximum(s_xx - 2 * c * mk_x + c**2 * mk_mk, 0)  # ||x'||^2
-    m_k = beta * m + gamma * (g + wd * x)
-    den = x1_x1 if transport == "rt" else jnp.sqrt(s_xx * x1_x1)
-    ok = (s_xx > 0) & (x1_x1 > 0)
-    safe_den = jnp.where(ok, den, 1)
-    m_new = jnp.where(ok, (x_x1 * m_k - mk_x1 * x) / safe_den, m_k)
-    ratio = jnp.where(ok, s_xx / jnp.where(ok, x1_x1, 1), 1)
-    return -c * m_k, m_new, aux, ratio
+def _init_sq_norm(group: Any, p: jax.Array) -> jax.Array:
+    return _utils.zeros_acc(p, () if group is None else group.scalar_shape(p.shape))
 
 
 def _check_adam(learning_rate, b1, b2, eps, weight_decay) -> None:
@@ -108,7 +144,7 @@ def adam_s(
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""Adam-S: Adam with a standardised second moment (seed 000 sec. 4.1, eqs. 61-63).
 
@@ -135,7 +171,8 @@ def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, transport: Tr
         grp = resolve_groups(groups, params)
         mu = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
         nu = _utils.map_groups(init_second_moment, grp, params)
-        return ScaleByStandardizedAdamState(jnp.zeros([], jnp.int32), mu, nu)
+        sq_norm = _utils.map_groups(_init_sq_norm, grp, params)
+        return SphericalAdamState(jnp.zeros([], jnp.int32), mu, nu, sq_norm)
 
     def update_fn(updates, state, params=None):
         params = _utils.require_params(params, f"adam_s{transport}")
@@ -144,7 +181,7 @@ def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, transport: Tr
         wd = _utils.value_at(weight_decay, state.count)
         count = optax.safe_increment(state.count)
 
-        def leaf(group, g, m, v, x):
+        def leaf(group, g, m, v, sq, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
             bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
             if group is None:  # plain Adam with coupled L2
@@ -152,30 +189,30 @@ def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, transport: Tr
                 m = b1 * m + (1 - b1) * gt
                 v = b2 * v + (1 - b2) * gt * gt
                 step = -lr * (m / bc1) / (jnp.sqrt(v / bc2) + eps)
-                return step.astype(g.dtype), m, v
+                return step.astype(g.dtype), m, v, sq
 
-            def coefficient(gt_gt):
-                v_new = b2 * v + (1 - b2) * gt_gt / group.size(g.shape)
+            def coefficient(gt_gt, ratio):
+                v_prev = v * ratio if transport == "rt" else v  # R of the second moment, eq. 21
+                v_new = b2 * v_prev + (1 - b2) * gt_gt / group.size(g.shape)
                 return lr / bc1 / (jnp.sqrt(v_new / bc2) + eps), v_new
 
-            step, m, v, ratio = _fused_momentum_step(
+            step, m, v, sq = _transported_momentum_step(
                 group,
                 g,
                 m,
                 x,
+                sq,
                 beta=b1,
                 gamma=1 - b1,
                 wd=wd,
                 transport=transport,
                 step_coefficient=coefficient,
             )
-            if transport == "rt":
-                v = v * ratio
-            return step.astype(g.dtype), m, v
+            return step.astype(g.dtype), m, v, sq
 
-        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params)
-        new_updates, mu, nu = _utils.unzip(out, updates, 3)
-        return new_updates, ScaleByStandardizedAdamState(count, mu, nu)
+        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, state.sq_norm, params)
+        new_updates, mu, nu, sq_norm = _utils.unzip(out, updates, 4)
+        return new_updates, SphericalAdamState(count, mu, nu, sq_norm)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -187,15 +224,15 @@ def adam_st(
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""Adam-ST: Adam-S plus transport of the momentum ("Adam w/o (ab)", seed 001 / 003 tab. 3.3).
 
     As :func:`adam_s`, and after each step the first moment is moved to the new point of the
     sphere by the transport of seed 000 eq. 72,
     :math:`m_k \leftarrow \langle u_k,u_{k+1}\rangle m_k - \langle m_k,u_{k+1}\rangle u_k`.
-    The second moment is not rescaled. Same as
-    ``transport_momentum(adam_s(...))``, fused into one reduction pass.
+    The second moment is not rescaled. Same as ``transport_momentum(adam_s(...))``, fused
+    (see the module docstring; state :class:`SphericalAdamState`).
     """
     return _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, "t")
 
@@ -207,7 +244,7 @@ def adam_srt(
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""Adam-SRT (seed 000 sec. 4.2, eqs. 19-21 / 78-80, alg. 1): "Adam w/o (abc)".
 
@@ -219,7 +256,8 @@ def adam_srt(
             - \langle x_k,a\rangle x_{k-1}}{\|x_k\|^2}
 
     per group; plain Adam with coupled L2 on ungrouped leaves. Same as
-    ``rescale_transport_momentum(adam_s(...))``, fused into one reduction pass.
+    ``rescale_transport_momentum(adam_s(...))``, fused (see the module docstring; state
+    :class:`SphericalAdamState`).
     """
     return _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, "rt")
 
@@ -229,7 +267,7 @@ def sgdm_rt(
     momentum: float = 0.9,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""SGD-MRT (seed 000 sec. 4.2 remark, app. E.2): SGD momentum with RT of the momentum.
 
@@ -239,16 +277,17 @@ def sgdm_rt(
 
     per group (RT of seed 000 eq. 75); ``optax.sgd(lr, momentum)`` with coupled L2 on
     ungrouped leaves. Same as ``rescale_transport_momentum(chain(add_decayed_weights(wd),
-    sgd(lr, momentum)))``, fused into one reduction pass.
+    sgd(lr, momentum)))``, fused (see the module docstring).
     """
     _utils.check_rate("learning_rate", learning_rate)
     _utils.check_beta("momentum", momentum)
     _utils.check_rate("weight_decay", weight_decay)
 
     def init_fn(params):
-        resolve_groups(groups, params)
+        grp = resolve_groups(groups, params)
         trace = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
-        return SgdmRtState(jnp.zeros([], jnp.int32), trace)
+        sq_norm = _utils.map_groups(_init_sq_norm, grp, params)
+        return SgdmRtState(jnp.zeros([], jnp.int32), trace, sq_norm)
 
     def update_fn(updates, state, params=None):
         params = _utils.require_params(params, "sgdm_rt")
@@ -256,26 +295,27 @@ def sgdm_rt(
         lr = _utils.value_at(learning_rate, state.count)
         wd = _utils.value_at(weight_decay, state.count)
 
-        def leaf(group, g, b, x):
+        def leaf(group, g, b, sq, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
             if group is None:
                 b = momentum * b + g.astype(acc) + wd * x.astype(acc)
-                return (-lr * b).astype(g.dtype), b
-            step, b, _, _ = _fused_momentum_step(
+                return (-lr * b).astype(g.dtype), b, sq
+            step, b, _, sq = _transported_momentum_step(
                 group,
                 g,
                 b,
                 x,
+                sq,
                 beta=momentum,
                 gamma=1,
                 wd=wd,
                 transport="rt",
-                step_coefficient=lambda _: (jnp.asarray(lr, acc), None),
+                step_coefficient=lambda *_: (jnp.asarray(lr, acc), None),
             )
-            return step.astype(g.dtype), b
+            return step.astype(g.dtype), b, sq
 
-        out = _utils.map_groups(leaf, grp, updates, state.trace, params)
-        new_updates, trace = _utils.unzip(out, updates, 2)
-        return new_updates, SgdmRtState(optax.safe_increment(state.count), trace)
+        out = _utils.map_groups(leaf, grp, updates, state.trace, state.sq_norm, params)
+        new_updates, trace, sq_norm = _utils.unzip(out, updates, 3)
+        return new_updates, SgdmRtState(optax.safe_increment(state.count), trace, sq_norm)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -25,7 +25,6 @@ from optax_sphere.groups import (
     GroupsLike,
     accumulation_dtype,
     group_sq_norm,
-    per_unit,
     resolve_groups,
 )
 
@@ -67,7 +66,7 @@ def scale_by_standardized_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
     r"""Adam with a standardised (per-group scalar) second moment: Adam-S direction.
 

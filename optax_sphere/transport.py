@@ -31,7 +31,7 @@ import jax
 import optax
 
 from optax_sphere import _utils, geometry
-from optax_sphere.groups import GroupsLike, group_sq_norm, per_unit, resolve_groups
+from optax_sphere.groups import GroupsLike, group_sq_norm, resolve_groups
 
 __all__ = [
     "MOMENTUM_FIELDS",
@@ -41,7 +41,9 @@ __all__ = [
     "rescale_transport_momentum",
 ]
 
+#: State fields treated as momentum buffers (optax's Adam and Lion, SGD momentum, ours).
 MOMENTUM_FIELDS: tuple[str, ...] = ("mu", "trace", "momentum")
+#: State fields treated as second moments (rescaled by R and RT).
 SECOND_MOMENT_FIELDS: tuple[str, ...] = ("nu",)
 
 Op = Callable[[Any, Any, Any, Any], Any]
@@ -66,6 +68,32 @@ def _map_state_fields(
         items = [_map_state_fields(s, names, treedef, fn) for s in state]
         return type(state)(s for s, _ in items), sum(n for _, n in items)
     return state, 0
+
+
+def _named_fields(state: Any, names: Sequence[str]) -> list[Any]:
+    """Values of every NamedTuple field of ``state`` (nested) named in ``names``."""
+    found: list[Any] = []
+
+    def visit(tree):
+        if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+            for field in tree._fields:
+                value = getattr(tree, field)
+                found.append(value) if field in names else visit(value)
+        elif isinstance(tree, (tuple, list)):
+            for item in tree:
+                visit(item)
+
+    visit(state)
+    return found
+
+
+def _check_state_matches(state: Any, names: Sequence[str], params: Any, updates: Any) -> None:
+    """Before the inner step: the momentum of the state still fits the parameter tree."""
+    _utils.check_trees_match(params, updates)
+    fields = _named_fields(state, names)
+    treedef = jax.tree.structure(params)
+    matching = [f for f in fields if jax.tree.structure(f) == treedef]
+    _utils.check_trees_match(params, *(matching or fields[:1]))
 
 
 def _momentum_geometry(
@@ -95,6 +123,7 @@ def _momentum_geometry(
 
     def update_fn(updates, state, params=None, **extra_args):
         params = _utils.require_params(params, name)
+        _check_state_matches(state, momentum_fields, params, updates)
         grp = resolve_groups(groups, params)
         new_updates, state = inner.update(updates, state, params, **extra_args)
         new_params = optax.apply_updates(params, new_updates)
@@ -129,7 +158,7 @@ def _momentum_geometry(
 def rescale_momentum(
     inner: optax.GradientTransformation,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
     """R (seed 000 eq. 69, 21): after each step, momentum ``*= r_k / r_{k+1}`` and second
@@ -142,7 +171,7 @@ def rescale_momentum(
 def transport_momentum(
     inner: optax.GradientTransformation,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
     exact: bool = False,
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
@@ -160,7 +189,7 @@ def transport_momentum(
 def rescale_transport_momentum(
     inner: optax.GradientTransformation,
     *,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = "unit",
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
     """RT (seed 000 eq. 75): ``a <- (<x_{k+1},x_k> a - <x_{k+1},a> x_k) / ||x_{k+1}||^2`` on the

@@ -47,6 +47,7 @@ def decoupled_weight_decay(
 
     def update_fn(updates, state, params=None):
         params = _utils.require_params(params, "decoupled_weight_decay")
+        _utils.check_trees_match(updates, params)
         scale = _utils.value_at(learning_rate, state.count) * _utils.value_at(
             weight_decay, state.count
         )

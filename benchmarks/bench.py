@@ -1,0 +1,447 @@
+"""Step time and optimizer-state memory of the optax_sphere aliases against optax.
+
+Each alias is timed against the optax optimizer it extends, on the same parameter tree, in one
+process and interleaved (A, B, A, B, ...), so that both see the same machine load; the ratio of
+the median step times is reported. A step is the jit-compiled ``update`` + ``apply_updates``
+with the parameters and the optimizer state donated (for both sides alike), which is how a
+training step uses an optimizer. See ``benchmarks/README.md`` for how to read the output.
+
+    python benchmarks/bench.py                       # all trees, all aliases, full run
+    python benchmarks/bench.py --trees resnet18 --aliases adam_s adam_srt --steps 50
+    python benchmarks/bench.py --quick               # a smoke run (a few steps)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmark the checkout this script lives in
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import optax_sphere  # noqa: E402
+
+PyTree = Any
+
+# --------------------------------------------------------------------------------------------
+# Parameter trees (Flax layouts: Conv kernel (kh, kw, in, out), Dense kernel (in, out)).
+# --------------------------------------------------------------------------------------------
+
+
+def resnet18_shapes(num_classes: int = 1000) -> dict:
+    """ResNet-18 (ImageNet head), as ``flax`` would lay it out: 11,689,512 parameters."""
+
+    def conv_bn(kh, cin, cout):
+        return {"kernel": (kh, kh, cin, cout)}, {"scale": (cout,), "bias": (cout,)}
+
+    tree: dict = {}
+    tree["conv_init"], tree["bn_init"] = conv_bn(7, 3, 64)
+    cin = 64
+    for stage, width in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+            b: dict = {}
+            b["Conv_0"], b["BatchNorm_0"] = conv_bn(3, cin, width)
+            b["Conv_1"], b["BatchNorm_1"] = conv_bn(3, width, width)
+            if cin != width:
+                b["conv_proj"], b["norm_proj"] = conv_bn(1, cin, width)
+            tree[f"ResNetBlock_{2 * stage + block}"] = b
+            cin = width
+    tree["Dense_0"] = {"kernel": (512, num_classes), "bias": (num_classes,)}
+    return tree
+
+
+def transformer_shapes(depth: int = 12, dim: int = 256, heads: int = 4, mlp: int = 1024) -> dict:
+    """A ViT-like tree (Flax ``MultiHeadDotProductAttention`` layout): LayerNorms, attention
+    kernels ``(dim, heads, head_dim)``, MLPs; about 10M parameters in ~200 leaves."""
+    hd = dim // heads
+    ln = {"scale": (dim,), "bias": (dim,)}
+    tree: dict = {
+        "embedding": {"kernel": (16, 16, 3, dim), "bias": (dim,)},
+        "cls": (1, 1, dim),
+        "pos_embedding": (1, 197, dim),
+    }
+    for i in range(depth):
+        attn = {n: {"kernel": (dim, heads, hd), "bias": (heads, hd)} for n in ("query", "key")}
+        attn["value"] = {"kernel": (dim, heads, hd), "bias": (heads, hd)}
+        attn["out"] = {"kernel": (heads, hd, dim), "bias": (dim,)}
+        tree[f"encoderblock_{i}"] = {
+            "LayerNorm_0": dict(ln),
+            "MultiHeadDotProductAttention_0": attn,
+            "LayerNorm_1": dict(ln),
+            "MlpBlock_0": {
+                "Dense_0": {"kernel": (dim, mlp), "bias": (mlp,)},
+                "Dense_1": {"kernel": (mlp, dim), "bias": (dim,)},
+            },
+        }
+    tree["encoder_norm"] = dict(ln)
+    tree["head"] = {"kernel": (dim, 1000), "bias": (1000,)}
+    return tree
+
+
+def many_small_shapes(layers: int = 512, width: int = 16) -> dict:
+    """Many small Dense layers: 1024 leaves of at most 256 elements (per-leaf overheads)."""
+    return {f"Dense_{i}": {"kernel": (width, width), "bias": (width,)} for i in range(layers)}
+
+
+def kernels_per_tensor(params: PyTree) -> PyTree:
+    """Groups for a LayerNorm model: every ``kernel`` is one group, nothing else is grouped."""
+
+    def spec(path, leaf):
+        name = getattr(path[-1], "key", None)
+        return "tensor" if name == "kernel" else None
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+TREES: dict[str, tuple[Callable[[], dict], Any]] = {
+    # name: (shapes, groups given to every alias)
+    "resnet18": (resnet18_shapes, "unit"),
+    "transformer": (transformer_shapes, kernels_per_tensor),
+    "many_small": (many_small_shapes, "unit"),
+}
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+
+
+def make_tree(shapes: dict, seed: int, scale: float, dtype=jnp.float32) -> PyTree:
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
+    rng = np.random.default_rng(seed)
+    arrays = [jnp.asarray(scale * rng.standard_normal(s, dtype=np.float32), dtype) for s in leaves]
+    return jax.tree.unflatten(treedef, arrays)
+
+
+# --------------------------------------------------------------------------------------------
+# Aliases and the optax optimizer each one extends.
+# --------------------------------------------------------------------------------------------
+
+LR_ADAM, LR_SGD, WD = 1e-3, 1e-2, 1e-2
+
+
+def _sgdm(lr=LR_SGD, wd=0.0, nesterov=False):
+    sgd = optax.sgd(lr, momentum=0.9, nesterov=nesterov)
+    return optax.chain(optax.add_decayed_weights(wd), sgd) if wd else sgd
+
+
+# name: (alias keyword arguments, baseline name, baseline factory)
+ALIASES: dict[str, tuple[dict, str, Callable[[], optax.GradientTransformation]]] = {
+    "adam_s": ({"learning_rate": LR_ADAM}, "optax.adam", lambda: optax.adam(LR_ADAM)),
+    "adam_st": ({"learning_rate": LR_ADAM}, "optax.adam", lambda: optax.adam(LR_ADAM)),
+    "adam_srt": ({"learning_rate": LR_ADAM}, "optax.adam", lambda: optax.adam(LR_ADAM)),
+    "adamg": ({"learning_rate": LR_ADAM}, "optax.adam", lambda: optax.adam(LR_ADAM)),
+    "adamp": ({"learning_rate": LR_ADAM}, "optax.adam", lambda: optax.adam(LR_ADAM)),
+    "rv_adamw": (
+        {"learning_rate": LR_ADAM, "weight_decay": WD},
+        "optax.adamw",
+        lambda: optax.adamw(LR_ADAM, weight_decay=WD),
+    ),
+    "sgdm_rt": ({"learning_rate": LR_SGD, "momentum": 0.9}, "optax.sgd(momentum)", _sgdm),
+    "psi_sgdm": ({"learning_rate": LR_SGD, "momentum": 0.9}, "optax.sgd(momentum)", _sgdm),
+    "sgdg": ({"learning_rate": LR_SGD, "momentum": 0.9}, "optax.sgd(momentum)", _sgdm),
+    "sgdp": (
+        {"learning_rate": LR_SGD, "momentum": 0.9, "nesterov": True},
+        "optax.sgd(momentum, nesterov)",
+        lambda: _sgdm(nesterov=True),
+    ),
+    "rv_sgdm": (
+        {"learning_rate": LR_SGD, "momentum": 0.9, "weight_decay": WD},
+        "optax.sgd(momentum)+L2",
+        lambda: _sgdm(wd=WD),
+    ),
+    "rv_lion": (
+        {"learning_rate": 1e-4, "weight_decay": WD},
+        "optax.lion",
+        lambda: optax.lion(1e-4, weight_decay=WD),
+    ),
+    "psi_sgd": ({"learning_rate": LR_SGD}, "optax.sgd", lambda: optax.sgd(LR_SGD)),
+    "adagradg": ({"learning_rate": LR_SGD}, "optax.adagrad", lambda: optax.adagrad(LR_SGD)),
+}
+
+
+def build_alias(name: str, groups: Any) -> optax.GradientTransformation | None:
+    factory = getattr(optax_sphere, name, None)
+    if factory is None:
+        return None
+    return factory(**ALIASES[name][0], groups=groups)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements.
+# --------------------------------------------------------------------------------------------
+
+
+def tree_bytes(tree: PyTree) -> int:
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def _copy_tree(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+class Stepper:
+    """One optimizer on one tree: a compiled, donating ``update`` + ``apply_updates`` step."""
+
+    def __init__(self, tx: optax.GradientTransformation, params: PyTree, grads: PyTree):
+        self.params = _copy_tree(params)
+        self.grads = grads
+        self.state = tx.init(self.params)
+        self.state_bytes = tree_bytes(self.state)
+
+        def step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        t0 = time.perf_counter()
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(self.params, self.state, grads)
+        self.compiled = lowered.compile()
+        self.compile_s = time.perf_counter() - t0
+        hlo = self.compiled.as_text()
+        self.fusions = sum(
+            1 for line in hlo.splitlines() if line.lstrip().startswith("%fusion") and " = " in line
+        )
+        # Floor of the traffic: read params, grads and state once, write params and state once.
+        self.min_bytes = 2 * tree_bytes(params) + tree_bytes(grads) + 2 * self.state_bytes
+        self.times: list[float] = []
+
+    def run(self, record: bool = True) -> None:
+        t0 = time.perf_counter()
+        self.params, self.state = self.compiled(self.params, self.state, self.grads)
+        jax.block_until_ready((self.params, self.state))
+        if record:
+            self.times.append(time.perf_counter() - t0)
+
+    def finite(self) -> bool:
+        return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(self.params))
+
+
+def measure_copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 15) -> dict:
+    """Memory-copy bandwidth (bytes read + bytes written per second), median of ``repeats``:
+    ``numpy.copyto`` (one thread's memcpy) and an XLA streaming kernel ``y = a x + b``."""
+    n = nbytes // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    memcpy = 2 * nbytes / statistics.median(times)
+
+    stream = jax.jit(lambda x, a: a * x + 1.0, donate_argnums=0)
+    x = jnp.ones(n, jnp.float32)
+    a = jnp.float32(1.0)
+    x = stream(x, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = stream(x, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    xla = 2 * nbytes / statistics.median(times)
+    return {"numpy_memcpy_GBps": memcpy / 1e9, "xla_stream_GBps": xla / 1e9, "bytes": nbytes}
+
+
+def quantiles(xs: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[1], q[2]
+
+
+def compare(
+    alias: str,
+    tree_name: str,
+    params: PyTree,
+    grads: PyTree,
+    groups: Any,
+    steps: int,
+    warmup: int,
+    copy_GBps: float,
+) -> dict | None:
+    tx = build_alias(alias, groups)
+    if tx is None:
+        return None
+    _, baseline_name, baseline = ALIASES[alias]
+    a = Stepper(tx, params, grads)
+    b = Stepper(baseline(), params, grads)
+    for _ in range(warmup):
+        a.run(record=False)
+        b.run(record=False)
+    for i in range(steps):  # interleaved; alternate who goes first
+        first, second = (a, b) if i % 2 == 0 else (b, a)
+        first.run()
+        second.run()
+    ta, tb = statistics.median(a.times), statistics.median(b.times)
+    pair = [x / y for x, y in zip(a.times, b.times)]
+    q1, q2, q3 = quantiles(pair)
+    return {
+        "tree": tree_name,
+        "alias": alias,
+        "baseline": baseline_name,
+        "time_ratio": ta / tb,
+        "pair_ratio_quartiles": [q1, q2, q3],
+        "alias_ms": 1e3 * ta,
+        "baseline_ms": 1e3 * tb,
+        "alias_ms_quartiles": [1e3 * q for q in quantiles(a.times)],
+        "baseline_ms_quartiles": [1e3 * q for q in quantiles(b.times)],
+        "state_bytes_ratio": a.state_bytes / b.state_bytes,
+        "alias_state_bytes": a.state_bytes,
+        "baseline_state_bytes": b.state_bytes,
+        "alias_compile_s": a.compile_s,
+        "baseline_compile_s": b.compile_s,
+        "alias_fusions": a.fusions,
+        "baseline_fusions": b.fusions,
+        "alias_min_bytes": a.min_bytes,
+        "baseline_min_bytes": b.min_bytes,
+        "alias_GBps": a.min_bytes / ta / 1e9,
+        "baseline_GBps": b.min_bytes / tb / 1e9,
+        "alias_bandwidth_fraction": a.min_bytes / ta / 1e9 / copy_GBps,
+        "baseline_bandwidth_fraction": b.min_bytes / tb / 1e9 / copy_GBps,
+        "finite": a.finite() and b.finite(),
+        "steps": steps,
+    }
+
+
+# Targets on ResNet-18 (float32, CPU): step-time ratio and state-bytes ratio upper bounds.
+TARGETS = {
+    "adam_s": (1.1, 0.55),
+    "adam_st": (1.3, 0.55),
+    "adam_srt": (1.3, 0.55),
+    "rv_adamw": (1.5, 1.05),
+    "rv_sgdm": (None, 1.05),
+    "rv_lion": (None, 1.05),
+    "psi_sgdm": (1.2, None),
+}
+
+
+def target_check(row: dict) -> str:
+    if row["tree"] != "resnet18" or row["alias"] not in TARGETS:
+        return ""
+    t_max, s_max = TARGETS[row["alias"]]
+    ok = (t_max is None or row["time_ratio"] <= t_max) and (
+        s_max is None or row["state_bytes_ratio"] <= s_max
+    )
+    bounds = ", ".join(f"{k}<={v}" for k, v in (("time", t_max), ("state", s_max)) if v is not None)
+    return f"{'ok' if ok else 'MISSED'} ({bounds})"
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        f"{'tree':<12}{'alias':<10}{'baseline':<30}{'time':>7}{'IQR of A/B':>14}"
+        f"{'A ms':>9}{'B ms':>9}{'state':>7}{'A GB/s':>8}{'B GB/s':>8}{'A cmp s':>8}"
+        f"{'B cmp s':>8}{'A fus':>6}{'B fus':>6}  target"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        q1, _, q3 = r["pair_ratio_quartiles"]
+        lines.append(
+            f"{r['tree']:<12}{r['alias']:<10}{r['baseline']:<30}{r['time_ratio']:>7.3f}"
+            f"{f'{q1:.2f}-{q3:.2f}':>14}{r['alias_ms']:>9.3f}{r['baseline_ms']:>9.3f}"
+            f"{r['state_bytes_ratio']:>7.3f}{r['alias_GBps']:>8.2f}{r['baseline_GBps']:>8.2f}"
+            f"{r['alias_compile_s']:>8.2f}{r['baseline_compile_s']:>8.2f}"
+            f"{r['alias_fusions']:>6}{r['baseline_fusions']:>6}  {target_check(r)}"
+        )
+    return "\n".join(lines)
+
+
+def default_steps(tree: str, quick: bool) -> tuple[int, int]:
+    if quick:
+        return 5, 2
+    return {"resnet18": (100, 10), "transformer": (100, 10), "many_small": (300, 30)}[tree]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trees", nargs="+", default=list(TREES), choices=list(TREES))
+    parser.add_argument("--aliases", nargs="+", default=list(ALIASES), choices=list(ALIASES))
+    parser.add_argument("--steps", type=int, help="timed A/B pairs per alias and tree")
+    parser.add_argument("--warmup", type=int, help="untimed A/B pairs before timing")
+    parser.add_argument("--quick", action="store_true", help="a few steps: a smoke run")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    copy = measure_copy_bandwidth(repeats=3 if args.quick else 15)
+    copy_GBps = copy["xla_stream_GBps"]
+    print(
+        f"memory copy bandwidth: numpy memcpy {copy['numpy_memcpy_GBps']:.2f} GB/s, "
+        f"XLA stream {copy['xla_stream_GBps']:.2f} GB/s (read + write, 256 MiB)",
+        flush=True,
+    )
+    rows, skipped = [], []
+    trees_info = {}
+    for tree_name in args.trees:
+        shapes, groups = TREES[tree_name]
+        params = make_tree(shapes(), seed=0, scale=0.05)
+        grads = make_tree(shapes(), seed=1, scale=1e-3)
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        trees_info[tree_name] = {
+            "parameters": int(n_params),
+            "leaves": len(jax.tree.leaves(params)),
+            "bytes": tree_bytes(params),
+        }
+        print(
+            f"\n{tree_name}: {n_params:,} parameters in {len(jax.tree.leaves(params))} leaves",
+            flush=True,
+        )
+        steps, warmup = default_steps(tree_name, args.quick)
+        steps = args.steps or steps
+        warmup = args.warmup if args.warmup is not None else warmup
+        for alias in args.aliases:
+            row = compare(alias, tree_name, params, grads, groups, steps, warmup, copy_GBps)
+            if row is None:
+                skipped.append(alias)
+                continue
+            rows.append(row)
+            print(
+                f"  {alias:<10} {row['time_ratio']:.3f}x {row['baseline']} "
+                f"({row['alias_ms']:.2f} ms vs {row['baseline_ms']:.2f} ms), "
+                f"state {row['state_bytes_ratio']:.3f}x  {target_check(row)}",
+                flush=True,
+            )
+    skipped = sorted(set(skipped))
+    print("\n" + table(rows))
+    if skipped:
+        print(f"\nnot in this version of optax_sphere (skipped): {', '.join(skipped)}")
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "jax_backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "optax_sphere": optax_sphere.__version__,
+        },
+        "command": "python benchmarks/bench.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "copy_bandwidth": copy,
+        "trees": trees_info,
+        "targets": {k: {"time": t, "state": s} for k, (t, s) in TARGETS.items()},
+        "rows": rows,
+        "skipped": skipped,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Step time and state memory of the rotational variants against their optax base.
+
+A ResNet-18-sized parameter tree in Flax layout (11.7M parameters: conv kernels and the
+classifier kernel grouped per output unit, BatchNorm scales/biases and the classifier bias
+ungrouped). One step is ``update`` + ``apply_updates`` in one jitted function with donated
+buffers; the two optimizers of a pair are timed alternately (interleaved, so that machine
+load affects both alike) and the ratio of the medians is reported, with the extra state.
+
+    python benchmarks/rotational_step_time.py [--steps 50] [--pairs rv_adamw rv_sgdm rv_lion]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_sphere as osp
+
+
+def resnet18_params(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    params: dict = {}
+
+    def conv(name, k, cin, cout):
+        w = rng.normal(size=(k, k, cin, cout)).astype(np.float32) * np.sqrt(2 / (k * k * cin))
+        params[name] = {"kernel": jnp.asarray(w)}
+        params[name + "_bn"] = {"scale": jnp.ones(cout), "bias": jnp.zeros(cout)}
+
+    conv("conv1", 7, 3, 64)
+    cin = 64
+    for stage, cout in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+            name = f"layer{stage + 1}_{block}"
+            conv(name + "_a", 3, cin, cout)
+            conv(name + "_b", 3, cout, cout)
+            if cin != cout:
+                conv(name + "_down", 1, cin, cout)
+            cin = cout
+    params["fc"] = {
+        "kernel": jnp.asarray(rng.normal(size=(512, 1000)).astype(np.float32) * 0.03),
+        "bias": jnp.zeros(1000),
+    }
+    return params
+
+
+PAIRS = {
+    "rv_adamw": (lambda: osp.rv_adamw(1e-3, 1e-2), lambda: optax.adamw(1e-3, weight_decay=1e-2)),
+    "rv_sgdm": (
+        lambda: osp.rv_sgdm(0.1, 0.9, 5e-4),
+        lambda: optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)),
+    ),
+    "rv_lion": (lambda: osp.rv_lion(1e-4, 1.0), lambda: optax.lion(1e-4, weight_decay=1.0)),
+}
+
+
+def _stepper(tx, params):
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    return jax.jit(step, donate_argnums=(0, 1)), tx.init(params)
+
+
+def _nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def time_pair(name: str, steps: int) -> dict:
+    params = resnet18_params()
+    grads = jax.tree.map(lambda p: 1e-3 * jnp.cos(p * 7.0), params)
+    runs = []
+    for make in PAIRS[name]:
+        step, state = _stepper(make(), params)
+        p = jax.tree.map(jnp.copy, params)
+        runs.append([step, p, state, [], _nbytes(state)])
+    for run in runs:  # compile and warm up
+        for _ in range(3):
+            run[1], run[2] = run[0](run[1], run[2], grads)
+        jax.block_until_ready(run[1])
+    for _ in range(steps):
+        for run in runs:
+            t = time.perf_counter()
+            run[1], run[2] = run[0](run[1], run[2], grads)
+            jax.block_until_ready(run[1])
+            run[3].append(time.perf_counter() - t)
+    groups = jax.tree.leaves(
+        jax.tree.map(
+            lambda g, p: 0 if g is None else int(np.prod(g.scalar_shape(p.shape))),
+            osp.resolve_groups("unit", params),
+            params,
+            is_leaf=lambda g: g is None,
+        )
+    )
+    ours, base = (statistics.median(r[3]) for r in runs)
+    return {
+        "pair": name,
+        "ours_ms": 1e3 * ours,
+        "base_ms": 1e3 * base,
+        "time_ratio": ours / base,
+        "extra_state_bytes": runs[0][4] - runs[1][4],
+        "groups": sum(groups),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--pairs", nargs="+", default=sorted(PAIRS), choices=sorted(PAIRS))
+    args = parser.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}, {args.steps} interleaved steps, median")
+    for name in args.pairs:
+        r = time_pair(name, args.steps)
+        print(
+            f"{r['pair']:9s} {r['ours_ms']:8.2f} ms vs base {r['base_ms']:8.2f} ms: "
+            f"x{r['time_ratio']:.2f} time; extra state {r['extra_state_bytes']} B "
+            f"= {r['extra_state_bytes'] / (4 * r['groups']):.3f} float32 per group "
+            f"({r['groups']} groups)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,477 @@
+"""Seeing the geometry: per-group diagnostics of any optimizer step.
+
+For every radially invariant group (seed 000 sec. 2; ``x = r u``, ``r = ||x||``) and one step
+``x_k -> x_{k+1} = x_k + Delta``, the quantities of the papers, as one scalar per group:
+
+* ``radius``: ``r_k``;
+* ``angular_update``: ``angle(x_k, x_{k+1})`` (seed 002 eq. 5), in radians;
+* ``update_norm``: ``||Delta||``; its root mean square over steps is the RMS update size
+  ``eta_g`` of seed 002 eq. 4 (there ``Delta`` is the gradient part only; here it is the
+  whole step, weight decay included);
+* ``radius_ratio``: ``r_{k+1} / r_k`` (seed 000 eq. 13);
+* ``radial_term``: ``A_k <c_k, u_k> = -<Delta, x_k> / r_k^2``, which app. C.1.2 of seed 000
+  tracks to check ``1 - A_k <c_k, u_k> > 0``;
+* ``taylor_term``: ``eta_e ||c_perp||`` (seed 000 app. C.1.2, the argument of the Taylor
+  expansion of theorem 2; ``= tan(angular_update)`` by eq. 37);
+* ``effective_lr`` and ``direction_norm``: the effective learning rate ``eta_e`` and the norm
+  of the effective direction ``||c_perp||`` of theorem 2 (eq. 11, table 1).
+
+The first six are geometric: they need only the parameters before and after the step, so they
+work with any optimizer. The last two split ``eta_e ||c_perp||`` between the optimizer and the
+direction, and need the optimizer to be of the generic form of seed 000 eqs. 3-4,
+``x_{k+1} = x_k - eta_k a_k / b_k``, and its per-group *step scale*
+``s_k = eta_k / (d^{-1/2} ||b_k||)``. Then ``A_k = s_k / r_k^2``,
+``eta_e = s_k / <x_k, x_{k+1}>`` and ``||c_perp|| = r_k ||Delta_perp|| / s_k``. For SGD and
+SGD with momentum (``b = 1``) the step scale is the learning rate; for optax's Adam,
+:func:`adam_step_scale` reads it from the optimizer state.
+
+Three ways to get them:
+
+* :func:`geometry_stats`: a pure function of two parameter trees (any optimizer);
+* :func:`monitor`: a transformation for the end of any ``optax.chain`` that records the stats
+  of each step into its state (no host transfer inside ``update``);
+* :func:`monitored`: a wrapper around a whole optimizer whose step scale is read from the
+  optimizer state (Adam-like optimizers).
+
+Outside ``jit``, :func:`metrics` turns a state into a flat ``{"path/stat/reduction": value}``
+dict for loggers and :class:`History` records a run for :mod:`optax_sphere.plots`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_sphere import _utils, geometry
+from optax_sphere.groups import (
+    Group,
+    GroupsLike,
+    accumulation_dtype,
+    group_dot,
+    group_mean,
+    group_sq_norm,
+    path_str,
+    per_unit,
+    resolve_groups,
+)
+
+__all__ = [
+    "GeometryStats",
+    "MonitorState",
+    "MonitoredState",
+    "History",
+    "geometry_stats",
+    "monitor",
+    "monitored",
+    "adam_step_scale",
+    "find_monitor_state",
+    "metrics",
+]
+
+PyTree = Any
+
+REDUCTIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "mean": jnp.mean,
+    "min": jnp.min,
+    "max": jnp.max,
+}
+
+
+class GeometryStats(NamedTuple):
+    """Per-group diagnostics of one step; each field is a tree shaped like the params.
+
+    A grouped leaf of shape ``shape`` gets an array of the shape with the group axes removed
+    (``(units,)`` for per-unit groups of a Dense/Conv kernel, ``()`` for a whole tensor);
+    an ungrouped leaf gets ``None``. ``effective_lr`` and ``direction_norm`` are ``None``
+    throughout when no step scale was given. Arrays are in the accumulation dtype (at least
+    float32). See the module docstring for the definitions.
+    """
+
+    radius: PyTree
+    angular_update: PyTree
+    update_norm: PyTree
+    radius_ratio: PyTree
+    radial_term: PyTree
+    taylor_term: PyTree
+    effective_lr: PyTree
+    direction_norm: PyTree
+
+
+class MonitorState(NamedTuple):
+    """State of :func:`monitor`: steps seen and the stats of the last one."""
+
+    count: jax.Array
+    stats: GeometryStats
+
+
+class MonitoredState(NamedTuple):
+    """State of :func:`monitored`: the inner optimizer's state and the monitor's."""
+
+    inner: Any
+    monitor: MonitorState
+
+
+def _leaf_stats(group: Group, x0: jax.Array, delta: jax.Array, scale: Any) -> tuple:
+    """All stats of one leaf from ``x_k`` and ``Delta``, keepdims reductions, then squeezed."""
+    acc = accumulation_dtype(jnp.result_type(x0, delta))
+    x0, delta = x0.astype(acc), delta.astype(acc)
+    x1 = x0 + delta
+    r2 = group_sq_norm(x0, group)
+    r = jnp.sqrt(r2)
+    r_new = jnp.sqrt(group_sq_norm(x1, group))
+    cross = group_dot(x0, x1, group)  # <x_k, x_{k+1}> = r_k^2 (1 - A_k <c_k, u_k>)
+    perp = jnp.sqrt(group_sq_norm(geometry.tangent_part(delta, x0, group), group))
+    rise = r * perp  # r_k ||Delta_perp|| = r_k^2 A_k ||c_perp||
+    out = [
+        r,
+        # tan(angle) = r_k ||Delta_perp|| / <x_k, x_{k+1}> (eqs. 12, 37); atan2 of the
+        # tangential part is accurate for tiny angles and in [0, pi]. Zero groups give 0.
+        jnp.where(r > 0, jnp.arctan2(rise, cross), 0),
+        jnp.sqrt(group_sq_norm(delta, group)),
+        geometry.safe_div(r_new, r),
+        -geometry.safe_div(group_dot(delta, x0, group), r2),
+        geometry.safe_div(rise, cross),
+    ]
+    if scale is not None:
+        scale = jnp.asarray(scale, acc)
+        out += [geometry.safe_div(scale, cross), geometry.safe_div(rise, scale)]
+    return tuple(jnp.squeeze(v, axis=group.axes) for v in out)
+
+
+def _stats_from_step(grp: PyTree, params: PyTree, deltas: PyTree, step_scale: Any) -> GeometryStats:
+    """Stats of the step ``params -> params + deltas``; ``step_scale`` None, a scalar, or a
+    tree like the params (per-group keepdims arrays on grouped leaves)."""
+    with_scale = step_scale is not None
+    n = 8 if with_scale else 6
+    if with_scale and _is_scalar(step_scale):
+        step_scale = jax.tree.map(lambda _, s=step_scale: s, params)
+    if not with_scale:
+        step_scale = jax.tree.map(lambda _: None, params)
+
+    def leaf(group, x0, delta, scale):
+        if group is None:
+            return None
+        if with_scale and scale is None:
+            raise ValueError("`step_scale` has no value for a grouped parameter.")
+        return _leaf_stats(group, x0, delta, scale)
+
+    out = jax.tree.map(
+        lambda g, x0, d, s: leaf(g, x0, d, s),
+        grp,
+        params,
+        deltas,
+        step_scale,
+        is_leaf=lambda v: v is None or isinstance(v, Group),
+    )
+    fields = [
+        jax.tree.map(lambda _, t, i=i: None if t is None else t[i], params, out) for i in range(n)
+    ]
+    if not with_scale:
+        fields += [None, None]
+    return GeometryStats(*fields)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) or (hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
+def geometry_stats(
+    params_before: PyTree,
+    params_after: PyTree,
+    groups: GroupsLike = per_unit,
+    *,
+    step_scale: Any = None,
+) -> GeometryStats:
+    """Per-group diagnostics of the step ``params_before -> params_after`` (any optimizer).
+
+    Args:
+      params_before, params_after: ``x_k`` and ``x_{k+1}`` (same tree structure).
+      groups: the radially invariant groups (see :mod:`optax_sphere.groups`).
+      step_scale: optional ``s_k = eta_k / (d^{-1/2} ||b_k||)`` of the generic scheme of seed
+        000 eqs. 3-4: a number (the learning rate of SGD / SGD with momentum), or a tree like
+        the params with per-group ``keepdims`` arrays on grouped leaves (as returned by
+        :func:`adam_step_scale`). Enables ``effective_lr`` and ``direction_norm``.
+
+    Returns:
+      :class:`GeometryStats`.
+    """
+    grp = resolve_groups(groups, params_before)
+    deltas = jax.tree.map(
+        lambda a, b: (
+            b.astype(accumulation_dtype(jnp.result_type(a, b)))
+            - a.astype(accumulation_dtype(jnp.result_type(a, b)))
+        ),
+        params_before,
+        params_after,
+    )
+    return _stats_from_step(grp, params_before, deltas, step_scale)
+
+
+def _init_stats(grp: PyTree, params: PyTree, with_scale: bool) -> GeometryStats:
+    def zeros(group, p):
+        if group is None:
+            return None
+        shape = tuple(n for i, n in enumerate(p.shape) if i not in group.axes)
+        return jnp.zeros(shape, accumulation_dtype(p.dtype))
+
+    field = _utils.map_groups(zeros, grp, params)
+    n = 8 if with_scale else 6
+    fields = [field] * n + [None] * (8 - n)
+    return GeometryStats(*fields)
+
+
+def monitor(groups: GroupsLike = per_unit, *, step_scale: _utils.Hyper = None):
+    """Records the per-group geometry of each step; put it last in an ``optax.chain``.
+
+    The updates pass through unchanged; the state holds the :class:`GeometryStats` of the
+    last step ``x_k -> x_k + updates`` (computed in at least float32, one reduction pass per
+    stat, no host transfer), so it works under ``jit``, ``pmap`` / sharding and with every
+    optax wrapper. Read it with :func:`metrics` or :class:`History`.
+
+    Args:
+      groups: the radially invariant groups.
+      step_scale: optional step scale ``s_k`` of the generic scheme of seed 000 eqs. 3-4 (a
+        number or a schedule of the monitor's step count): the learning rate for SGD and
+        SGD with momentum, with or without L2 (``b = 1``). Enables ``effective_lr`` and
+        ``direction_norm``. For Adam-like optimizers, use :func:`monitored`.
+    """
+    if step_scale is not None:
+        _utils.check_rate("step_scale", step_scale)
+
+    def init_fn(params):
+        grp = resolve_groups(groups, params)
+        return MonitorState(
+            jnp.zeros([], jnp.int32), _init_stats(grp, params, step_scale is not None)
+        )
+
+    def update_fn(updates, state, params=None):
+        params = _utils.require_params(params, "monitor")
+        grp = resolve_groups(groups, params)
+        scale = None if step_scale is None else _utils.value_at(step_scale, state.count)
+        stats = _stats_from_step(grp, params, updates, scale)
+        return updates, MonitorState(optax.safe_increment(state.count), stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def monitored(
+    inner: optax.GradientTransformation,
+    groups: GroupsLike = per_unit,
+    *,
+    step_scale: Callable[[Any, PyTree], Any] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """``inner`` followed by :func:`monitor`, with a step scale read from ``inner``'s state.
+
+    Args:
+      inner: the whole optimizer (learning rate included).
+      groups: the radially invariant groups.
+      step_scale: optional ``step_scale(inner_state, params) -> s_k`` evaluated on the state
+        after the step and the params before it, returning a number or a tree of per-group
+        ``keepdims`` arrays, e.g. :func:`adam_step_scale` for optax's Adam and Adam + L2.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        grp = resolve_groups(groups, params)
+        stats = _init_stats(grp, params, step_scale is not None)
+        return MonitoredState(inner.init(params), MonitorState(jnp.zeros([], jnp.int32), stats))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        params = _utils.require_params(params, "monitored")
+        grp = resolve_groups(groups, params)
+        updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
+        scale = None if step_scale is None else step_scale(inner_state, params)
+        stats = _stats_from_step(grp, params, updates, scale)
+        mon = MonitorState(optax.safe_increment(state.monitor.count), stats)
+        return updates, MonitoredState(inner_state, mon)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _find_named(state: Any, predicate: Callable[[Any], bool]) -> list[Any]:
+    """NamedTuples inside nested tuples/lists of an optimizer state that satisfy predicate."""
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        if predicate(state):
+            return [state]
+        return [s for v in state for s in _find_named(v, predicate)]
+    if isinstance(state, (tuple, list)):
+        return [s for v in state for s in _find_named(v, predicate)]
+    return []
+
+
+def adam_step_scale(
+    learning_rate: _utils.Hyper,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    groups: GroupsLike = per_unit,
+) -> Callable[[Any, PyTree], PyTree]:
+    r"""Step scale ``s_k = eta_k / (d^{-1/2} ||b_k||)`` of optax's Adam, for :func:`monitored`.
+
+    Adam in the generic form of seed 000 eqs. 3-4 (eq. 9, with ``eps`` where optax puts it):
+    :math:`a_k = m_k/(1-\beta_1)`, :math:`b_k = \frac{1-\beta_1^{k+1}}{1-\beta_1}
+    (\sqrt{v_k/(1-\beta_2^{k+1}) + \epsilon_{root}} + \epsilon)`. Reads ``count`` and ``nu``
+    from the (unique) ``ScaleByAdamState`` in the state after the step; the hyperparameters
+    must be the optimizer's. Works for ``optax.adam`` and Adam + L2
+    (``chain(add_decayed_weights(wd), adam(...))``); not for ``optax.adamw``, whose decoupled
+    decay is not of the generic form.
+    """
+
+    def fn(inner_state: Any, params: PyTree) -> PyTree:
+        found = _find_named(inner_state, lambda s: {"count", "mu", "nu"} <= set(s._fields))
+        if len(found) != 1:
+            raise ValueError(
+                f"adam_step_scale: expected one Adam state (fields count, mu, nu) in the "
+                f"optimizer state, found {len(found)}."
+            )
+        adam = found[0]
+        grp = resolve_groups(groups, params)
+        count = adam.count  # k + 1 after the step
+
+        def leaf(group, nu):
+            if group is None:
+                return None
+            acc = accumulation_dtype(nu.dtype)
+            bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
+            lr = _utils.value_at(learning_rate, count - 1)
+            b = bc1 / (1 - b1) * (jnp.sqrt(nu.astype(acc) / bc2 + eps_root) + eps)
+            return geometry.safe_div(jnp.asarray(lr, acc), jnp.sqrt(group_mean(b * b, group)))
+
+        return _utils.map_groups(leaf, grp, adam.nu)
+
+    return fn
+
+
+def find_monitor_state(state: Any) -> MonitorState:
+    """The (unique) :class:`MonitorState` inside an optimizer state."""
+    found = _find_named(state, lambda s: isinstance(s, MonitorState))
+    if len(found) != 1:
+        raise ValueError(
+            f"expected one MonitorState in the optimizer state, found {len(found)}; chain "
+            "optax_sphere.monitor() into the optimizer or wrap it with monitored()."
+        )
+    return found[0]
+
+
+def _as_stats(source: Any) -> GeometryStats:
+    if isinstance(source, GeometryStats):
+        return source
+    return find_monitor_state(source).stats
+
+
+def _named_leaves(tree: PyTree) -> list[tuple[str, jax.Array]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(path_str(p), v) for p, v in leaves]
+
+
+def metrics(
+    source: Any,
+    *,
+    fields: Sequence[str] | None = None,
+    reductions: Iterable[str] = ("mean", "min", "max"),
+    prefix: str = "",
+) -> dict[str, jax.Array]:
+    """Flat ``{"<prefix><param/path>/<stat>/<reduction>": scalar}`` dict for loggers.
+
+    Each grouped parameter gets the ``mean``, ``min`` and ``max`` over its groups of every
+    stat (``fields`` picks a subset). ``source`` is a :class:`GeometryStats` or any optimizer
+    state holding one :class:`MonitorState`. The values are jax scalars (the function also
+    runs under ``jit``); ``jax.device_get(metrics(state))`` gives numpy scalars for
+    TensorBoard, CLU or W&B style loggers.
+    """
+    stats = _as_stats(source)
+    names = GeometryStats._fields if fields is None else tuple(fields)
+    for name in names:
+        if name not in GeometryStats._fields:
+            raise ValueError(f"unknown stat {name!r}; expected one of {GeometryStats._fields}.")
+    reductions = tuple(reductions)
+    for red in reductions:
+        if red not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {red!r}; expected one of {sorted(REDUCTIONS)}.")
+    out = {}
+    for name in names:
+        for path, value in _named_leaves(getattr(stats, name)):
+            if value.size == 0:
+                continue
+            for red in reductions:
+                out[f"{prefix}{path}/{name}/{red}"] = REDUCTIONS[red](value)
+    return out
+
+
+class History:
+    """Records the per-group stats of a run, on the host, for plots and summaries.
+
+    ``history.record(step, opt_state)`` after an optimizer step (outside ``jit``) stores the
+    stats of the :class:`MonitorState` found in ``opt_state`` (or a :class:`GeometryStats`)
+    as numpy arrays. ``keep_groups=False`` keeps only the per-layer reductions.
+    """
+
+    def __init__(self, keep_groups: bool = True):
+        self.keep_groups = keep_groups
+        self.steps: list[int] = []
+        self.scalars: dict[str, list[float]] = {}
+        self.groups: dict[str, dict[str, list[np.ndarray]]] = {}
+
+    def record(self, step: int, source: Any) -> dict[str, float]:
+        """Stores the stats of ``source`` at ``step``; returns the flat metrics (floats)."""
+        stats = jax.device_get(_as_stats(source))
+        flat = {k: float(v) for k, v in metrics(stats).items()}
+        self.steps.append(int(step))
+        for key, value in flat.items():
+            self.scalars.setdefault(key, [np.nan] * (len(self.steps) - 1)).append(value)
+        for values in self.scalars.values():
+            if len(values) < len(self.steps):
+                values.append(np.nan)
+        if self.keep_groups:
+            for name in GeometryStats._fields:
+                for path, value in _named_leaves(getattr(stats, name)):
+                    self.groups.setdefault(name, {}).setdefault(path, []).append(
+                        np.asarray(value).reshape(-1)
+                    )
+        return flat
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def layers(self) -> list[str]:
+        """Paths of the grouped parameters, in tree order."""
+        seen = []
+        for key in self.scalars:
+            path = key.rsplit("/", 2)[0]
+            if path not in seen:
+                seen.append(path)
+        return seen
+
+    def series(self, path: str, stat: str, reduction: str = "mean") -> np.ndarray:
+        """``(steps,)`` values of one per-layer reduction of a stat."""
+        key = f"{path}/{stat}/{reduction}"
+        if key not in self.scalars:
+            raise KeyError(f"no recorded metric {key!r}.")
+        return np.asarray(self.scalars[key])
+
+    def per_group(self, path: str, stat: str) -> np.ndarray:
+        """``(steps, groups)`` values of a stat for every group of one parameter."""
+        if not self.keep_groups:
+            raise ValueError("this History was created with keep_groups=False.")
+        try:
+            return np.stack(self.groups[stat][path])
+        except KeyError:
+            raise KeyError(f"no per-group record of {stat!r} for {path!r}.") from None
+
+    def unit_spread(
+        self, path: str, stat: str = "angular_update", tail: float = 0.5
+    ) -> tuple[float, float, float]:
+        """``(min, mean, max)`` over the groups of ``path`` of each group's average of
+        ``stat`` over the last ``tail`` fraction of the records: how balanced the groups are
+        (seed 002 fig. 8: equal for AdamW, spread for Adam + L2)."""
+        values = self.per_group(path, stat)
+        start = min(int(len(values) * (1 - tail)), len(values) - 1)
+        means = values[start:].mean(axis=0)
+        return float(means.min()), float(means.mean()), float(means.max())

@@ -1,0 +1,284 @@
+"""AdamP / SGDP: drop the radial part of the update of weights detected as scale-invariant.
+
+Heo et al., "AdamP: Slowing down the slowdown for momentum optimizers on scale-invariant
+weights" (ICLR 2021), as in the authors' code. The radial component of a momentum update makes
+the norm of a scale-invariant weight grow fast, which shrinks its effective step. For each
+grouped leaf, with ``x`` the weights and ``g`` the raw gradient:
+
+1. per group (output unit), ``cos = |<g, x>| / max(||g|| ||x||, eps)``; if the largest
+   ``cos`` of the leaf is below ``delta / sqrt(d)`` (``d`` the group size), the weights are
+   taken as scale-invariant per group and the update ``p`` becomes
+   ``p - <p, x_n> x_n`` with ``x_n = x / (||x|| + eps)`` per group;
+2. otherwise the same test on the whole leaf (``d`` = its size), and the same projection with
+   the whole leaf as one vector;
+3. a leaf that was projected gets the decoupled weight decay scaled by ``wd_ratio``.
+
+Ungrouped leaves are never projected and get the full weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sphere import _utils
+from optax_sphere.groups import (
+    Group,
+    GroupsLike,
+    accumulation_dtype,
+    group_dot,
+    resolve_groups,
+)
+from optax_sphere.transport import MOMENTUM_FIELDS, _map_state_fields
+
+__all__ = ["ScaleInvariantProjectionState", "scale_invariant_projection", "adamp", "sgdp"]
+
+
+class ScaleInvariantProjectionState(NamedTuple):
+    """Step count (for a ``weight_decay`` schedule) and the state of the inner direction."""
+
+    count: jax.Array
+    inner_state: Any
+
+
+class _Decision(NamedTuple):
+    unit_hit: jax.Array  # leaf scalar: projected per group
+    layer_hit: jax.Array  # leaf scalar: projected as one vector (when not per group)
+    unit_sq: jax.Array  # (||x|| + eps)^2 per group
+    layer_sq: jax.Array  # (||x|| + eps)^2 of the leaf
+
+
+def _decide(group: Group, g: jax.Array, x: jax.Array, delta: float, eps: float) -> _Decision:
+    """The two tests of the module docstring, from one pass over ``(g, x)``."""
+    s_gx, s_gg, s_xx = group_dot(g, x, group), group_dot(g, g, group), group_dot(x, x, group)
+    unit_hit = jnp.max(jnp.abs(s_gx) / jnp.maximum(jnp.sqrt(s_gg * s_xx), eps)) < delta / math.sqrt(
+        group.size(x.shape)
+    )
+    # layer sums from the per-group sums (the barrier keeps XLA from turning them back into
+    # full-size reductions of the products)
+    l_gx, l_gg, l_xx = (jnp.sum(s) for s in jax.lax.optimization_barrier((s_gx, s_gg, s_xx)))
+    if len(group.axes) == x.ndim:  # the group is the whole leaf: the layer test repeats it
+        layer_hit = unit_hit
+    else:
+        cos_layer = jnp.abs(l_gx) / jnp.maximum(jnp.sqrt(l_gg * l_xx), eps)
+        layer_hit = cos_layer < delta / math.sqrt(x.size)
+    return _Decision(unit_hit, layer_hit, (jnp.sqrt(s_xx) + eps) ** 2, (jnp.sqrt(l_xx) + eps) ** 2)
+
+
+def _project(group: Group, p: jax.Array, x: jax.Array, d: _Decision) -> jax.Array:
+    """``p - <p, x_n> x_n`` with ``x_n = x / (||x|| + eps)`` per group or per leaf, or ``p``."""
+    s_px = jax.lax.optimization_barrier(group_dot(p, x, group))
+    coef = jnp.where(
+        d.unit_hit, s_px / d.unit_sq, jnp.where(d.layer_hit, jnp.sum(s_px) / d.layer_sq, 0)
+    )
+    return p - coef * x
+
+
+def scale_invariant_projection(
+    inner: optax.GradientTransformation,
+    *,
+    delta: float = 0.1,
+    wd_ratio: float = 0.1,
+    weight_decay: _utils.Hyper = 0.0,
+    eps: float = 1e-8,
+    project_momentum: bool = False,
+    groups: GroupsLike = "unit",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Projection of AdamP / SGDP (Heo et al. 2021, alg. 1-2) around an update direction.
+
+    ``inner`` maps the raw gradient to an update direction ``p`` (no learning rate, no weight
+    decay, e.g. ``optax.scale_by_adam()``). On grouped leaves detected as scale-invariant from
+    the raw gradient (module docstring), ``p <- p - <p, x_n> x_n``; then the decoupled decay
+    ``p <- p + r \lambda x`` is added, with ``r = wd_ratio`` on projected leaves and 1
+    elsewhere. Put ``optax.scale_by_learning_rate(lr)`` after it. ``weight_decay`` may be a
+    schedule.
+
+    ``project_momentum=True`` also projects the momentum buffers of ``inner`` (state fields
+    ``mu``, ``trace``, ``momentum``), as SGDP without Nesterov does in the authors' code, where
+    the update *is* the buffer and is projected in place.
+    """
+    _utils.check_rate("delta", delta)
+    _utils.check_rate("wd_ratio", wd_ratio)
+    _utils.check_rate("weight_decay", weight_decay)
+    _utils.check_rate("eps", eps)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        resolve_groups(groups, params)
+        return ScaleInvariantProjectionState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        params = _utils.require_params(params, "scale_invariant_projection")
+        grp = resolve_groups(groups, params)
+        decay = _utils.value_at(weight_decay, state.count)
+        direction, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+
+        def decide(group, g, x):
+            if group is None:
+                return None
+            acc = accumulation_dtype(jnp.result_type(g, x))
+            return _decide(group, g.astype(acc), x.astype(acc), delta, eps)
+
+        decisions = _utils.map_groups(decide, grp, updates, params)
+
+        def leaf(group, p, x, d):
+            acc = accumulation_dtype(jnp.result_type(p, x))
+            p32, x32 = p.astype(acc), x.astype(acc)
+            if group is None:
+                return (p32 + decay * x32).astype(p.dtype)
+            ratio = jnp.where(d.unit_hit | d.layer_hit, wd_ratio, 1)
+            return (_project(group, p32, x32, d) + ratio * decay * x32).astype(p.dtype)
+
+        new_updates = jax.tree.map(
+            lambda group, p, x, d: leaf(group, p, x, d),
+            grp,
+            direction,
+            params,
+            decisions,
+            is_leaf=lambda t: t is None,
+        )
+        if project_momentum:
+
+            def project_tree(tree):
+                return jax.tree.map(
+                    lambda group, m, x, d: (
+                        m
+                        if group is None
+                        else _project(group, m, x.astype(m.dtype), d).astype(m.dtype)
+                    ),
+                    grp,
+                    tree,
+                    params,
+                    decisions,
+                    is_leaf=lambda t: t is None,
+                )
+
+            inner_state, _ = _map_state_fields(
+                inner_state, MOMENTUM_FIELDS, jax.tree.structure(params), project_tree
+            )
+        return new_updates, ScaleInvariantProjectionState(
+            optax.safe_increment(state.count), inner_state
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _scale_by_adam_torch(b1, b2, eps, nesterov) -> optax.GradientTransformation:
+    """Adam direction as the AdamP code computes it: ``m' / (sqrt(v / bc2) + eps) / bc1`` with
+    ``m' = m`` or, with Nesterov, ``b1 m + (1 - b1) g`` (same ``bc1``)."""
+    if not nesterov:
+        return optax.scale_by_adam(b1, b2, eps)
+
+    def init_fn(params):
+        mu = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
+        nu = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
+        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu)
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+
+        def leaf(g, m, v):
+            acc = accumulation_dtype(g.dtype)
+            g32 = g.astype(acc)
+            bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
+            m = b1 * m + (1 - b1) * g32
+            v = b2 * v + (1 - b2) * g32 * g32
+            look_ahead = b1 * m + (1 - b1) * g32
+            return (look_ahead / (jnp.sqrt(v / bc2) + eps) / bc1).astype(g.dtype), m, v
+
+        out = jax.tree.map(leaf, updates, state.mu, state.nu)
+        new_updates, mu, nu = _utils.unzip(out, updates, 3)
+        return new_updates, optax.ScaleByAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamp(
+    learning_rate: _utils.Hyper = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: _utils.Hyper = 0.0,
+    delta: float = 0.1,
+    wd_ratio: float = 0.1,
+    *,
+    nesterov: bool = False,
+    groups: GroupsLike = "unit",
+) -> optax.GradientTransformation:
+    r"""AdamP (Heo et al. 2021, alg. 2), as in the authors' code.
+
+    .. math::
+        p_k = \frac{m_k / (1 - b_1^k)}{\sqrt{v_k / (1 - b_2^k)} + \epsilon},\quad
+        x_{k+1} = x_k - \eta_k\left(\Pi(p_k) + r_k \lambda x_k\right)
+
+    with Adam's element-wise moments of the raw gradient, :math:`\Pi` the projection of
+    :func:`scale_invariant_projection` and :math:`r_k` = ``wd_ratio`` where it projected, 1
+    elsewhere. ``weight_decay`` is AdamW-style (decoupled, multiplied by the learning rate).
+    ``nesterov`` uses :math:`b_1 m_k + (1-b_1) g_k` in place of :math:`m_k`.
+    ``learning_rate`` and ``weight_decay`` may be schedules.
+    """
+    _utils.check_rate("learning_rate", learning_rate)
+    _utils.check_beta("b1", b1)
+    _utils.check_beta("b2", b2)
+    _utils.check_rate("eps", eps)
+    return optax.chain(
+        scale_invariant_projection(
+            _scale_by_adam_torch(b1, b2, eps, nesterov),
+            delta=delta,
+            wd_ratio=wd_ratio,
+            weight_decay=weight_decay,
+            eps=eps,
+            groups=groups,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def sgdp(
+    learning_rate: _utils.Hyper = 0.1,
+    momentum: float = 0.9,
+    weight_decay: _utils.Hyper = 0.0,
+    delta: float = 0.1,
+    wd_ratio: float = 0.1,
+    nesterov: bool = False,
+    *,
+    eps: float = 1e-8,
+    groups: GroupsLike = "unit",
+) -> optax.GradientTransformation:
+    r"""SGDP (Heo et al. 2021, alg. 1), as in the authors' code.
+
+    .. math::
+        b_k = \mu b_{k-1} + g_k,\quad p_k = b_k \text{ (or } g_k + \mu b_k
+        \text{ with Nesterov)},\quad
+        x_{k+1} = x_k - \eta_k\left(\Pi(p_k) + r_k \frac{\lambda}{1-\mu} x_k\right)
+
+    with :math:`\Pi` and :math:`r_k` as in :func:`adamp`. The weight decay is decoupled and
+    divided by ``1 - momentum`` as in the authors' code (the stationary size of coupled L2
+    through the momentum). Without Nesterov the update is the buffer itself, so the buffer is
+    kept projected (``project_momentum=True``), as the in-place projection of the authors' code
+    does. ``learning_rate`` and ``weight_decay`` may be schedules.
+    """
+    _utils.check_rate("learning_rate", learning_rate)
+    _utils.check_beta("momentum", momentum)
+    _utils.check_rate("weight_decay", weight_decay)
+    if callable(weight_decay):
+        decay = lambda count: weight_decay(count) / (1 - momentum)
+    else:
+        decay = weight_decay / (1 - momentum)
+    return optax.chain(
+        scale_invariant_projection(
+            optax.trace(decay=momentum, nesterov=nesterov),
+            delta=delta,
+            wd_ratio=wd_ratio,
+            weight_decay=decay,
+            eps=eps,
+            project_momentum=not nesterov,
+            groups=groups,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )

@@ -1,0 +1,161 @@
+"""PSI metric scaling: SGD on the manifold of positively scale-equivalent weights.
+
+Yi, "Accelerating training of batch normalization: a manifold perspective" (seed 004). For
+a group ``w`` whose scale does not change the network function, the quotient (PSI) manifold
+with the metric of eq. 6, ``<xi_1, xi_2>_w = <xi_1, xi_2> / ||w||^2``, has the Riemannian
+gradient (eq. 7)
+
+    ``grad_w L = ||w||^2 nabla_w L``
+
+and the retraction ``R_w(xi) = w + xi`` (eq. 8), so PSI-SGD (eq. 10) and PSI-SGDM (eq. 11,
+alg. 1) are SGD / SGD with momentum applied to the metric-scaled gradient on grouped leaves
+and plain SGD elsewhere. Theorem 1: runs started from ``W`` and ``T_a(W)`` (every group scaled
+by its own ``a_i > 0``, momentum included) stay related by ``T_a`` at every step.
+
+Overflow safeguard (seed 004 sec. 6): the norms grow, so a group whose norm exceeds
+``max_norm`` is renormalised. Here the group and its momentum are both multiplied by
+``1 / ||w_k||`` after the step, which is ``T_a`` of Theorem 1: the iterate stays
+scale-equivalent to the one without the safeguard, so the network function is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sphere import _utils
+from optax_sphere.groups import (
+    GroupsLike,
+    accumulation_dtype,
+    group_sq_norm,
+    resolve_groups,
+)
+
+__all__ = ["PsiSgdState", "scale_by_psi_metric", "psi_sgd", "psi_sgdm"]
+
+
+def scale_by_psi_metric(groups: GroupsLike = "unit") -> optax.GradientTransformation:
+    """Riemannian gradient of the PSI manifold (seed 004 eq. 7): ``g <- ||x||^2 g`` per group.
+
+    Stateless; needs ``params``. Ungrouped leaves pass through. Put it first in a chain (for
+    example before ``optax.sgd``) to move any Euclidean optimizer onto the PSI manifold.
+    """
+
+    def init_fn(params):
+        resolve_groups(groups, params)
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        params = _utils.require_params(params, "scale_by_psi_metric")
+        grp = resolve_groups(groups, params)
+
+        def leaf(group, g, x):
+            if group is None:
+                return g
+            return (group_sq_norm(x, group) * g.astype(accumulation_dtype(g.dtype))).astype(g.dtype)
+
+        return _utils.map_groups(leaf, grp, updates, params), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class PsiSgdState(NamedTuple):
+    """State of :func:`psi_sgd` / :func:`psi_sgdm`: step count and the momentum ``trace``
+    (an empty tuple without momentum), in the accumulation dtype (>= float32)."""
+
+    count: jax.Array
+    trace: Any
+
+
+def psi_sgdm(
+    learning_rate: _utils.Hyper = 0.1,
+    momentum: float = 0.9,
+    *,
+    nesterov: bool = False,
+    max_norm: float | None = 1e4,
+    groups: GroupsLike = "unit",
+) -> optax.GradientTransformation:
+    r"""PSI-SGDM (seed 004 alg. 1, eq. 11): SGD with momentum on the PSI manifold.
+
+    .. math::
+        b_k = \mu b_{k-1} + \|w_k\|^2 \nabla_{w} L,\quad w_{k+1} = w_k - \eta_k b_k
+
+    per group (``optax.sgd``'s momentum form, which is alg. 1's for a constant learning rate),
+    and ``optax.sgd(learning_rate, momentum, nesterov)`` on ungrouped leaves. Equal to
+    ``chain(scale_by_psi_metric(groups), optax.sgd(...))`` with ``max_norm=None``, in one
+    reduction pass (the group norms) and one element-wise pass. With ``max_norm``, a group
+    whose norm ``||w_k||`` exceeds it is scaled, with its momentum, by ``1 / ||w_k||`` after
+    the step (module docstring). ``learning_rate`` may be a schedule.
+    """
+    _utils.check_rate("learning_rate", learning_rate)
+    _utils.check_beta("momentum", momentum)
+    if max_norm is not None:
+        _utils.check_rate("max_norm", max_norm)
+        if not isinstance(max_norm, jax.core.Tracer) and not max_norm > 0:
+            raise ValueError(f"`max_norm` must be > 0 or None, got {max_norm!r}.")
+    # a traced momentum (inject_hyperparams) may be non-zero: keep the buffer
+    keep_trace = nesterov or isinstance(momentum, jax.core.Tracer) or momentum != 0
+
+    def init_fn(params):
+        resolve_groups(groups, params)
+        trace = jax.tree.map(lambda p: _utils.zeros_acc(p), params) if keep_trace else ()
+        return PsiSgdState(jnp.zeros([], jnp.int32), trace)
+
+    def update_fn(updates, state, params=None):
+        params = _utils.require_params(params, "psi_sgdm")
+        grp = resolve_groups(groups, params)
+        lr = _utils.value_at(learning_rate, state.count)
+        trace = state.trace if keep_trace else jax.tree.map(lambda _: None, updates)
+
+        def leaf(group, g, t, x):
+            acc = accumulation_dtype(jnp.result_type(g, x))
+            g = g.astype(acc)
+            scale = None
+            if group is not None:
+                sq = group_sq_norm(x, group)
+                if max_norm is not None:
+                    # per group: 1 / ||w_k|| above max_norm, else 1 (T_a of Theorem 1)
+                    over = sq > max_norm**2
+                    scale = jnp.where(over, jax.lax.rsqrt(jnp.where(over, sq, 1)), 1)
+                    g = (scale * sq) * g
+                else:
+                    g = sq * g
+            # the step reads the *new* trace, as optax.sgd does, so that the trace is
+            # updated in place and read once
+            if keep_trace:
+                if scale is not None:
+                    t = scale * t
+                t = momentum * t + g
+                direction = g + momentum * t if nesterov else t
+            else:
+                direction = g
+            step = -lr * direction
+            if scale is not None:
+                step = step + (scale - 1) * x.astype(acc)
+            return step.astype(x.dtype), t
+
+        out = jax.tree.map(leaf, grp, updates, trace, params, is_leaf=lambda n: n is None)
+        new_updates, new_trace = _utils.unzip(out, updates, 2)
+        return new_updates, PsiSgdState(
+            optax.safe_increment(state.count), new_trace if keep_trace else ()
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def psi_sgd(
+    learning_rate: _utils.Hyper = 0.1,
+    momentum: float = 0.0,
+    *,
+    max_norm: float | None = 1e4,
+    groups: GroupsLike = "unit",
+) -> optax.GradientTransformation:
+    r"""PSI-SGD (seed 004 eq. 10): ``w_{k+1} = w_k - \eta_k \|w_k\|^2 \nabla_w L`` per group.
+
+    :func:`psi_sgdm` with ``momentum=0`` by default (then no momentum buffer is kept); plain
+    SGD on ungrouped leaves. ``max_norm`` as in :func:`psi_sgdm`.
+    """
+    return psi_sgdm(learning_rate, momentum, max_norm=max_norm, groups=groups)

@@ -1,0 +1,510 @@
+"""Rotational RMS control and the rotational optimizer variants (RVs).
+
+Kosson, Messmer & Jaggi, "Rotational equilibrium" (seed 002, sec. 2 and app. M, alg. 1).
+With weight decay, the norm of a scale-invariant group converges to an equilibrium where its
+expected angular update per step is ``eta_r`` of Table 1 (see :mod:`optax_sphere.theory`).
+The rotational wrapper forces that equilibrium from the first step: for each rotational
+group ``x`` of initial norm ``N`` and inner direction ``U`` (the inner optimizer's update
+without learning rate and weight decay),
+
+1. ``U <- U - <U, x> x / N^2`` (radial part dropped), then ``U <- U - mean(U)`` if ``center``;
+2. ``q <- beta q + (1 - beta) ||U||^2`` and ``a = sqrt(q / (1 - beta^t))``;
+3. ``x' = x - eta_r N U / (a + eps)``; ``x <- N (x' - mean(x')) / ||x' - mean(x')||``
+   (the mean is removed only with ``center``).
+
+So every group rotates by ``eta_r`` on average, whatever its gradient scale, and keeps its
+norm. Weight decay of rotational groups acts only through ``eta_r``. Ungrouped leaves get the
+plain inner step ``-lr (U + wd x)`` with ``wd = 0`` by default, as in the authors' code.
+
+Cost: once ``U`` is made orthogonal to ``x``, ``||x'||^2`` is known in closed form, so all
+per-group scalars of a step (``<U,U>``, ``<U,x>``, ``<x,x>``, ``sum U``, ``sum x``) come from
+one reduction pass over ``(U, x)``, followed by one element-wise pass
+``update = A x + B U + C`` with per-group scalars ``A, B, C``. The state added to the inner
+optimizer's is two scalars per group (``N`` and ``q``) and a step count.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sphere import _utils
+from optax_sphere.groups import (
+    Group,
+    GroupsLike,
+    accumulation_dtype,
+    group_sq_norm,
+    group_sum,
+    resolve_groups,
+)
+
+__all__ = [
+    "RotationalRmsControlState",
+    "rotational_rms_control",
+    "center_groups",
+    "rv_adamw",
+    "rv_sgdm",
+    "rv_lion",
+    "wrapped_adam_l2",
+    "scale_by_adam_l2_direction",
+    "ScaleByAdamL2DirectionState",
+]
+
+
+class RotationalRmsControlState(NamedTuple):
+    """State of :func:`rotational_rms_control`.
+
+    ``norm``: the initial norm ``N`` of each group (after centering with ``center``), and
+    ``q``: the running mean of ``||U||^2``, both one scalar per group (``keepdims`` shape,
+    at least float32); :class:`optax.MaskedNode` on ungrouped leaves. ``inner``: the inner
+    optimizer's state.
+    """
+
+    count: jax.Array
+    norm: Any
+    q: Any
+    inner: Any
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+
+
+def _centred_norm(x: jax.Array, group: Group, center: bool) -> jax.Array:
+    x = x.astype(accumulation_dtype(x.dtype))
+    s_xx = group_sq_norm(x, group)
+    if not center:
+        return jnp.sqrt(s_xx)
+    d = group.size(x.shape)
+    s_x = group_sum(x, group)
+    return jnp.sqrt(jnp.maximum(s_xx - s_x * s_x / d, 0))
+
+
+def center_groups(params: Any, groups: GroupsLike = "unit") -> Any:
+    """Centres every group of ``params`` (mean zero over the group), keeping its norm.
+
+    ``x <- ||x|| (x - mean(x)) / ||x - mean(x)||``: what the authors do to the rotational
+    weights once, before training, when the RVs are used with ``center=True`` (seed 002
+    app. M, "Centering the weights"). A group that is zero or constant (no centred
+    direction) is returned unchanged. Ungrouped leaves are returned unchanged.
+    """
+    grp = resolve_groups(groups, params)
+
+    def leaf(group, x):
+        if group is None:
+            return x
+        acc = accumulation_dtype(x.dtype)
+        xa = x.astype(acc)
+        centred = xa - group_sum(xa, group) / group.size(x.shape)
+        scale = _safe_div(
+            jnp.sqrt(group_sq_norm(xa, group)), jnp.sqrt(group_sq_norm(centred, group))
+        )
+        return jnp.where(scale > 0, scale * centred, xa).astype(x.dtype)
+
+    return _utils.map_groups(leaf, grp, params)
+
+
+def _rotational_step(
+    group: Group,
+    u: jax.Array,
+    x: jax.Array,
+    norm: jax.Array,
+    q: jax.Array,
+    *,
+    eta_r: Any,
+    beta: Any,
+    eps: Any,
+    center: bool,
+    count: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """One rotational step of a group (seed 002 alg. 1, lines 9-13), one reduction pass.
+
+    Returns ``(update, q)`` with ``update = x_new - x``.
+    """
+    acc = accumulation_dtype(jnp.result_type(u, x))
+    u, x = u.astype(acc), x.astype(acc)
+    d = group.size(x.shape)
+    # The single reduction pass: five per-group sums of (u, x).
+    s_uu = group_sq_norm(u, group)
+    s_ux = group_sum(u * x, group)
+    s_xx = group_sq_norm(x, group)
+    k = _safe_div(s_ux, norm * norm)  # radial coefficient, with the stored norm (line 10)
+    if center:
+        s_u, s_x = group_sum(u, group), group_sum(x, group)
+        mu = (s_u - k * s_x) / d  # mean of u - k x
+        x_mean = s_x / d
+    else:
+        mu = x_mean = jnp.zeros_like(s_uu)
+    # u2 = u - k x - mu: its squared norm and inner product with x, expanded.
+    u2_u2 = jnp.maximum(s_uu - 2 * k * s_ux + k * k * s_xx - d * mu * mu, 0)
+    u2_x = s_ux - k * s_xx - mu * d * x_mean
+    q = beta * q + (1 - beta) * u2_u2  # line 11
+    bias = 1 - jnp.asarray(beta, acc) ** count.astype(acc)
+    c = eta_r * norm / (jnp.sqrt(q / bias) + eps)  # line 12
+    # x'' = x - x_mean - c u2 (u2 has mean zero when centred); its norm in closed form.
+    r2 = jnp.maximum(s_xx - d * x_mean * x_mean - 2 * c * u2_x + c * c * u2_u2, 0)
+    ok = (norm > 0) & (r2 > 0)
+    scale = jnp.where(ok, norm / jnp.sqrt(jnp.where(ok, r2, 1)), 1)  # line 13
+    c = jnp.where(ok, c, 0)
+    # update = scale (x - x_mean - c (u - k x - mu)) - x
+    a_x = jnp.where(ok, scale - 1 + scale * c * k, 0)
+    b_u = -scale * c
+    c_0 = jnp.where(ok, scale * (c * mu - x_mean), 0)
+    return a_x * x + b_u * u + c_0, q
+
+
+def rotational_rms_control(
+    inner: optax.GradientTransformation,
+    *,
+    eta_r: _utils.Hyper,
+    learning_rate: _utils.Hyper,
+    beta: float = 0.9,
+    center: bool = True,
+    eps: float = 1e-8,
+    weight_decay: _utils.Hyper = 0.0,
+    groups: GroupsLike = "unit",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Rotational RMS control around any inner direction (seed 002 app. M, alg. 1).
+
+    ``inner`` gives the update direction ``U`` without learning rate and without weight
+    decay (``optax.scale_by_adam()``, ``optax.scale_by_lion()``, ``optax.trace(0.9)``, any
+    chain of those). For every rotational group ``x`` of initial norm ``N``:
+
+    .. math::
+        U_\perp = U - \frac{\langle U,x\rangle}{N^2} x - \overline{(\cdot)},\quad
+        q_t = \beta q_{t-1} + (1-\beta)\|U_\perp\|^2,\quad
+        x' = x - \eta_r N \frac{U_\perp}{\sqrt{q_t/(1-\beta^t)} + \epsilon},\quad
+        x \leftarrow N \frac{x' - \bar{x}'}{\|x' - \bar{x}'\|}
+
+    (means removed only with ``center``). The returned update is ``x_new - x``. Ungrouped
+    leaves get ``-learning_rate (U + weight_decay x)``.
+
+    Args:
+      inner: the direction; it receives ``params`` and any extra arguments.
+      eta_r: expected angular update per step (radians): a number or a schedule of the step
+        count. Table 1 of seed 002 gives the equilibrium value of each optimizer
+        (:func:`optax_sphere.theory.equilibrium`); the ``rv_*`` aliases compute it from the
+        current learning rate and weight decay.
+      learning_rate: step size of the ungrouped leaves (number or schedule).
+      beta: decay of the update-norm tracker ``q``, in [0, 1) (authors' final code: 0.9).
+      center: remove the mean of each group (Weight Standardization dynamics, the default
+        of the authors' code). Parameters should then be centred before training with
+        :func:`center_groups`; the first step centres them otherwise.
+      eps: added to the RMS ``a`` (not inside the square root).
+      weight_decay: decoupled weight decay of the ungrouped leaves (0 by default; rotational
+        groups never get weight decay).
+      groups: the rotational groups (see :mod:`optax_sphere.groups`): per output unit by
+        default, ``"tensor"`` for whole-layer (LayerNorm) invariance.
+    """
+    _utils.check_rate("eta_r", eta_r)
+    _utils.check_rate("learning_rate", learning_rate)
+    _utils.check_beta("beta", beta)
+    _utils.check_rate("eps", eps)
+    _utils.check_rate("weight_decay", weight_decay)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        grp = resolve_groups(groups, params)
+
+        def norm_of(group, p):
+            return optax.MaskedNode() if group is None else _centred_norm(p, group, center)
+
+        def zeros_of(group, p):
+            if group is None:
+                return optax.MaskedNode()
+            return _utils.zeros_acc(p, group.scalar_shape(p.shape))
+
+        return RotationalRmsControlState(
+            count=jnp.zeros([], jnp.int32),
+            norm=_utils.map_groups(norm_of, grp, params),
+            q=_utils.map_groups(zeros_of, grp, params),
+            inner=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        params = _utils.require_params(params, "rotational_rms_control")
+        grp = resolve_groups(groups, params)
+        direction, inner_state = inner.update(updates, state.inner, params, **extra_args)
+        count = optax.safe_increment(state.count)
+        rate = _utils.value_at(eta_r, state.count)
+        lr = _utils.value_at(learning_rate, state.count)
+        wd = _utils.value_at(weight_decay, state.count)
+
+        def leaf(group, u, norm, q, x):
+            if group is None:
+                acc = accumulation_dtype(jnp.result_type(u, x))
+                step = -lr * (u.astype(acc) + wd * x.astype(acc))
+                return step.astype(u.dtype), q
+            step, q = _rotational_step(
+                group, u, x, norm, q, eta_r=rate, beta=beta, eps=eps, center=center, count=count
+            )
+            return step.astype(u.dtype), q
+
+        out = _utils.map_groups(leaf, grp, direction, state.norm, state.q, params)
+        new_updates, q = _utils.unzip(out, direction, 2)
+        return new_updates, RotationalRmsControlState(count, state.norm, q, inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------
+# Equilibrium angular updates of Table 1 (seed 002), as functions of the step count.
+
+
+def _hyper_fn(*hypers: _utils.Hyper, formula) -> Any:
+    """``count -> formula(*values at count)``; a plain number when no hyper is a schedule."""
+    if not any(callable(h) for h in hypers):
+        return formula(*hypers)
+    return lambda count: formula(*(_utils.value_at(h, count) for h in hypers))
+
+
+def _sqrt(v):
+    return jnp.sqrt(v) if isinstance(v, jax.Array) else v**0.5
+
+
+def _adamw_eta_r(lr, wd, b1):
+    return _sqrt(2 * lr * wd * (1 - b1) / (1 + b1))
+
+
+def _sgdm_eta_r(lr, wd, momentum):
+    return _sqrt(2 * lr * wd / (1 + momentum))
+
+
+def _lion_eta_r(lr, wd, b1, b2):
+    return _sqrt(jnp.pi * lr * wd) * _sqrt((1 - b1) ** 2 + b1**2 * (1 - b2) / (1 + b2))
+
+
+def _ungrouped_mask(groups: GroupsLike):
+    return lambda params: jax.tree.map(
+        lambda g: g is None, resolve_groups(groups, params), is_leaf=lambda g: g is None
+    )
+
+
+def rv_adamw(
+    learning_rate: _utils.Hyper = 1e-3,
+    weight_decay: _utils.Hyper = 1e-2,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    beta: float = 0.9,
+    center: bool = True,
+    *,
+    eta_r: _utils.Hyper | None = None,
+    rotational_eps: float = 1e-8,
+    ungrouped_weight_decay: _utils.Hyper = 0.0,
+    groups: GroupsLike = "unit",
+) -> optax.GradientTransformationExtraArgs:
+    r"""RV-AdamW (seed 002 app. M): Adam's direction under rotational RMS control.
+
+    Rotational groups rotate by :math:`\hat\eta_r = \sqrt{2\eta\lambda(1-b_1)/(1+b_1)}` per
+    step on average (Table 1, the AdamW equilibrium for the current, possibly scheduled,
+    ``learning_rate`` and ``weight_decay``) at fixed norm; ``weight_decay`` acts only
+    through :math:`\hat\eta_r`. Ungrouped leaves get AdamW with ``ungrouped_weight_decay``
+    (0: plain Adam). ``eta_r`` overrides the Table 1 value. See :func:`rotational_rms_control`
+    for ``beta``, ``center``, ``rotational_eps`` and ``groups``. State: ``optax.scale_by_adam``'s
+    (moments in the gradients' dtype) plus two float32 scalars per group and a step count.
+    """
+    _utils.check_rate("learning_rate", learning_rate)
+    _utils.check_rate("weight_decay", weight_decay)
+    _utils.check_beta("b1", b1)
+    _utils.check_beta("b2", b2)
+    if eta_r is None:
+        eta_r = _hyper_fn(
+            learning_rate, weight_decay, formula=lambda lr, wd: _adamw_eta_r(lr, wd, b1)
+        )
+    return rotational_rms_control(
+        optax.scale_by_adam(b1, b2, eps),
+        eta_r=eta_r,
+        learning_rate=learning_rate,
+        beta=beta,
+        center=center,
+        eps=rotational_eps,
+        weight_decay=ungrouped_weight_decay,
+        groups=groups,
+    )
+
+
+def rv_sgdm(
+    learning_rate: _utils.Hyper = 0.1,
+    momentum: float = 0.9,
+    weight_decay: _utils.Hyper = 5e-4,
+    beta: float = 0.9,
+    center: bool = True,
+    *,
+    eta_r: _utils.Hyper | None = None,
+    rotational_eps: float = 1e-8,
+    ungrouped_weight_decay: _utils.Hyper = 0.0,
+    groups: GroupsLike = "unit",
+) -> optax.GradientTransformationExtraArgs:
+    r"""RV-SGDM (seed 002 app. M): SGD momentum's direction under rotational RMS control.
+
+    Direction ``b <- momentum b + grad`` (``optax.trace``); rotational groups rotate by
+    :math:`\hat\eta_r = \sqrt{2\eta\lambda/(1+\alpha)}` per step on average (Table 1).
+    Ungrouped leaves get SGD momentum with coupled L2 ``ungrouped_weight_decay`` (0: plain
+    SGD momentum), as the authors' code.
+    """
+    _utils.check_rate("learning_rate", learning_rate)
+    _utils.check_rate("weight_decay", weight_decay)
+    _utils.check_beta("momentum", momentum)
+    _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
+    if eta_r is None:
+        eta_r = _hyper_fn(
+            learning_rate, weight_decay, formula=lambda lr, wd: _sgdm_eta_r(lr, wd, momentum)
+        )
+    inner = optax.trace(decay=momentum)
+    if callable(ungrouped_weight_decay) or ungrouped_weight_decay != 0:
+        coupled = optax.add_decayed_weights(ungrouped_weight_decay)
+        inner = optax.chain(optax.masked(coupled, _ungrouped_mask(groups)), inner)
+    return rotational_rms_control(
+        inner,
+        eta_r=eta_r,
+        learning_rate=learning_rate,
+        beta=beta,
+        center=center,
+        eps=rotational_eps,
+        groups=groups,
+    )
+
+
+def rv_lion(
+    learning_rate: _utils.Hyper = 1e-4,
+    weight_decay: _utils.Hyper = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    beta: float = 0.9,
+    center: bool = True,
+    *,
+    eta_r: _utils.Hyper | None = None,
+    rotational_eps: float = 1e-8,
+    ungrouped_weight_decay: _utils.Hyper = 0.0,
+    groups: GroupsLike = "unit",
+) -> optax.GradientTransformationExtraArgs:
+    r"""RV-Lion (seed 002 app. M): Lion's sign direction under rotational RMS control.
+
+    Rotational groups rotate by :math:`\hat\eta_r = \sqrt{\pi\eta\lambda}
+    \sqrt{(1-b_1)^2 + b_1^2(1-b_2)/(1+b_2)}` per step on average (Table 1, eq. 72).
+    Ungrouped leaves get Lion with decoupled ``ungrouped_weight_decay`` (0 by default).
+    """
+    _utils.check_rate("learning_rate", learning_rate)
+    _utils.check_rate("weight_decay", weight_decay)
+    _utils.check_beta("b1", b1)
+    _utils.check_beta("b2", b2)
+    if eta_r is None:
+        eta_r = _hyper_fn(
+            learning_rate, weight_decay, formula=lambda lr, wd: _lion_eta_r(lr, wd, b1, b2)
+        )
+    return rotational_rms_control(
+        optax.scale_by_lion(b1, b2),
+        eta_r=eta_r,
+        learning_rate=learning_rate,
+        beta=beta,
+        center=center,
+        eps=rotational_eps,
+        weight_decay=ungrouped_weight_decay,
+        groups=groups,
+    )
+
+
+class ScaleByAdamL2DirectionState(NamedTuple):
+    """State of :func:`scale_by_adam_l2_direction`: Adam's moments (at least float32)."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def scale_by_adam_l2_direction(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: _utils.Hyper = 0.0,
+    ungrouped_weight_decay: _utils.Hyper = 0.0,
+    *,
+    groups: GroupsLike = "unit",
+) -> optax.GradientTransformation:
+    r"""The gradient part of Adam+L2's update (seed 002 eqs. 73-75, authors' wrapper code).
+
+    On grouped leaves the second moment sees the L2-regularised gradient, the first moment
+    only the loss gradient (the L2 part of the update is weight decay, replaced by the
+    rotational control): :math:`m_t = b_1 m_{t-1} + (1-b_1) g_t`,
+    :math:`v_t = b_2 v_{t-1} + (1-b_2)(g_t + \lambda x)^2`,
+    :math:`U = \hat m_t / (\sqrt{\hat v_t} + \epsilon)`. Ungrouped leaves get the full Adam
+    direction with coupled L2 ``ungrouped_weight_decay``. Needs ``params``.
+    """
+    _utils.check_beta("b1", b1)
+    _utils.check_beta("b2", b2)
+    _utils.check_rate("eps", eps)
+    _utils.check_rate("weight_decay", weight_decay)
+    _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
+
+    def init_fn(params):
+        resolve_groups(groups, params)
+        zeros = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
+        return ScaleByAdamL2DirectionState(jnp.zeros([], jnp.int32), zeros, zeros)
+
+    def update_fn(updates, state, params=None):
+        params = _utils.require_params(params, "scale_by_adam_l2_direction")
+        grp = resolve_groups(groups, params)
+        wd = _utils.value_at(weight_decay, state.count)
+        wd_ungrouped = _utils.value_at(ungrouped_weight_decay, state.count)
+        count = optax.safe_increment(state.count)
+
+        def leaf(group, g, m, v, x):
+            acc = accumulation_dtype(jnp.result_type(g, x))
+            bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
+            g, x = g.astype(acc), x.astype(acc)
+            total = g + (wd if group is not None else wd_ungrouped) * x
+            m = b1 * m + (1 - b1) * (g if group is not None else total)
+            v = b2 * v + (1 - b2) * total * total
+            return (m / bc1) / (jnp.sqrt(v / bc2) + eps), m, v
+
+        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params)
+        direction, mu, nu = _utils.unzip(out, updates, 3)
+        return direction, ScaleByAdamL2DirectionState(count, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def wrapped_adam_l2(
+    learning_rate: _utils.Hyper = 1e-3,
+    weight_decay: _utils.Hyper = 1e-2,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    beta: float = 0.9,
+    center: bool = True,
+    *,
+    eta_r: _utils.Hyper | None = None,
+    rotational_eps: float = 1e-8,
+    ungrouped_weight_decay: _utils.Hyper = 0.0,
+    groups: GroupsLike = "unit",
+) -> optax.GradientTransformationExtraArgs:
+    r"""The "wrapped Adam+L2" RV (seed 002 sec. 3, Table 2 last column, app. O).
+
+    Adam+L2's direction (:func:`scale_by_adam_l2_direction`: L2 ``weight_decay`` inside the
+    second moment) with the balanced angular update of AdamW,
+    :math:`\hat\eta_r = \sqrt{2\eta\lambda(1-b_1)/(1+b_1)}`, instead of Adam+L2's own
+    equilibrium, which depends on the gradient norm (eq. 84, 87). Ungrouped leaves get Adam
+    with coupled L2 ``ungrouped_weight_decay`` (0: plain Adam).
+    """
+    _utils.check_rate("learning_rate", learning_rate)
+    _utils.check_rate("weight_decay", weight_decay)
+    if eta_r is None:
+        eta_r = _hyper_fn(
+            learning_rate, weight_decay, formula=lambda lr, wd: _adamw_eta_r(lr, wd, b1)
+        )
+    return rotational_rms_control(
+        scale_by_adam_l2_direction(
+            b1, b2, eps, weight_decay, ungrouped_weight_decay, groups=groups
+        ),
+        eta_r=eta_r,
+        learning_rate=learning_rate,
+        beta=beta,
+        center=center,
+        eps=rotational_eps,
+        groups=groups,
+    )

@@ -1,0 +1,87 @@
+"""Optimizers that follow the same directions: the equivalences of seed 000 / thesis 003.
+
+For radially invariant groups only the direction ``u = x / ||x||`` matters, and two schemes
+whose effective learning rates and directions agree at every step visit the same directions
+(003 Lemma 3, eq. 3.43). Two consequences, returned here as ready-to-use hyperparameters:
+
+* :func:`l2_equivalent_schedule` (003 eq. 3.44, 000 eq. 44): SGD with L2 ``wd`` and learning
+  rate ``lr`` equals SGD without L2 under the schedule ``lr (1 - lr wd)^(-2k-1)``, exactly.
+* :func:`sgd_to_adagradg` (000 Theorem 4, 003 Theorem 4): SGD with L2 equals AdaGradG on the
+  unit sphere, to second order in the step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["l2_equivalent_schedule", "sgd_to_adagradg"]
+
+
+def _check(learning_rate: float, weight_decay: float) -> None:
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"`learning_rate` must be finite and > 0, got {learning_rate!r}.")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"`weight_decay` must be finite and >= 0, got {weight_decay!r}.")
+    if not learning_rate * weight_decay < 1:
+        raise ValueError(
+            f"`learning_rate * weight_decay` must be < 1 (got {learning_rate * weight_decay!r}): "
+            "SGD with L2 then shrinks the weights through zero."
+        )
+
+
+def l2_equivalent_schedule(learning_rate: float, weight_decay: float) -> optax.Schedule:
+    r"""Schedule under which SGD *without* L2 follows SGD with L2 on invariant groups.
+
+    Thesis 003 eq. 3.44 (000 eq. 44): SGD with constant ``learning_rate`` ``eta`` and L2
+    ``weight_decay`` ``lambda``, ``x <- x - eta (grad + lambda x)``, started at ``x_0``, and SGD
+    without L2 under
+
+    .. math:: \eta_k = \eta (1 - \eta\lambda)^{-2k-1}
+
+    started at the same ``x_0`` visit the same directions ``u_k`` at every step (exactly, for
+    gradients that are -1 homogeneous and tangent, as behind a normalisation). The radii differ:
+    ``r_k / r_k^{L2} = (1 - eta lambda)^{-k}``. Returns an ``optax.Schedule`` (step count ->
+    learning rate), computed as ``exp(-(2k+1) log(1 - eta lambda))``.
+    """
+    _check(learning_rate, weight_decay)
+    log_factor = -math.log1p(-learning_rate * weight_decay)
+
+    def schedule(count: Any) -> jax.Array:
+        k = jnp.asarray(count)
+        dtype = jnp.result_type(float)
+        return learning_rate * jnp.exp((2 * k.astype(dtype) + 1) * log_factor)
+
+    return schedule
+
+
+def sgd_to_adagradg(learning_rate: float, weight_decay: float, radius: Any) -> dict[str, Any]:
+    r"""AdaGradG hyperparameters equivalent to SGD with L2 (000 Theorem 4, 003 Theorem 4).
+
+    SGD with constant ``learning_rate`` ``eta`` and L2 ``weight_decay`` ``lambda`` started from
+    ``x_0 = r_0 u_0`` is scheme-equivalent, to second order in the step, to
+    :func:`optax_sphere.adagradg` started from ``u_0`` with
+
+    .. math::
+        \beta = (1 - \eta\lambda)^4,\quad \eta_k = (2\beta)^{-1/2},\quad
+        v_0 = \frac{r_0^4}{2 \eta^2 \beta^{1/2}}.
+
+    ``radius`` is ``r_0``: a number, or a pytree (for example the per-group norms of the
+    initial params, ``keepdims``) which gives a pytree ``v0`` of the same structure. Returns the
+    keyword arguments of ``adagradg``: ``{"learning_rate", "beta", "v0"}``. With
+    ``weight_decay = 0`` (``beta = 1``) the equivalence holds too (003 states it for
+    ``lambda >= 0``).
+    """
+    _check(learning_rate, weight_decay)
+    beta = (1.0 - learning_rate * weight_decay) ** 4
+    scale = 1.0 / (2.0 * learning_rate**2 * math.sqrt(beta))
+    v0 = jax.tree.map(lambda r: jnp.asarray(r) ** 4 * scale, radius)
+    if isinstance(radius, (int, float)):
+        if not radius > 0:
+            raise ValueError(f"`radius` must be > 0, got {radius!r}.")
+        v0 = float(radius) ** 4 * scale
+    return {"learning_rate": (2.0 * beta) ** -0.5, "beta": beta, "v0": v0}

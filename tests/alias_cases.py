@@ -1,0 +1,192 @@
+"""Every optimizer of the library, with small valid keyword arguments, for the reliability tests.
+
+Each :class:`Case` builds one ``optax.GradientTransformation`` from keyword arguments
+(``learning_rate`` and ``groups`` always among them, so that ``optax.inject_hyperparams`` and
+user group specs reach it). A published alias is looked up by name on ``optax_sphere``; a
+primitive is wrapped into a usable optimizer (a direction, a learning rate, and whatever it
+needs around it). A case whose names are not exported by this build is skipped, so that it is
+covered automatically once it exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import optax
+import pytest
+
+import optax_sphere
+
+Factory = Callable[..., optax.GradientTransformation]
+
+
+def _exported(name: str) -> Any:
+    return getattr(optax_sphere, name, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One optimizer of the library: ``make(**overrides)`` builds it."""
+
+    name: str
+    factory: Factory
+    kwargs: dict[str, Any]
+    requires: tuple[str, ...]
+    kind: str  # "alias" or "primitive"
+    # Documented behaviour (docs/reliability.md), asserted by the tests:
+    # a group at the origin with a nonzero gradient "moves", or "stays" there (its norm or its
+    # metric is zero: rotational and PSI optimizers).
+    zero_group: str = "moves"
+    # dtype of the floating state for bf16 / fp16 params: "float32" (this library's
+    # transforms accumulate in at least float32) or "params" (an optax inner optimizer's
+    # state, which follows the params).
+    state_dtype: str = "float32"
+    # A known limitation with float16 params, inherited from an optax inner optimizer
+    # (asserted as a strict expected failure), or None.
+    float16_limitation: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return all(_exported(n) is not None for n in self.requires)
+
+    def make(self, **overrides: Any) -> optax.GradientTransformation:
+        return self.factory(**{**self.kwargs, **overrides})
+
+
+def _missing(name: str) -> Factory:
+    def factory(**kw: Any) -> optax.GradientTransformation:
+        raise NotImplementedError(f"optax_sphere.{name} is not exported by this build")
+
+    return factory
+
+
+def _alias(name: str, behaviour: dict[str, Any] | None = None, **kwargs: Any) -> Case:
+    # the exported function itself, so that optax.inject_hyperparams sees its signature
+    factory = _exported(name) or _missing(name)
+    return Case(name, factory, kwargs, (name,), "alias", **(behaviour or {}))
+
+
+def _primitive(
+    name: str,
+    requires: tuple[str, ...],
+    build: Factory,
+    behaviour: dict[str, str] | None = None,
+) -> Case:
+    return Case(name, build, {"learning_rate": 1e-2}, requires, "primitive", **(behaviour or {}))
+
+
+# Published aliases (DESIGN.md section 4), with the fixtures' hyperparameters, scaled to take
+# visible steps on the small problems of the tests.
+ALIASES = [
+    _alias("adam_s", learning_rate=1e-2, weight_decay=1e-3),
+    _alias("adam_st", learning_rate=1e-2, weight_decay=1e-3),
+    _alias("adam_srt", learning_rate=1e-2, weight_decay=1e-3),
+    _alias("sgdm_rt", learning_rate=0.05, momentum=0.9, weight_decay=5e-4),
+    _alias("rv_adamw", learning_rate=1e-2, weight_decay=0.1),
+    _alias("rv_sgdm", learning_rate=0.05, momentum=0.9, weight_decay=5e-4),
+    _alias("rv_lion", learning_rate=1e-3, weight_decay=1.0),
+    _alias("adamg", learning_rate=1e-2),
+    _alias("sgdg", learning_rate=0.05, momentum=0.9),
+    _alias("adagradg", learning_rate=0.05),
+    _alias("psi_sgd", learning_rate=0.05),
+    _alias("psi_sgdm", learning_rate=0.05, momentum=0.9),
+    _alias("adamp", learning_rate=1e-2, weight_decay=1e-2),
+    _alias("sgdp", learning_rate=0.05, momentum=0.9, weight_decay=1e-4),
+]
+
+
+def _osp(name: str) -> Any:
+    return _exported(name)
+
+
+ADAM_INNER = {
+    "state_dtype": "params",
+    "float16_limitation": "optax.adam keeps float16 moments for float16 params, where its "
+    "eps=1e-8 underflows to 0: a step divides by zero once the squared gradient underflows "
+    "(use float32 params, or an eps >= 1e-4)",
+}
+
+# The primitives, each made a complete optimizer by the smallest chain that needs it.
+PRIMITIVES = [
+    _primitive(
+        "chain(coupled_weight_decay,scale_by_standardized_adam)",
+        ("coupled_weight_decay", "scale_by_standardized_adam"),
+        lambda learning_rate, groups="unit": optax.chain(
+            _osp("coupled_weight_decay")(1e-3),
+            _osp("scale_by_standardized_adam")(0.9, 0.99, groups=groups),
+            optax.scale_by_learning_rate(learning_rate),
+        ),
+    ),
+    _primitive(
+        "rescale_momentum(sgd)",
+        ("rescale_momentum",),
+        lambda learning_rate, groups="unit": _osp("rescale_momentum")(
+            optax.sgd(learning_rate, momentum=0.9), groups=groups
+        ),
+        {"state_dtype": "params"},
+    ),
+    _primitive(
+        "transport_momentum(adam)",
+        ("transport_momentum",),
+        lambda learning_rate, groups="unit": _osp("transport_momentum")(
+            optax.adam(learning_rate), groups=groups
+        ),
+        ADAM_INNER,
+    ),
+    _primitive(
+        "transport_momentum(adam,exact=True)",
+        ("transport_momentum",),
+        lambda learning_rate, groups="unit": _osp("transport_momentum")(
+            optax.adam(learning_rate), groups=groups, exact=True
+        ),
+        ADAM_INNER,
+    ),
+    _primitive(
+        "rescale_transport_momentum(scale_by_standardized_adam)",
+        ("rescale_transport_momentum", "scale_by_standardized_adam"),
+        lambda learning_rate, groups="unit": _osp("rescale_transport_momentum")(
+            optax.chain(
+                _osp("scale_by_standardized_adam")(groups=groups),
+                optax.scale_by_learning_rate(learning_rate),
+            ),
+            groups=groups,
+        ),
+    ),
+    _primitive(
+        "chain(scale_by_standardized_adam,decoupled_weight_decay)",
+        ("scale_by_standardized_adam", "decoupled_weight_decay"),
+        lambda learning_rate, groups="unit": optax.chain(
+            _osp("scale_by_standardized_adam")(groups=groups),
+            optax.scale_by_learning_rate(learning_rate),
+            _osp("decoupled_weight_decay")(1e-2, learning_rate),
+        ),
+    ),
+    _primitive(
+        "scale_invariant_projection(adam)",
+        ("scale_invariant_projection",),
+        lambda learning_rate, groups="unit": optax.chain(
+            _osp("scale_invariant_projection")(
+                optax.scale_by_adam(), weight_decay=1e-2, groups=groups
+            ),
+            optax.scale_by_learning_rate(learning_rate),
+        ),
+    ),
+]
+
+CASES: list[Case] = ALIASES + PRIMITIVES
+BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
+
+
+def params(cases: list[Case] | None = None) -> list[Any]:
+    """``pytest.param`` per case, skipped when this build does not export its names."""
+    out = []
+    for case in CASES if cases is None else cases:
+        marks = () if case.available else (pytest.mark.skip(reason=f"{case.name}: not exported"),)
+        out.append(pytest.param(case, id=case.name, marks=marks))
+    return out
+
+
+def available() -> list[Case]:
+    return [c for c in CASES if c.available]

@@ -1,0 +1,320 @@
+"""Sphere retraction, exact transport, and SGDG / AdamG / AdaGradG: on the sphere at every
+step, equal to unfused transcriptions of the published algorithms, BN training."""
+
+import bn_training
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optax_sphere as osp
+from optax_sphere import geometry
+from optax_sphere.groups import Group
+from optax_sphere.retraction import _orthogonality_gradient
+
+UNIT = Group((0, 1))  # per output unit of a (3, 4, 6) kernel
+
+
+def _params(seed=0, unit_norm=False):
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(3, 4, 6))
+    if unit_norm:
+        k = k / np.sqrt(np.sum(k * k, axis=(0, 1), keepdims=True))
+    return {"k": jnp.asarray(k), "b": jnp.asarray(rng.normal(size=6))}
+
+
+def _unit(x, axes=(0, 1)):
+    return x / jnp.sqrt(jnp.sum(x * x, axes, keepdims=True))
+
+
+def _loss(params):
+    u = _unit(params["k"])
+    # the bias term does not involve the kernel, so that the unfused transcriptions below can
+    # drive the kernel alone
+    return jnp.sum(jnp.sin(3 * u) * u[::-1]) + jnp.sum((params["b"] - 0.2) ** 2)
+
+
+_grad = jax.jit(jax.grad(_loss))
+
+
+def _run(tx, params, steps, grad=_grad):
+    state, x, xs = tx.init(params), params, []
+    update = jax.jit(tx.update)
+    for _ in range(steps):
+        u, state = update(grad(x), state, x)
+        x = optax.apply_updates(x, u)
+        xs.append(x)
+    return xs, state
+
+
+def _norms(x):
+    return jnp.sqrt(jnp.sum(x * x, axis=(0, 1)))
+
+
+# --- retraction and transport ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["projection", "exp"])
+@pytest.mark.parametrize("groups", ["unit", "tensor"])
+def test_retraction_keeps_every_group_on_the_sphere(method, groups):
+    tx = optax.chain(
+        optax.sgd(0.3, momentum=0.9),
+        osp.retract_to_sphere(method, radius=2.0, groups=groups),
+    )
+    xs, _ = _run(tx, _params(1), 10)
+    axes = (0, 1) if groups == "unit" else (0, 1, 2)
+    for x in xs:
+        np.testing.assert_allclose(jnp.sqrt(jnp.sum(x["k"] ** 2, axes)), 2.0, rtol=1e-5)
+
+
+def test_projection_and_exponential_map_agree_to_first_order():
+    with jax.enable_x64(True):
+        x = _params(2, unit_norm=True)
+        gaps = []
+        for scale in (1e-2, 1e-3):
+            delta = jax.tree.map(lambda p, s=scale: s * jnp.cos(7 * p), x)
+            outs = [
+                osp.retract_to_sphere(m).update(delta, optax.EmptyState(), x)[0]["k"]
+                for m in ("projection", "exp")
+            ]
+            gaps.append(float(jnp.max(jnp.abs(outs[0] - outs[1]))))
+            assert gaps[-1] < 0.1 * scale  # both are x + Delta_perp to first order
+        assert gaps[1] < gaps[0] / 50  # the gap is of second order in the step
+
+
+@st.composite
+def tangent_pair(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    d = draw(st.integers(2, 6))
+    x_old, x_new = rng.normal(size=(d, 3)), rng.normal(size=(d, 3)) * draw(st.floats(0.1, 5))
+    a, b = rng.normal(size=(d, 3)), rng.normal(size=(d, 3))
+    return x_old, x_new, a, b
+
+
+@settings(max_examples=10)
+@given(tangent_pair())
+def test_exact_transport_preserves_norms_and_inner_products_of_tangent_vectors(case):
+    with jax.enable_x64(True):
+        x_old, x_new, a, b = (jnp.asarray(v) for v in case)
+        g = Group((0,))
+        a, b = geometry.tangent_part(a, x_old, g), geometry.tangent_part(b, x_old, g)
+        ta = geometry.parallel_transport(a, x_old, x_new, g)
+        tb = geometry.parallel_transport(b, x_old, x_new, g)
+        dot = lambda p, q: jnp.sum(p * q, axis=0)
+        np.testing.assert_allclose(dot(ta, tb), dot(a, b), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(dot(ta, ta), dot(a, a), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(dot(ta, x_new), 0.0, atol=1e-10)  # tangent at the new point
+
+
+def test_sgdg_momentum_is_tangent_and_keeps_its_norm_through_the_step():
+    with jax.enable_x64(True):
+        x = _params(3)
+        tx = osp.sgdg(0.2, 0.9)
+        state = tx.init(x)
+        for _ in range(4):
+            g = _grad(x)
+            before = state.momentum["k"]
+            # M' = mu M - lr h before the transport, from the unfused formulas
+            h = geometry.tangent_part(g["k"], x["k"], UNIT)
+            m_new = 0.9 * before - 0.2 * h
+            u, state = tx.update(g, state, x)
+            x = optax.apply_updates(x, u)
+            after = state.momentum["k"]
+            np.testing.assert_allclose(_norms(after), _norms(m_new), rtol=1e-10)
+            np.testing.assert_allclose(jnp.sum(after * x["k"], axis=(0, 1)), 0.0, atol=1e-12)
+
+
+# --- the aliases against the published algorithms ---------------------------------------
+
+
+def test_sgdg_equals_the_chain_of_primitives_with_exact_transport():
+    with jax.enable_x64(True):
+        params = _params(4, unit_norm=True)
+        fused, _ = _run(osp.sgdg(0.1, 0.9), params, 12)
+        chain = osp.transport_momentum(
+            optax.chain(
+                osp.project_tangent(),
+                optax.sgd(0.1, momentum=0.9),
+                osp.retract_to_sphere("exp"),
+            ),
+            exact=True,
+        )
+        ref, _ = _run(chain, params, 12)
+        for a, b in zip(fused, ref):
+            np.testing.assert_allclose(a["k"], b["k"], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(a["b"], b["b"], rtol=1e-10, atol=1e-12)
+
+
+def _clip(h, c):
+    n = jnp.sqrt(jnp.sum(h * h, axis=(0, 1), keepdims=True))
+    return h * jnp.minimum(1.0, c / n)
+
+
+def _adamg_reference(params, steps, lr, b1, b2, eps, clip, omega):
+    """Cho & Lee's AdamG step by step with the generic geometry functions (unfused)."""
+    x = params["k"]
+    m = jnp.zeros_like(x)
+    v = jnp.zeros((1, 1, x.shape[-1]))
+    xs = []
+    for t in range(1, steps + 1):
+        g = _grad({"k": x, "b": params["b"]})["k"]
+        u = _unit(x)
+        if omega:
+            y = u.reshape(-1, x.shape[-1]).T  # rows: unit vectors of the groups
+            g = g + (2 * omega * (y @ y.T @ y - y)).T.reshape(x.shape)
+        h = geometry.tangent_part(g, u, UNIT)
+        if clip is not None:
+            h = _clip(h, clip)
+        m = b1 * m + (1 - b1) * h
+        v = b2 * v + (1 - b2) * jnp.sum(h * h, axis=(0, 1), keepdims=True)
+        delta = -lr * np.sqrt(1 - b2**t) / (1 - b1**t) * m / jnp.sqrt(v + eps)
+        x_new = geometry.exp_map(u, delta, UNIT)
+        m = geometry.parallel_transport(m, u, x_new, UNIT)
+        x = x_new
+        xs.append(x)
+    return xs
+
+
+@pytest.mark.parametrize("clip, omega", [(None, 0.0), (0.05, 0.0), (None, 0.1)])
+def test_adamg_equals_an_unfused_transcription(clip, omega):
+    with jax.enable_x64(True):
+        params = _params(5)
+        ref = _adamg_reference(params, 10, 0.05, 0.9, 0.99, 1e-8, clip, omega)
+        fused, _ = _run(osp.adamg(0.05, 0.9, 0.99, 1e-8, grad_clip=clip, omega=omega), params, 10)
+        for a, b in zip(fused, ref):
+            np.testing.assert_allclose(a["k"], b, rtol=1e-9, atol=1e-11)
+            np.testing.assert_allclose(_norms(a["k"]), 1.0, rtol=1e-12)
+
+
+def test_sgdg_with_clipping_equals_an_unfused_transcription():
+    with jax.enable_x64(True):
+        params = _params(6)
+        x, mom = params["k"], jnp.zeros_like(params["k"])
+        fused, _ = _run(osp.sgdg(0.3, 0.9, grad_clip=0.02), params, 8)
+        for t in range(8):
+            g = _grad({"k": x, "b": params["b"]})["k"]
+            u = _unit(x)
+            mom = 0.9 * mom - 0.3 * _clip(geometry.tangent_part(g, u, UNIT), 0.02)
+            x_new = geometry.exp_map(u, mom, UNIT)
+            mom = geometry.parallel_transport(mom, u, x_new, UNIT)
+            x = x_new
+            np.testing.assert_allclose(fused[t]["k"], x, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("layout", ["flax", "leading_units"])
+def test_orthogonality_regulariser_is_the_gradient_of_its_loss(layout):
+    """2 omega (Y Y^T Y - Y) = d/dY of (omega / 2) ||Y Y^T - I||^2, Y: rows = unit vectors."""
+    with jax.enable_x64(True):
+        x = _params(7)["k"]  # (3, 4, 6): 6 groups of 12
+        group = UNIT
+        if layout == "leading_units":  # (6, 3, 4), groups over the last two axes
+            x, group = jnp.transpose(x, (2, 0, 1)), Group((1, 2))
+        to_rows = (
+            (lambda k: k.reshape(-1, 6).T) if layout == "flax" else (lambda k: k.reshape(6, -1))
+        )
+        y = _unit(x, group.axes)
+
+        def loss(yy):
+            rows = to_rows(yy)
+            return 0.5 * 0.3 * jnp.sum((rows @ rows.T - jnp.eye(6)) ** 2)
+
+        expected = jax.jit(jax.grad(loss))(y)
+        ours = jax.jit(_orthogonality_gradient, static_argnums=(1, 2))(x, group, 0.3)
+        np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_adagradg_equals_the_thesis_equations_and_stays_on_the_sphere():
+    """003 sec. 3.4.2: x_hat = x - lr g / sqrt(v_k); x = x_hat / ||x_hat||; v = beta v + ||g||^2."""
+    with jax.enable_x64(True):
+        params = _params(8, unit_norm=True)
+        lr, beta, v0 = 0.7, 0.99, 3.0
+        fused, state = _run(osp.adagradg(lr, beta, v0), params, 10)
+        x, v = params["k"], jnp.full((1, 1, 6), v0)
+        b, vb = params["b"], jnp.full(6, v0)
+        for t in range(10):
+            g = _grad({"k": x, "b": b})
+            x_hat = x - lr * g["k"] / jnp.sqrt(v)
+            x = _unit(x_hat)
+            v = beta * v + jnp.sum(g["k"] ** 2, axis=(0, 1), keepdims=True)
+            b = b - lr * g["b"] / jnp.sqrt(vb)  # ungrouped: the same recursion element-wise
+            vb = beta * vb + g["b"] ** 2
+            np.testing.assert_allclose(fused[t]["k"], x, rtol=1e-11, atol=1e-13)
+            np.testing.assert_allclose(fused[t]["b"], b, rtol=1e-11, atol=1e-13)
+        np.testing.assert_allclose(state.nu["k"], v, rtol=1e-11)
+
+
+def test_adagradg_accepts_a_per_group_v0_tree():
+    params = _params(9)
+    v0 = {"k": jnp.arange(1.0, 7.0).reshape(1, 1, 6), "b": 2.0}
+    state = osp.adagradg(0.5, 0.9, v0).init(params)
+    np.testing.assert_allclose(state.nu["k"][0, 0], np.arange(1.0, 7.0))
+    np.testing.assert_allclose(state.nu["b"], 2.0)
+    with pytest.raises(ValueError, match="v0"):
+        osp.adagradg(0.5, 0.9, {"k": 1.0}).init(params)
+
+
+@pytest.mark.parametrize("alias", [osp.sgdg, osp.adamg, osp.adagradg])
+def test_zero_groups_and_zero_gradients_stay_finite_and_unchanged(alias):
+    tx = alias()
+    params = {"k": jnp.zeros((4, 3)).at[:, 0].set(1.0), "b": jnp.zeros(3)}
+    state = tx.init(params)
+    g = {"k": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    update = jax.jit(tx.update)
+    for _ in range(2):
+        u, state = update(g, state, params)
+        params = optax.apply_updates(params, u)
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves((params, state)))
+    np.testing.assert_array_equal(params["k"][:, 1:], 0.0)
+    np.testing.assert_allclose(jnp.linalg.norm(params["k"][:, 0]), 1.0, rtol=1e-6)
+
+
+def test_bf16_params_keep_float32_state():
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params(10))
+    for tx in (osp.sgdg(), osp.adamg(), osp.adagradg()):
+        state = tx.init(params)
+        u, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
+        assert u["k"].dtype == jnp.bfloat16
+        assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(state)[1:])
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: osp.sgdg(learning_rate=-1.0),
+        lambda: osp.sgdg(grad_clip=0.0),
+        lambda: osp.adamg(b2=1.0),
+        lambda: osp.adamg(omega=-1.0),
+        lambda: osp.adagradg(beta=0.0),
+        lambda: osp.adagradg(v0=0.0),
+        lambda: osp.retract_to_sphere("cayley"),
+        lambda: osp.retract_to_sphere(radius=0.0),
+    ],
+)
+def test_invalid_hyperparameters_fail_at_build(build):
+    with pytest.raises(ValueError):
+        build()
+
+
+def test_inject_hyperparams_and_schedules():
+    params = _params(11)
+    for tx in (
+        optax.inject_hyperparams(osp.sgdg)(learning_rate=0.1, momentum=0.9),
+        optax.inject_hyperparams(osp.adamg)(learning_rate=0.05),
+        optax.inject_hyperparams(osp.adagradg)(learning_rate=0.5, beta=0.99),
+        osp.adamg(optax.cosine_decay_schedule(0.05, 10)),
+    ):
+        xs, _ = _run(tx, params, 2)
+        np.testing.assert_allclose(_norms(xs[-1]["k"]), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "alias", [lambda: osp.sgdg(0.2), lambda: osp.adamg(0.05), lambda: osp.adagradg(0.5)]
+)
+def test_trains_a_flax_batchnorm_network_under_jit(alias):
+    losses, params = bn_training.train(alias())
+    assert losses[-1] < 0.5 * losses[0]
+    k = params["Conv_1"]["kernel"]
+    np.testing.assert_allclose(jnp.sqrt(jnp.sum(k * k, axis=(0, 1, 2))), 1.0, rtol=1e-5)
