@@ -5,7 +5,7 @@ a sphere matters. Each fix of the papers is one composable ``optax.GradientTrans
 over pytrees; the published optimizers are chains of them.
 """
 
-from optax_sphere import gains, geometry, groups, theory
+from optax_sphere import gains, geometry, groups, presets, theory
 from optax_sphere.groups import Group, per_tensor, per_unit, resolve_groups
 from optax_sphere.rotational import (
     RotationalRmsControlState,
@@ -78,6 +78,8 @@ __all__ = [
     "adam_srt",
     "adam_st",
     "sgdm_rt",
+    # the papers' best hyperparameters
+    "presets",
     # rotational equilibrium (seed 002)
     "RotationalRmsControlState",
     "ScaleByAdamL2DirectionState",

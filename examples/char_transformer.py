@@ -1,0 +1,248 @@
+"""A small LayerNorm transformer language model (bytes) trained with AdamW and RV-AdamW.
+
+    python examples/char_transformer.py --out results_char            # a few minutes on CPU
+    python examples/char_transformer.py --out results_char --quick    # smoke test
+
+The text is the Python standard library's own source code (the ``.py`` files next to
+``os.py``, in sorted order), so it is on every machine. Bytes are the vocabulary (256
+symbols); the last 10% of the text is the test split and the 10% before it the validation
+split. The model is a pre-LayerNorm decoder (GPT-like) with learned positions.
+
+This is the case where the rotational variants help (seed 002 sec. 5 "Training poorly
+normalized networks", table 2, GPT-like on Wikitext): LayerNorm makes at most a whole layer
+scale-invariant, not each neuron, so the weights of one matrix rotate at unequal speeds under
+AdamW, and RV-AdamW (``optax_sphere.rv_adamw``, groups per tensor: every kernel of the blocks
+is one group) balances them. Both start from seed 002's GPT-like preset
+(``kosson2024/wikitext_gpt``: lr 5e-3, weight decay 0.5, b2 0.95; the RV zero-shot) with a
+cosine schedule after a 5% warm-up, and the learning rate is searched over a short grid on the
+validation loss. AdamW decays the matrices (embedding, kernels, head) and not the LayerNorm
+gains and biases; RV-AdamW keeps the norm of every grouped kernel fixed and leaves the
+ungrouped leaves (embeddings, head, gains, biases) to plain Adam.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+
+import optax_sphere  # noqa: E402
+from optax_sphere import presets  # noqa: E402
+
+
+def stdlib_text(max_bytes: int) -> bytes:
+    """The first ``max_bytes`` bytes of the standard library's top-level sources."""
+    folder = os.path.dirname(os.__file__)
+    chunks, size = [], 0
+    for path in sorted(glob.glob(os.path.join(folder, "*.py"))):
+        with open(path, "rb") as f:
+            chunk = f.read()
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= max_bytes:
+            break
+    return b"".join(chunks)[:max_bytes]
+
+
+def windows(data: np.ndarray, context: int, limit: int | None = None):
+    n = (len(data) - 1) // context
+    if limit:
+        n = min(n, limit)
+    x = data[: n * context].reshape(n, context)
+    y = data[1 : n * context + 1].reshape(n, context)
+    return x.astype(np.int32), y.astype(np.int32)
+
+
+def load_text(max_bytes: int, context: int, eval_windows: int) -> dict[str, Any]:
+    data = np.frombuffer(stdlib_text(max_bytes), np.uint8)
+    a, b = int(0.8 * len(data)), int(0.9 * len(data))
+    return {
+        "train": windows(data[:a], context),
+        "val": windows(data[a:b], context, eval_windows),
+        "test": windows(data[b:], context, eval_windows),
+    }
+
+
+class Block(nn.Module):
+    dim: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(self.heads, use_bias=False)(h, h, mask=mask)
+        h = nn.LayerNorm()(x)
+        h = nn.Dense(4 * self.dim, use_bias=False)(h)
+        return x + nn.Dense(self.dim, use_bias=False)(nn.gelu(h))
+
+
+class CharTransformer(nn.Module):
+    dim: int = 64
+    heads: int = 4
+    layers: int = 2
+    context: int = 64
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(256, self.dim)(tokens)
+        x = x + self.param("positions", nn.initializers.normal(0.02), (self.context, self.dim))
+        for _ in range(self.layers):
+            x = Block(self.dim, self.heads)(x)
+        return nn.Dense(256)(nn.LayerNorm()(x))
+
+
+def block_kernels(params):
+    """``groups`` spec: every kernel inside a transformer block is one group (per tensor)."""
+
+    def spec(path, leaf):
+        names = [getattr(k, "key", "") for k in path]
+        return "tensor" if names[-1] == "kernel" and names[0].startswith("Block") else None
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def lm_task(model: CharTransformer) -> _common.Task:
+    def init(key):
+        return model.init(key, jnp.zeros((1, model.context), jnp.int32))["params"], {}
+
+    def token_losses(params, x, y):
+        logits = model.apply({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y), logits
+
+    def loss(params, state, batch, key):
+        return token_losses(params, *batch)[0].mean(), state
+
+    def evaluate(params, state, batch):
+        losses, logits = token_losses(params, *batch)
+        correct = (jnp.argmax(logits, -1) == batch[1]).astype(jnp.float32)
+        return {"loss": losses.mean(-1).sum(), "accuracy": correct.mean(-1).sum()}
+
+    return _common.Task(init, loss, evaluate, groups=block_kernels)
+
+
+def warmup_cosine(lr: Any, total_steps: int):
+    """Linear warm-up over 5% of the steps, then cosine decay to 0 (``lr`` may be traced)."""
+    warmup = max(1, total_steps // 20)
+
+    def schedule(count):
+        t = jnp.clip((count - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
+        return lr * jnp.minimum((count + 1) / warmup, 0.5 * (1 + jnp.cos(jnp.pi * t)))
+
+    return schedule
+
+
+def candidates() -> tuple[list[_common.Candidate], dict[str, str]]:
+    matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = presets.get("kosson2024/wikitext_gpt/adamw")
+    chosen = [
+        _common.Candidate(
+            "adamw",
+            "optax.adamw",
+            dict(adamw.hyperparams),
+            f"preset {adamw.name}",
+            lambda **kw: adamw.build(mask=matrices, **kw),
+        )
+    ]
+    skipped = {}
+    rv = presets.get("kosson2024/wikitext_gpt/rv_adamw")
+    if rv.available:
+        make = lambda **kw: rv.build(groups=block_kernels, **kw)
+        chosen.append(
+            _common.Candidate(
+                "rv_adamw", "rv_adamw (per tensor)", dict(rv.hyperparams), f"preset {rv.name}", make
+            )
+        )
+    else:
+        _common.lookup("rv_adamw")
+        skipped["rv_adamw"] = "optax_sphere has no `rv_adamw` yet"
+    return chosen, skipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results_char")
+    parser.add_argument("--bytes", type=int, default=1_000_000, help="text size")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr-factors", default="0.3,1", help="grid around the preset")
+    parser.add_argument("--quick", action="store_true", help="tiny text, 1 epoch, 1 seed")
+    args = parser.parse_args(argv)
+    eval_windows = 512
+    if args.quick:
+        args.bytes, args.epochs, args.seeds, args.lr_factors = 40_000, 1, 1, "1"
+        eval_windows = 32
+    model = CharTransformer()
+    data = load_text(args.bytes, model.context, eval_windows)
+    task = lm_task(model)
+    chosen, skipped = candidates()
+    seeds = list(range(args.seeds))
+    factors = [float(f) for f in args.lr_factors.split(",")]
+    results: dict[str, Any] = {
+        "benchmark": f"bytes of the Python {sys.version_info.major}.{sys.version_info.minor} "
+        "standard library sources",
+        "model": "pre-LayerNorm transformer, 2 blocks, width 64, 4 heads, context 64",
+        "protocol": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "seeds": seeds,
+            "learning_rate_factors": factors,
+            "schedule": "linear warm-up (5%) then cosine decay",
+            "selection": "learning rate with the best mean final validation loss",
+            "splits": {k: len(v[1]) for k, v in data.items()},
+            "metric": "loss = cross-entropy per byte (nats); accuracy = next-byte accuracy",
+        },
+        "environment": {"jax": jax.__version__, "backend": jax.default_backend()},
+        "optax_sphere": optax_sphere.__version__,
+        "skipped": skipped,
+        "optimizers": {},
+    }
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    curves: dict[str, dict[str, np.ndarray]] = {"test loss": {}, "train loss": {}}
+    angles = {}
+    with tqdm(total=len(chosen) * args.epochs, unit="epoch") as progress:
+        for cand in chosen:
+            progress.set_description(cand.name)
+            entry, picked = _common.run_grid(
+                task,
+                cand,
+                data,
+                learning_rates=[cand.hyperparams["learning_rate"] * f for f in factors],
+                seeds=seeds,
+                metric="loss",
+                higher_is_better=False,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                schedule=warmup_cosine,
+                eval_batch=64,
+                progress=progress,
+            )
+            results["optimizers"][cand.name] = entry
+            curves["test loss"][cand.name] = picked.curves["test_loss"]
+            curves["train loss"][cand.name] = picked.curves["train_loss"]
+            angles[cand.name] = picked.angles
+    _common.write_json(os.path.join(args.out, "results.json"), results)
+    _common.plot_curves(os.path.join(args.out, "curves.png"), curves, "byte-level transformer")
+    _common.plot_angles(os.path.join(args.out, "angular_updates.png"), angles)
+    print(_common.format_table(results, metric="loss"))
+    print(f"\nwrote {args.out} in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Every example runs in ``--quick`` mode and writes its outputs (run as a user would)."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> str:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user has
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["MPLBACKEND"] = "Agg"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _check_results(path: str, splits=("val", "test"), metric="accuracy") -> dict:
+    with open(path) as f:
+        results = json.load(f)
+    assert results["optimizers"], results.get("skipped")
+    for name, entry in results["optimizers"].items():
+        assert entry["selected_learning_rate"] in entry["learning_rate_grid"], name
+        assert entry["runs"], name
+        selected = [r for r in entry["runs"] if r["selected"]]
+        assert len(selected) == len(results["protocol"]["seeds"]), name
+        for run in entry["runs"]:
+            assert set(run["hyperparameters"]) >= {"learning_rate"}
+            assert run["seconds"] > 0
+            assert isinstance(run["final_train_loss"], float) and run["final_train_loss"] > 0
+            for split in splits:
+                value = run[f"{split}_{metric}"]
+                if metric == "accuracy":
+                    assert 0.0 <= value <= 1.0
+            epochs = results["protocol"]["epochs"]
+            assert len(run["curves"]["train_loss"]) == epochs
+        summary = entry["summary"]
+        values = [r[f"test_{metric}"] for r in selected]
+        assert summary[f"test_{metric}_mean"] == pytest.approx(np.mean(values))
+    return results
+
+
+def test_compare_quick(tmp_path):
+    out = tmp_path / "results"
+    stdout = _run("compare.py", "--quick", "--out", str(out), "--no-progress")
+    results = _check_results(out / "results.json")
+    assert {"sgdm", "adam", "adamw", "adam_srt"} <= set(results["optimizers"])
+    assert results["protocol"]["splits"] == {"train": 3600, "val": 400, "test": 1000}
+    srt = results["optimizers"]["adam_srt"]
+    assert srt["hyperparameters"]["weight_decay"] == pytest.approx(1e-3 / 128)
+    # the three convolutions' angular updates were recorded and are positive
+    assert len(srt["angular_updates"]) == 3
+    assert all(v > 0 for curve in srt["angular_updates"].values() for v in curve)
+    for png in ("curves.png", "angular_updates.png"):
+        assert (out / png).stat().st_size > 10_000
+    for name in results["optimizers"]:
+        assert name in stdout or results["optimizers"][name]["label"] in stdout
+    for name, why in results["skipped"].items():
+        assert name in stdout and why
+
+
+def _tiny_cifar(path, n_per_batch=48, n_test=40):
+    """The CIFAR-10 python archive format: pickled dicts with b"data" (N, 3072) uint8 in
+    channel-major order and b"labels"."""
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_per_batch
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 256, (n, 3, 32, 32)).astype(np.uint8)
+        images[:, 0] = (labels * 25)[:, None, None]  # learnable: the red channel is the class
+        with open(os.path.join(path, name), "wb") as f:
+            pickle.dump({b"data": images.reshape(n, -1), b"labels": labels.tolist()}, f)
+
+
+def test_cifar10_resnet20_quick(tmp_path):
+    data = tmp_path / "cifar-10-batches-py"
+    _tiny_cifar(data)
+    out = tmp_path / "results"
+    _run("cifar10_resnet20.py", "--quick", "--data-dir", str(tmp_path), "--out", str(out))
+    results = _check_results(out / "results.json")
+    assert results["protocol"]["splits"]["test"] == 40
+    assert (out / "curves.png").exists()
+
+
+def test_char_transformer_quick(tmp_path):
+    out = tmp_path / "results"
+    stdout = _run("char_transformer.py", "--quick", "--out", str(out))
+    results = _check_results(out / "results.json", metric="loss")
+    assert "adamw" in results["optimizers"]
+    assert "rv_adamw" in results["optimizers"] or "rv_adamw" in stdout
+    assert (out / "curves.png").exists()
+
+
+def test_nnx_example_quick(tmp_path):
+    stdout = _run("nnx_example.py", "--quick")
+    assert "groups (per filter): convs/0/kernel, convs/1/kernel, convs/2/kernel\n" in stdout
+    accuracies = [
+        float(line.split("test accuracy ")[1].split("%")[0])
+        for line in stdout.splitlines()
+        if "test accuracy" in line
+    ]
+    assert len(accuracies) == 2 and all(a > 20 for a in accuracies)  # chance: 10%
