@@ -5,8 +5,37 @@ a sphere matters. Each fix of the papers is one composable ``optax.GradientTrans
 over pytrees; the published optimizers are chains of them.
 """
 
-from optax_sphere import gains, geometry, groups, presets, theory
+from optax_sphere import diagnostics, gains, geometry, groups, plots, presets, theory
+from optax_sphere.diagnostics import (
+    GeometryStats,
+    History,
+    MonitoredState,
+    MonitorState,
+    adam_step_scale,
+    find_monitor_state,
+    geometry_stats,
+    metrics,
+    monitor,
+    monitored,
+)
 from optax_sphere.groups import Group, per_tensor, per_unit, resolve_groups
+from optax_sphere.projection import (
+    ScaleInvariantProjectionState,
+    adamp,
+    scale_invariant_projection,
+    sgdp,
+)
+from optax_sphere.psi import PsiSgdState, psi_sgd, psi_sgdm, scale_by_psi_metric
+from optax_sphere.retraction import (
+    AdagradgState,
+    AdamgState,
+    SgdgState,
+    adagradg,
+    adamg,
+    project_tangent,
+    retract_to_sphere,
+    sgdg,
+)
 from optax_sphere.rotational import (
     RotationalRmsControlState,
     ScaleByAdamL2DirectionState,
@@ -37,33 +66,23 @@ from optax_sphere.transport import (
 )
 from optax_sphere.weight_decay import coupled_weight_decay, decoupled_weight_decay
 
-# isort: split
-# diagnostics
-from optax_sphere import diagnostics, plots
-from optax_sphere.diagnostics import (
-    GeometryStats,
-    History,
-    MonitoredState,
-    MonitorState,
-    adam_step_scale,
-    find_monitor_state,
-    geometry_stats,
-    metrics,
-    monitor,
-    monitored,
-)
-
 __version__ = "0.1.0"
 
 __all__ = [
-    # groups and geometry
-    "Group",
+    # submodules
+    "diagnostics",
+    "gains",
     "geometry",
     "groups",
+    "plots",
+    "presets",
+    "theory",
+    # groups
+    "Group",
     "per_tensor",
     "per_unit",
     "resolve_groups",
-    # primitives
+    # primitives: spherical Adam family (seeds 000, 001)
     "ScaleByStandardizedAdamState",
     "coupled_weight_decay",
     "decoupled_weight_decay",
@@ -71,26 +90,39 @@ __all__ = [
     "rescale_transport_momentum",
     "scale_by_standardized_adam",
     "transport_momentum",
-    # aliases
-    "SgdmRtState",
-    "SphericalAdamState",
-    "adam_s",
-    "adam_srt",
-    "adam_st",
-    "sgdm_rt",
-    # the papers' best hyperparameters
-    "presets",
-    # rotational equilibrium (seed 002)
+    # primitives: manifolds (PSI metric, sphere retraction, AdamP projection)
+    "ScaleInvariantProjectionState",
+    "project_tangent",
+    "retract_to_sphere",
+    "scale_by_psi_metric",
+    "scale_invariant_projection",
+    # primitives: rotational equilibrium (seed 002)
     "RotationalRmsControlState",
     "ScaleByAdamL2DirectionState",
     "center_groups",
-    "gains",
     "rotational_rms_control",
+    "scale_by_adam_l2_direction",
+    # aliases
+    "AdagradgState",
+    "AdamgState",
+    "PsiSgdState",
+    "SgdgState",
+    "SgdmRtState",
+    "SphericalAdamState",
+    "adagradg",
+    "adam_s",
+    "adam_srt",
+    "adam_st",
+    "adamg",
+    "adamp",
+    "psi_sgd",
+    "psi_sgdm",
     "rv_adamw",
     "rv_lion",
     "rv_sgdm",
-    "scale_by_adam_l2_direction",
-    "theory",
+    "sgdg",
+    "sgdm_rt",
+    "sgdp",
     "wrapped_adam_l2",
     # diagnostics
     "GeometryStats",
@@ -98,50 +130,9 @@ __all__ = [
     "MonitorState",
     "MonitoredState",
     "adam_step_scale",
-    "diagnostics",
     "find_monitor_state",
     "geometry_stats",
     "metrics",
     "monitor",
     "monitored",
-    "plots",
-]
-
-# manifold optimizers: PSI metric, sphere retraction, AdamP/SGDP projection
-from optax_sphere.projection import (  # noqa: E402
-    ScaleInvariantProjectionState,
-    adamp,
-    scale_invariant_projection,
-    sgdp,
-)
-from optax_sphere.psi import PsiSgdState, psi_sgd, psi_sgdm, scale_by_psi_metric  # noqa: E402
-from optax_sphere.retraction import (  # noqa: E402
-    AdagradgState,
-    AdamgState,
-    SgdgState,
-    adagradg,
-    adamg,
-    project_tangent,
-    retract_to_sphere,
-    sgdg,
-)
-
-__all__ += [
-    "AdagradgState",
-    "AdamgState",
-    "PsiSgdState",
-    "ScaleInvariantProjectionState",
-    "SgdgState",
-    "adagradg",
-    "adamg",
-    "adamp",
-    "project_tangent",
-    "psi_sgd",
-    "psi_sgdm",
-    "retract_to_sphere",
-    "scale_by_psi_metric",
-    "scale_invariant_projection",
-    "sgdg",
-    "sgdp",
-    "theory",
 ]

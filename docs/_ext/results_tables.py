@@ -244,7 +244,7 @@ SOURCES: dict[str, Source] = {
     ),
     "reliability": Source(
         "docs/results/reliability.json",
-        "python -m pytest -q tests --reliability-json docs/results/reliability.json",
+        "python scripts/reliability_report.py --out docs/results/reliability.json",
         generic,
     ),
 }
