@@ -100,16 +100,18 @@ def _optimizer_factory(name: str) -> Callable[..., optax.GradientTransformation]
 class Preset:
     """One optimizer's best published hyperparameters for one benchmark.
 
-    Attributes:
-      name: ``"<paper>/<benchmark>/<optimizer>"`` (a ``/best_shot`` suffix where it applies).
-      optimizer: the optimizer name (see the module docstring).
-      hyperparams: its keyword arguments (``learning_rate`` is the initial/peak value).
-      schedule: ``"step"`` (seed 000's decay, :func:`roburin_step_schedule`) or ``"cosine"``.
-      source: the paper and table the values come from.
-      batch_size, epochs: the paper's batch size and training length for this benchmark.
-      warmup_epochs: linear warm-up before the cosine decay.
-      steps: the training length in iterations where the paper gives it so (then ``epochs``
-        is ``None``).
+    Fields:
+
+    - ``name``: ``"<paper>/<benchmark>/<optimizer>"`` (a ``/best_shot`` suffix where it applies);
+    - ``optimizer``: the optimizer name (see the module docstring);
+    - ``hyperparams``: its keyword arguments (``learning_rate`` is the initial/peak value);
+    - ``schedule``: ``"step"`` (seed 000's decay, :func:`roburin_step_schedule`) or
+      ``"cosine"``;
+    - ``source``: the paper and table the values come from;
+    - ``batch_size``, ``epochs``: the paper's batch size and training length for this benchmark;
+    - ``warmup_epochs``: linear warm-up before the cosine decay;
+    - ``steps``: the training length in iterations where the paper gives it so (then
+      ``epochs`` is ``None``).
     """
 
     name: str
