@@ -106,6 +106,7 @@ def psi_sgdm(
 
     def update_fn(updates, state, params=None):
         params = _utils.require_params(params, "psi_sgdm")
+        _utils.check_trees_match(params, updates, *([state.trace] if keep_trace else []))
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
         trace = state.trace if keep_trace else jax.tree.map(lambda _: None, updates)
