@@ -183,9 +183,11 @@ PRIMITIVES += [
     _primitive(
         "rotational_rms_control(scale_by_adam)",
         ("rotational_rms_control",),
+        # rotational groups move by eta_r alone: tie it to the learning rate (as the rv_*
+        # aliases do), so that a learning-rate schedule or injected value reaches them
         lambda learning_rate, groups="unit": _osp("rotational_rms_control")(
             optax.scale_by_adam(),
-            eta_r=0.02,
+            eta_r=learning_rate,
             learning_rate=learning_rate,
             weight_decay=1e-2,
             groups=groups,
