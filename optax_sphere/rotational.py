@@ -370,10 +370,11 @@ def rv_sgdm(
             learning_rate, weight_decay, formula=lambda lr, wd: _sgdm_eta_r(lr, wd, momentum)
         )
     inner = optax.trace(decay=momentum)
-    # a value traced by inject_hyperparams may be non-zero: keep the decay then
+    # an array (inject_hyperparams: concrete at init, traced in update) may be non-zero:
+    # keep the decay then, so that init and update agree on the state's structure
     if (
         callable(ungrouped_weight_decay)
-        or isinstance(ungrouped_weight_decay, jax.core.Tracer)
+        or isinstance(ungrouped_weight_decay, (jax.Array, jax.core.Tracer))
         or ungrouped_weight_decay != 0
     ):
         coupled = optax.add_decayed_weights(ungrouped_weight_decay)
