@@ -431,7 +431,9 @@ def adagradg(
 
         def leaf(group, p, v):
             shape = p.shape if group is None else group.scalar_shape(p.shape)
-            return jnp.broadcast_to(jnp.asarray(v, accumulation_dtype(p.dtype)), shape)
+            # on zeros laid out like p (sharded parameters give a state sharded like them)
+            zeros = _utils.zeros_acc(p, shape)
+            return zeros + jnp.broadcast_to(jnp.asarray(v, zeros.dtype), shape)
 
         try:
             nu = _utils.map_groups(leaf, grp, params, v0_tree)

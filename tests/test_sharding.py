@@ -31,8 +31,11 @@ ALIASES = {
     "adamg": {"learning_rate": 1e-2},
     "sgdg": {"learning_rate": 0.05, "momentum": 0.9},
     "adagradg": {"learning_rate": 0.05},
-    "psi_sgd": {"learning_rate": 0.05},
-    "psi_sgdm": {"learning_rate": 0.05, "momentum": 0.9},
+    # PSI steps are lr ||w||^2 g: ||w||^2 ~ 36 for the conv groups here, so lr = 0.002 takes
+    # steps like the SGD ones (lr 0.05 made 1.8 per element: a trajectory so ill-conditioned
+    # that float32 on one device is itself 4e-5 away from float64, and sharding can't match)
+    "psi_sgd": {"learning_rate": 0.002},
+    "psi_sgdm": {"learning_rate": 0.002, "momentum": 0.9},
     "rv_adamw": {"learning_rate": 1e-2, "weight_decay": 0.1},
     "rv_sgdm": {"learning_rate": 0.05, "momentum": 0.9, "weight_decay": 1e-2},
     "rv_lion": {"learning_rate": 1e-3, "weight_decay": 0.1},
@@ -64,6 +67,11 @@ LEAVES = {
     "table": ((8, 4, 6), P("data", "model", None), "tensor"),  # one group over all devices
 }
 GROUPS = {k: g for k, (_, _, g) in LEAVES.items()}
+
+# State leaves of the initial state whose layout is checked, when not one per parameter:
+# psi_sgd without momentum keeps no per-parameter state (as optax.sgd); adagradg keeps only
+# per-group scalars, and the one of the "tensor" group of 'table' is a single number.
+LAID_OUT_AT_INIT = {"psi_sgd": 0, "adagradg": len(LEAVES) - 1}
 
 
 def _params(seed: int = 0) -> dict:
@@ -144,7 +152,8 @@ def test_sharded_run_equals_single_device_run(name):
     shardings = {k: NamedSharding(mesh, spec) for k, (_, spec, _) in LEAVES.items()}
     sharded = jax.device_put(params, shardings)
     init_state = tx.init(sharded)
-    assert _assert_state_follows_params(init_state, mesh) >= len(LEAVES), "init"
+    expected = LAID_OUT_AT_INIT.get(name, len(LEAVES))
+    assert _assert_state_follows_params(init_state, mesh) >= expected, "init"
 
     actual_params, actual_state = _run(tx, sharded, init_state)
     for k, x in actual_params.items():
