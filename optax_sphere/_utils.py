@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_sphere.groups import accumulation_dtype, path_str
@@ -22,6 +23,7 @@ __all__ = [
     "check_beta",
     "map_groups",
     "check_trees_match",
+    "check_state_matches",
     "unzip",
     "require_params",
     "zeros_acc",
@@ -58,7 +60,11 @@ def value_at(h: Hyper, count: jax.Array) -> Any:
 
 
 def _leaf_paths(tree: PyTree) -> list[str]:
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    # a placeholder (``optax.MaskedNode()``) stands for its parameter: it has a path
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+    )[0]
+    return [path_str(p) for p, _ in flat]
 
 
 def check_trees_match(*trees: PyTree) -> None:
@@ -108,6 +114,40 @@ def check_trees_match(*trees: PyTree) -> None:
                     f"holds shape {tuple(np.shape(s))} for it: the parameter tree changed "
                     f"since `init`.{hint}"
                 ) from None
+
+
+def _named_fields(state: PyTree, names: tuple[str, ...]) -> list[PyTree]:
+    """Values of every NamedTuple field of ``state`` (nested) named in ``names``."""
+    found: list[PyTree] = []
+
+    def visit(tree):
+        if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+            for field in tree._fields:
+                value = getattr(tree, field)
+                found.append(value) if field in names else visit(value)
+        elif isinstance(tree, (tuple, list)):
+            for item in tree:
+                visit(item)
+
+    visit(state)
+    return found
+
+
+def check_state_matches(
+    params: PyTree, updates: PyTree, state: PyTree, fields: tuple[str, ...]
+) -> None:
+    """:func:`check_trees_match` for a wrapper, before it calls its inner optimizer: the
+    updates, and the buffers of ``state`` that mirror the parameters (NamedTuple fields named
+    in ``fields``, at any depth: ``mu``, ``nu``, ``trace``...), against ``params``.
+
+    Fields whose structure is the parameters' are checked (shapes); when none is, the first
+    one is, so that a changed tree names its paths instead of failing inside the inner step.
+    """
+    check_trees_match(params, updates)
+    found = [f for f in _named_fields(state, tuple(fields)) if jax.tree.leaves(f)]
+    treedef = jax.tree.structure(params)
+    matching = [f for f in found if jax.tree.structure(f) == treedef]
+    check_trees_match(params, *(matching or found[:1]))
 
 
 def map_groups(fn: Callable[..., Any], groups: PyTree, *trees: PyTree) -> PyTree:

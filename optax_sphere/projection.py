@@ -33,7 +33,7 @@ from optax_sphere.groups import (
     group_dot,
     resolve_groups,
 )
-from optax_sphere.transport import MOMENTUM_FIELDS, _map_state_fields
+from optax_sphere.transport import MOMENTUM_FIELDS, SECOND_MOMENT_FIELDS, _map_state_fields
 
 __all__ = ["ScaleInvariantProjectionState", "scale_invariant_projection", "adamp", "sgdp"]
 
@@ -113,6 +113,9 @@ def scale_invariant_projection(
 
     def update_fn(updates, state, params=None, **extra_args):
         params = _utils.require_params(params, "scale_invariant_projection")
+        _utils.check_state_matches(
+            params, updates, state.inner_state, (*MOMENTUM_FIELDS, *SECOND_MOMENT_FIELDS)
+        )
         grp = resolve_groups(groups, params)
         decay = _utils.value_at(weight_decay, state.count)
         direction, inner_state = inner.update(updates, state.inner_state, params, **extra_args)

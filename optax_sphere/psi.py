@@ -96,8 +96,9 @@ def psi_sgdm(
         _utils.check_rate("max_norm", max_norm)
         if not isinstance(max_norm, jax.core.Tracer) and not max_norm > 0:
             raise ValueError(f"`max_norm` must be > 0 or None, got {max_norm!r}.")
-    # a traced momentum (inject_hyperparams) may be non-zero: keep the buffer
-    keep_trace = nesterov or isinstance(momentum, jax.core.Tracer) or momentum != 0
+    # an array momentum (inject_hyperparams: concrete at init, traced in update) may be
+    # non-zero: keep the buffer, so that init and update agree on the state's structure
+    keep_trace = nesterov or isinstance(momentum, (jax.Array, jax.core.Tracer)) or momentum != 0
 
     def init_fn(params):
         resolve_groups(groups, params)
@@ -106,6 +107,7 @@ def psi_sgdm(
 
     def update_fn(updates, state, params=None):
         params = _utils.require_params(params, "psi_sgdm")
+        _utils.check_trees_match(params, updates, *([state.trace] if keep_trace else []))
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
         trace = state.trace if keep_trace else jax.tree.map(lambda _: None, updates)

@@ -226,7 +226,7 @@ def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign):
 
 class SgdgState(NamedTuple):
     """State of :func:`sgdg`: step count and ``momentum`` (grouped leaves: Cho & Lee's
-    tangent buffer ``M``, learning rate included; other leaves: SGD's trace)."""
+    tangent buffer without the learning rate, ``B = M / eta``; other leaves: SGD's trace)."""
 
     count: jax.Array
     momentum: Any
@@ -244,12 +244,16 @@ def sgdg(
 
     .. math::
         u = x/\|x\|,\quad h = \mathrm{clip}(g - \langle g,u\rangle u),\quad
-        M \leftarrow \mu M - \eta_k h,\quad
-        x \leftarrow u\cos\|M\| + \frac{M}{\|M\|}\sin\|M\|,\quad
-        M \leftarrow \Gamma(M)
+        B \leftarrow \mu B - h,\quad
+        x \leftarrow u\cos(\eta_k\|B\|) + \frac{B}{\|B\|}\sin(\eta_k\|B\|),\quad
+        B \leftarrow \Gamma(B)
 
     with ``clip`` the per-group clipping to norm ``grad_clip`` (None: off) and :math:`\Gamma`
-    the exact parallel transport along the geodesic just followed. The groups live on the
+    the exact parallel transport along the geodesic just followed. Cho & Lee keep the
+    learning rate inside the buffer (``M = eta B``); the buffer here is ``B``, as
+    ``optax.sgd``'s trace, so that a learning-rate schedule (or ``inject_hyperparams``) scales
+    the step being taken, as in optax: both are the same for a constant learning rate. The
+    groups live on the
     unit sphere from the first step on. ``omega > 0`` adds the gradient of the orthogonality
     regulariser ``(omega/2) ||Y Y^T - I||^2`` (``Y``: rows = unit vectors of the groups of a
     leaf) before the projection. Ungrouped leaves: ``optax.sgd(learning_rate, momentum)``.
@@ -276,16 +280,14 @@ def sgdg(
                 m = momentum * m + g
                 return (-lr * m).astype(x.dtype), m
             g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, grad_clip, omega)
-            # M' = mu M - lr k (g - <g,u> u); its norm from the sums
+            # B' = mu B - k (g - <g,u> u); its norm from the sums
             mh = s.mg - gu * s.mx * inv_r
-            mm = jnp.maximum(
-                momentum**2 * s.mm - 2 * momentum * lr * k * mh + (lr * k) ** 2 * hh, 0
-            )
+            mm = jnp.maximum(momentum**2 * s.mm - 2 * momentum * k * mh + k * k * hh, 0)
             norm = jnp.sqrt(mm)
-            # M' = a_m M + a_g g + a_x x
-            a_g = -lr * k
+            # B' = a_m B + a_g g + a_x x; the point moves by the angle lr ||B'||
+            a_g = -k
             step, transported = _geodesic_step(
-                g, m, x32, s, inv_r, momentum, a_g, -a_g * gu * inv_r, norm, norm, 1.0
+                g, m, x32, s, inv_r, momentum, a_g, -a_g * gu * inv_r, norm, lr * norm, 1.0
             )
             return step.astype(x.dtype), transported
 
@@ -429,7 +431,9 @@ def adagradg(
 
         def leaf(group, p, v):
             shape = p.shape if group is None else group.scalar_shape(p.shape)
-            return jnp.broadcast_to(jnp.asarray(v, accumulation_dtype(p.dtype)), shape)
+            # on zeros laid out like p (sharded parameters give a state sharded like them)
+            zeros = _utils.zeros_acc(p, shape)
+            return zeros + jnp.broadcast_to(jnp.asarray(v, zeros.dtype), shape)
 
         try:
             nu = _utils.map_groups(leaf, grp, params, v0_tree)

@@ -41,6 +41,7 @@ from optax_sphere.groups import (
     group_sum,
     resolve_groups,
 )
+from optax_sphere.transport import MOMENTUM_FIELDS, SECOND_MOMENT_FIELDS
 
 __all__ = [
     "RotationalRmsControlState",
@@ -68,6 +69,10 @@ class RotationalRmsControlState(NamedTuple):
     norm: Any
     q: Any
     inner: Any
+
+
+# Buffers of an inner optimizer's state that mirror the parameters (checked before its step).
+_BUFFER_FIELDS = (*MOMENTUM_FIELDS, *SECOND_MOMENT_FIELDS)
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -228,6 +233,8 @@ def rotational_rms_control(
 
     def update_fn(updates, state, params=None, **extra_args):
         params = _utils.require_params(params, "rotational_rms_control")
+        _utils.check_trees_match(params, updates, state.norm, state.q)
+        _utils.check_state_matches(params, updates, state.inner, _BUFFER_FIELDS)
         grp = resolve_groups(groups, params)
         direction, inner_state = inner.update(updates, state.inner, params, **extra_args)
         count = optax.safe_increment(state.count)
@@ -363,7 +370,13 @@ def rv_sgdm(
             learning_rate, weight_decay, formula=lambda lr, wd: _sgdm_eta_r(lr, wd, momentum)
         )
     inner = optax.trace(decay=momentum)
-    if callable(ungrouped_weight_decay) or ungrouped_weight_decay != 0:
+    # an array (inject_hyperparams: concrete at init, traced in update) may be non-zero:
+    # keep the decay then, so that init and update agree on the state's structure
+    if (
+        callable(ungrouped_weight_decay)
+        or isinstance(ungrouped_weight_decay, (jax.Array, jax.core.Tracer))
+        or ungrouped_weight_decay != 0
+    ):
         coupled = optax.add_decayed_weights(ungrouped_weight_decay)
         inner = optax.chain(optax.masked(coupled, _ungrouped_mask(groups)), inner)
     return rotational_rms_control(

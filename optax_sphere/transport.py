@@ -70,32 +70,6 @@ def _map_state_fields(
     return state, 0
 
 
-def _named_fields(state: Any, names: Sequence[str]) -> list[Any]:
-    """Values of every NamedTuple field of ``state`` (nested) named in ``names``."""
-    found: list[Any] = []
-
-    def visit(tree):
-        if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-            for field in tree._fields:
-                value = getattr(tree, field)
-                found.append(value) if field in names else visit(value)
-        elif isinstance(tree, (tuple, list)):
-            for item in tree:
-                visit(item)
-
-    visit(state)
-    return found
-
-
-def _check_state_matches(state: Any, names: Sequence[str], params: Any, updates: Any) -> None:
-    """Before the inner step: the momentum of the state still fits the parameter tree."""
-    _utils.check_trees_match(params, updates)
-    fields = _named_fields(state, names)
-    treedef = jax.tree.structure(params)
-    matching = [f for f in fields if jax.tree.structure(f) == treedef]
-    _utils.check_trees_match(params, *(matching or fields[:1]))
-
-
 def _momentum_geometry(
     inner: optax.GradientTransformation,
     op: Op,
@@ -123,7 +97,7 @@ def _momentum_geometry(
 
     def update_fn(updates, state, params=None, **extra_args):
         params = _utils.require_params(params, name)
-        _check_state_matches(state, momentum_fields, params, updates)
+        _utils.check_state_matches(params, updates, state, momentum_fields)
         grp = resolve_groups(groups, params)
         new_updates, state = inner.update(updates, state, params, **extra_args)
         new_params = optax.apply_updates(params, new_updates)

@@ -46,6 +46,13 @@ class Case:
     # A known limitation with float16 params, inherited from an optax inner optimizer
     # (asserted as a strict expected failure), or None.
     float16_limitation: str | None = None
+    # What ``update`` does on a parameter tree that changed since ``init``: "raises" the
+    # library's ValueError naming the paths; "stateless": no per-parameter state (psi_sgd
+    # without momentum, as optax.sgd), so the step applies to any tree; "per_group": the
+    # state holds one scalar per group only, so a reshape that keeps the groups is a valid
+    # tree for it (one that changes them raises); "optax_inner": a stateless primitive of
+    # the library in front of an optax optimizer, whose own error is raised.
+    changed_tree: str = "raises"
 
     @property
     def available(self) -> bool:
@@ -72,7 +79,7 @@ def _primitive(
     name: str,
     requires: tuple[str, ...],
     build: Factory,
-    behaviour: dict[str, str] | None = None,
+    behaviour: dict[str, Any] | None = None,
 ) -> Case:
     return Case(name, build, {"learning_rate": 1e-2}, requires, "primitive", **(behaviour or {}))
 
@@ -93,8 +100,8 @@ ALIASES = [
     _alias("wrapped_adam_l2", STAYS, learning_rate=1e-2, weight_decay=0.1),
     _alias("adamg", STAYS, learning_rate=1e-2),
     _alias("sgdg", STAYS, learning_rate=0.05, momentum=0.9),
-    _alias("adagradg", STAYS, learning_rate=0.05),
-    _alias("psi_sgd", STAYS, learning_rate=0.05),
+    _alias("adagradg", {**STAYS, "changed_tree": "per_group"}, learning_rate=0.05),
+    _alias("psi_sgd", {**STAYS, "changed_tree": "stateless"}, learning_rate=0.05),
     _alias("psi_sgdm", STAYS, learning_rate=0.05, momentum=0.9),
     _alias("adamp", learning_rate=1e-2, weight_decay=1e-2),
     _alias("sgdp", learning_rate=0.05, momentum=0.9, weight_decay=1e-4),
@@ -183,9 +190,11 @@ PRIMITIVES += [
     _primitive(
         "rotational_rms_control(scale_by_adam)",
         ("rotational_rms_control",),
+        # rotational groups move by eta_r alone: tie it to the learning rate (as the rv_*
+        # aliases do), so that a learning-rate schedule or injected value reaches them
         lambda learning_rate, groups="unit": _osp("rotational_rms_control")(
             optax.scale_by_adam(),
-            eta_r=0.02,
+            eta_r=learning_rate,
             learning_rate=learning_rate,
             weight_decay=1e-2,
             groups=groups,
@@ -198,7 +207,7 @@ PRIMITIVES += [
         lambda learning_rate, groups="unit": optax.chain(
             _osp("scale_by_psi_metric")(groups=groups), optax.sgd(learning_rate, momentum=0.9)
         ),
-        STAYS,
+        {**STAYS, "changed_tree": "optax_inner"},
     ),
     _primitive(
         "chain(project_tangent,sgd,retract_to_sphere)",
@@ -208,7 +217,7 @@ PRIMITIVES += [
             optax.sgd(learning_rate, momentum=0.9),
             _osp("retract_to_sphere")("exp", groups=groups),
         ),
-        {"state_dtype": "params"},
+        {"state_dtype": "params", "changed_tree": "optax_inner"},
     ),
     _primitive(
         "monitored(adam_srt)",

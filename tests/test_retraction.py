@@ -117,9 +117,10 @@ def test_sgdg_momentum_is_tangent_and_keeps_its_norm_through_the_step():
         for _ in range(4):
             g = _grad(x)
             before = state.momentum["k"]
-            # M' = mu M - lr h before the transport, from the unfused formulas
+            # B' = mu B - h before the transport (the buffer without the learning rate, as
+            # optax.sgd's trace), from the unfused formulas
             h = geometry.tangent_part(g["k"], x["k"], UNIT)
-            m_new = 0.9 * before - 0.2 * h
+            m_new = 0.9 * before - h
             u, state = tx.update(g, state, x)
             x = optax.apply_updates(x, u)
             after = state.momentum["k"]
