@@ -184,6 +184,10 @@ def rotational_rms_control(
     (means removed only with ``center``). The returned update is ``x_new - x``. Ungrouped
     leaves get ``-learning_rate (U + weight_decay x)``.
 
+    The inner optimizer runs on the gradients and parameters cast to
+    :func:`~optax_sphere.groups.accumulation_dtype` (at least float32), so its moments are
+    float32 for bf16 / fp16 parameters; the update comes back in the gradients' dtype.
+
     Args:
       inner: the direction; it receives ``params`` and any extra arguments.
       eta_r: expected angular update per step (radians): a number or a schedule of the step
@@ -223,29 +227,35 @@ def rotational_rms_control(
             count=jnp.zeros([], jnp.int32),
             norm=_utils.map_groups(norm_of, grp, params),
             q=_utils.map_groups(zeros_of, grp, params),
-            inner=inner.init(params),
+            inner=inner.init(_utils.to_accumulation(params)),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         params = _utils.require_params(params, "rotational_rms_control")
         grp = resolve_groups(groups, params)
-        direction, inner_state = inner.update(updates, state.inner, params, **extra_args)
+        # the inner direction and its moments in at least float32 (bf16 / fp16 params)
+        direction, inner_state = inner.update(
+            _utils.to_accumulation(updates),
+            state.inner,
+            _utils.to_accumulation(params),
+            **extra_args,
+        )
         count = optax.safe_increment(state.count)
         rate = _utils.value_at(eta_r, state.count)
         lr = _utils.value_at(learning_rate, state.count)
         wd = _utils.value_at(weight_decay, state.count)
 
-        def leaf(group, u, norm, q, x):
+        def leaf(group, u, norm, q, x, g):
             if group is None:
                 acc = accumulation_dtype(jnp.result_type(u, x))
                 step = -lr * (u.astype(acc) + wd * x.astype(acc))
-                return step.astype(u.dtype), q
+                return step.astype(g.dtype), q
             step, q = _rotational_step(
                 group, u, x, norm, q, eta_r=rate, beta=beta, eps=eps, center=center, count=count
             )
-            return step.astype(u.dtype), q
+            return step.astype(g.dtype), q  # the update in the gradient's dtype
 
-        out = _utils.map_groups(leaf, grp, direction, state.norm, state.q, params)
+        out = _utils.map_groups(leaf, grp, direction, state.norm, state.q, params, updates)
         new_updates, q = _utils.unzip(out, direction, 2)
         return new_updates, RotationalRmsControlState(count, state.norm, q, inner_state)
 
@@ -315,7 +325,7 @@ def rv_adamw(
     through :math:`\hat\eta_r`. Ungrouped leaves get AdamW with ``ungrouped_weight_decay``
     (0: plain Adam). ``eta_r`` overrides the Table 1 value. See :func:`rotational_rms_control`
     for ``beta``, ``center``, ``rotational_eps`` and ``groups``. State: ``optax.scale_by_adam``'s
-    (moments in the gradients' dtype) plus two float32 scalars per group and a step count.
+    (moments in at least float32) plus two float32 scalars per group and a step count.
     """
     _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     _utils.check_beta("b1", b1)
@@ -462,11 +472,11 @@ def scale_by_adam_l2_direction(
         def leaf(group, g, m, v, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
             bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
-            g, x = g.astype(acc), x.astype(acc)
+            dtype, g, x = g.dtype, g.astype(acc), x.astype(acc)
             total = g + (wd if group is not None else wd_ungrouped) * x
             m = b1 * m + (1 - b1) * (g if group is not None else total)
             v = b2 * v + (1 - b2) * total * total
-            return (m / bc1) / (jnp.sqrt(v / bc2) + eps), m, v
+            return ((m / bc1) / (jnp.sqrt(v / bc2) + eps)).astype(dtype), m, v
 
         out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params)
         direction, mu, nu = _utils.unzip(out, updates, 3)

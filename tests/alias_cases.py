@@ -198,7 +198,7 @@ PRIMITIVES += [
         lambda learning_rate, groups="unit": optax.chain(
             _osp("scale_by_psi_metric")(groups=groups), optax.sgd(learning_rate, momentum=0.9)
         ),
-        STAYS,
+        {**STAYS, "state_dtype": "params"},  # the state is optax.sgd's
     ),
     _primitive(
         "chain(project_tangent,sgd,retract_to_sphere)",
