@@ -387,6 +387,29 @@ def rv_sgdm(
     )
 
 
+def _scale_by_lion_sign(b1: float, b2: float) -> optax.GradientTransformation:
+    """``optax.scale_by_lion`` (hard sign, same state), except that a non-finite
+    ``c = b1 m + (1 - b1) g`` is passed on instead of its sign: ``sign(inf) = 1`` would turn an
+    Inf gradient, and the Inf it leaves in ``m`` for good, into ordinary steps."""
+
+    def init_fn(params):
+        mu = jax.tree.map(jnp.zeros_like, params)
+        return optax.ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=mu)
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def direction(g, m):
+            c = (1.0 - b1) * g + b1 * m
+            return jnp.where(jnp.isfinite(c), jnp.sign(c), c)
+
+        new_updates = jax.tree.map(direction, updates, state.mu)
+        mu = jax.tree.map(lambda g, m: (1.0 - b2) * g + b2 * m, updates, state.mu)
+        return new_updates, optax.ScaleByLionState(optax.safe_increment(state.count), mu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def rv_lion(
     learning_rate: _utils.Hyper = 1e-4,
     weight_decay: _utils.Hyper = 1.0,
@@ -414,7 +437,7 @@ def rv_lion(
             learning_rate, weight_decay, formula=lambda lr, wd: _lion_eta_r(lr, wd, b1, b2)
         )
     return rotational_rms_control(
-        optax.scale_by_lion(b1, b2),
+        _scale_by_lion_sign(b1, b2),
         eta_r=eta_r,
         learning_rate=learning_rate,
         beta=beta,
