@@ -215,7 +215,8 @@ PRIMITIVES += [
             optax.sgd(learning_rate, momentum=0.9),
             _osp("retract_to_sphere")("exp", groups=groups),
         ),
-        {"state_dtype": "params"},
+        # the exponential map steps by the angle Delta_perp / ||x||: none at the origin
+        {**STAYS, "state_dtype": "params"},
     ),
     _primitive(
         "monitored(adam_srt)",
