@@ -129,16 +129,27 @@ def _rotational_step(
     acc = accumulation_dtype(jnp.result_type(u, x))
     u, x = u.astype(acc), x.astype(acc)
     d = group.size(x.shape)
+    shift = 0.0
+    if center:
+        # Centring removes any per-group constant from u, so the sums are taken over
+        # u - u_0 (u_0: the group's first element, a slice, not a reduction): a direction
+        # with a large common offset (a constant gradient of 1e15) would otherwise cancel
+        # catastrophically in ||u||^2 - d mean(u)^2 below.
+        first = tuple(slice(0, 1) if i in group.axes else slice(None) for i in range(x.ndim))
+        shift = u[first]
+        u = u - shift
     # The single reduction pass: five per-group sums of (u, x).
     s_uu = group_sq_norm(u, group)
     s_ux = group_sum(u * x, group)
     s_xx = group_sq_norm(x, group)
-    k = _safe_div(s_ux, norm * norm)  # radial coefficient, with the stored norm (line 10)
     if center:
         s_u, s_x = group_sum(u, group), group_sum(x, group)
-        mu = (s_u - k * s_x) / d  # mean of u - k x
+        # radial coefficient <u + u_0, x> / N^2, with the stored norm (line 10)
+        k = _safe_div(s_ux + shift * s_x, norm * norm)
+        mu = (s_u - k * s_x) / d  # mean of u - k x (u shifted: u_0 cancels in u2 below)
         x_mean = s_x / d
     else:
+        k = _safe_div(s_ux, norm * norm)  # radial coefficient, with the stored norm (line 10)
         mu = x_mean = jnp.zeros_like(s_uu)
     # u2 = u - k x - mu: its squared norm and inner product with x, expanded.
     u2_u2 = jnp.maximum(s_uu - 2 * k * s_ux + k * k * s_xx - d * mu * mu, 0)
