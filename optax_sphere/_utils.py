@@ -27,6 +27,7 @@ __all__ = [
     "unzip",
     "require_params",
     "zeros_acc",
+    "to_accumulation",
     "bias_corrections",
 ]
 
@@ -198,6 +199,22 @@ def zeros_acc(p: jax.Array, shape: tuple[int, ...] | None = None) -> jax.Array:
     if shape is None or tuple(shape) == tuple(p.shape):
         return jnp.zeros_like(p, dtype=dtype)
     return jnp.zeros(shape, dtype, device=_reduced_sharding(p, tuple(shape)))
+
+
+def to_accumulation(tree: PyTree) -> PyTree:
+    """``tree`` with every floating leaf cast to its :func:`accumulation_dtype` (at least
+    float32; float32 and float64 leaves are returned as they are, other leaves untouched).
+
+    What a wrapper feeds its inner optimizer so that the inner moments of low-precision
+    parameters are accumulated, and kept, in float32.
+    """
+
+    def leaf(x: Any) -> Any:
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return x
+        return x.astype(accumulation_dtype(x.dtype))
+
+    return jax.tree.map(leaf, tree)
 
 
 def bias_corrections(

@@ -100,6 +100,10 @@ def scale_invariant_projection(
     ``project_momentum=True`` also projects the momentum buffers of ``inner`` (state fields
     ``mu``, ``trace``, ``momentum``), as SGDP without Nesterov does in the authors' code, where
     the update *is* the buffer and is projected in place.
+
+    ``inner`` runs on the gradients and parameters cast to
+    :func:`~optax_sphere.groups.accumulation_dtype` (at least float32), so its moments are
+    float32 for bf16 / fp16 parameters; the update comes back in the gradients' dtype.
     """
     _utils.check_rate("delta", delta)
     _utils.check_rate("wd_ratio", wd_ratio)
@@ -109,7 +113,9 @@ def scale_invariant_projection(
 
     def init_fn(params):
         resolve_groups(groups, params)
-        return ScaleInvariantProjectionState(jnp.zeros([], jnp.int32), inner.init(params))
+        return ScaleInvariantProjectionState(
+            jnp.zeros([], jnp.int32), inner.init(_utils.to_accumulation(params))
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         params = _utils.require_params(params, "scale_invariant_projection")
@@ -118,7 +124,13 @@ def scale_invariant_projection(
         )
         grp = resolve_groups(groups, params)
         decay = _utils.value_at(weight_decay, state.count)
-        direction, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        # the inner direction and its moments in at least float32 (bf16 / fp16 params)
+        direction, inner_state = inner.update(
+            _utils.to_accumulation(updates),
+            state.inner_state,
+            _utils.to_accumulation(params),
+            **extra_args,
+        )
 
         def decide(group, g, x):
             if group is None:
@@ -128,20 +140,22 @@ def scale_invariant_projection(
 
         decisions = _utils.map_groups(decide, grp, updates, params)
 
-        def leaf(group, p, x, d):
+        def leaf(group, p, x, d, g):
             acc = accumulation_dtype(jnp.result_type(p, x))
             p32, x32 = p.astype(acc), x.astype(acc)
             if group is None:
-                return (p32 + decay * x32).astype(p.dtype)
+                return (p32 + decay * x32).astype(g.dtype)
             ratio = jnp.where(d.unit_hit | d.layer_hit, wd_ratio, 1)
-            return (_project(group, p32, x32, d) + ratio * decay * x32).astype(p.dtype)
+            # the update in the gradient's dtype
+            return (_project(group, p32, x32, d) + ratio * decay * x32).astype(g.dtype)
 
         new_updates = jax.tree.map(
-            lambda group, p, x, d: leaf(group, p, x, d),
+            lambda group, p, x, d, g: leaf(group, p, x, d, g),
             grp,
             direction,
             params,
             decisions,
+            updates,
             is_leaf=lambda t: t is None,
         )
         if project_momentum:

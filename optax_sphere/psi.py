@@ -37,6 +37,13 @@ from optax_sphere.groups import (
 __all__ = ["PsiSgdState", "scale_by_psi_metric", "psi_sgd", "psi_sgdm"]
 
 
+def _metric_scaled(sq_norm: jax.Array, g: jax.Array) -> jax.Array:
+    """``||x||^2 g``, exactly 0 where ``g`` is 0: the Riemannian gradient of a zero gradient
+    is zero even when ``||x||^2`` overflowed to Inf (``Inf * 0`` would be NaN). A NaN or Inf
+    gradient still gives a non-finite result."""
+    return jnp.where(g == 0, jnp.zeros_like(g), sq_norm * g)
+
+
 def scale_by_psi_metric(groups: GroupsLike = "unit") -> optax.GradientTransformation:
     """Riemannian gradient of the PSI manifold (seed 004 eq. 7): ``g <- ||x||^2 g`` per group.
 
@@ -55,7 +62,8 @@ def scale_by_psi_metric(groups: GroupsLike = "unit") -> optax.GradientTransforma
         def leaf(group, g, x):
             if group is None:
                 return g
-            return (group_sq_norm(x, group) * g.astype(accumulation_dtype(g.dtype))).astype(g.dtype)
+            scaled = _metric_scaled(group_sq_norm(x, group), g.astype(accumulation_dtype(g.dtype)))
+            return scaled.astype(g.dtype)
 
         return _utils.map_groups(leaf, grp, updates, params), state
 
@@ -122,9 +130,9 @@ def psi_sgdm(
                     # per group: 1 / ||w_k|| above max_norm, else 1 (T_a of Theorem 1)
                     over = sq > max_norm**2
                     scale = jnp.where(over, jax.lax.rsqrt(jnp.where(over, sq, 1)), 1)
-                    g = (scale * sq) * g
+                    g = _metric_scaled(scale * sq, g)
                 else:
-                    g = sq * g
+                    g = _metric_scaled(sq, g)
             # the step reads the *new* trace, as optax.sgd does, so that the trace is
             # updated in place and read once
             if keep_trace:

@@ -462,7 +462,9 @@ def adagradg(
             new_sq = jnp.maximum(xx - 2 * c * gx + c * c * gg, 0)  # ||x_hat||^2
             x_hat = x32 - c * g
             step = geometry.safe_div(x_hat, jnp.sqrt(new_sq)) - x32
-            ok = (xx > 0) & (new_sq > 0)
+            # a zero group, or x_hat = 0, stays; a NaN (from a non-finite gradient) passes
+            # on to the update and the state of its group, as documented
+            ok = (xx > 0) & (new_sq != 0)
             return jnp.where(ok, step, 0).astype(x.dtype), jnp.where(ok, beta * v + gg, v)
 
         out = _utils.map_groups(leaf, grp, updates, state.nu, params)

@@ -134,16 +134,27 @@ def _rotational_step(
     acc = accumulation_dtype(jnp.result_type(u, x))
     u, x = u.astype(acc), x.astype(acc)
     d = group.size(x.shape)
+    shift = 0.0
+    if center:
+        # Centring removes any per-group constant from u, so the sums are taken over
+        # u - u_0 (u_0: the group's first element, a slice, not a reduction): a direction
+        # with a large common offset (a constant gradient of 1e15) would otherwise cancel
+        # catastrophically in ||u||^2 - d mean(u)^2 below.
+        first = tuple(slice(0, 1) if i in group.axes else slice(None) for i in range(x.ndim))
+        shift = u[first]
+        u = u - shift
     # The single reduction pass: five per-group sums of (u, x).
     s_uu = group_sq_norm(u, group)
     s_ux = group_sum(u * x, group)
     s_xx = group_sq_norm(x, group)
-    k = _safe_div(s_ux, norm * norm)  # radial coefficient, with the stored norm (line 10)
     if center:
         s_u, s_x = group_sum(u, group), group_sum(x, group)
-        mu = (s_u - k * s_x) / d  # mean of u - k x
+        # radial coefficient <u + u_0, x> / N^2, with the stored norm (line 10)
+        k = _safe_div(s_ux + shift * s_x, norm * norm)
+        mu = (s_u - k * s_x) / d  # mean of u - k x (u shifted: u_0 cancels in u2 below)
         x_mean = s_x / d
     else:
+        k = _safe_div(s_ux, norm * norm)  # radial coefficient, with the stored norm (line 10)
         mu = x_mean = jnp.zeros_like(s_uu)
     # u2 = u - k x - mu: its squared norm and inner product with x, expanded.
     u2_u2 = jnp.maximum(s_uu - 2 * k * s_ux + k * k * s_xx - d * mu * mu, 0)
@@ -189,6 +200,10 @@ def rotational_rms_control(
     (means removed only with ``center``). The returned update is ``x_new - x``. Ungrouped
     leaves get ``-learning_rate (U + weight_decay x)``.
 
+    The inner optimizer runs on the gradients and parameters cast to
+    :func:`~optax_sphere.groups.accumulation_dtype` (at least float32), so its moments are
+    float32 for bf16 / fp16 parameters; the update comes back in the gradients' dtype.
+
     Args:
       inner: the direction; it receives ``params`` and any extra arguments.
       eta_r: expected angular update per step (radians): a number or a schedule of the step
@@ -228,7 +243,7 @@ def rotational_rms_control(
             count=jnp.zeros([], jnp.int32),
             norm=_utils.map_groups(norm_of, grp, params),
             q=_utils.map_groups(zeros_of, grp, params),
-            inner=inner.init(params),
+            inner=inner.init(_utils.to_accumulation(params)),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -236,23 +251,29 @@ def rotational_rms_control(
         _utils.check_trees_match(params, updates, state.norm, state.q)
         _utils.check_state_matches(params, updates, state.inner, _BUFFER_FIELDS)
         grp = resolve_groups(groups, params)
-        direction, inner_state = inner.update(updates, state.inner, params, **extra_args)
+        # the inner direction and its moments in at least float32 (bf16 / fp16 params)
+        direction, inner_state = inner.update(
+            _utils.to_accumulation(updates),
+            state.inner,
+            _utils.to_accumulation(params),
+            **extra_args,
+        )
         count = optax.safe_increment(state.count)
         rate = _utils.value_at(eta_r, state.count)
         lr = _utils.value_at(learning_rate, state.count)
         wd = _utils.value_at(weight_decay, state.count)
 
-        def leaf(group, u, norm, q, x):
+        def leaf(group, u, norm, q, x, g):
             if group is None:
                 acc = accumulation_dtype(jnp.result_type(u, x))
                 step = -lr * (u.astype(acc) + wd * x.astype(acc))
-                return step.astype(u.dtype), q
+                return step.astype(g.dtype), q
             step, q = _rotational_step(
                 group, u, x, norm, q, eta_r=rate, beta=beta, eps=eps, center=center, count=count
             )
-            return step.astype(u.dtype), q
+            return step.astype(g.dtype), q  # the update in the gradient's dtype
 
-        out = _utils.map_groups(leaf, grp, direction, state.norm, state.q, params)
+        out = _utils.map_groups(leaf, grp, direction, state.norm, state.q, params, updates)
         new_updates, q = _utils.unzip(out, direction, 2)
         return new_updates, RotationalRmsControlState(count, state.norm, q, inner_state)
 
@@ -322,7 +343,7 @@ def rv_adamw(
     through :math:`\hat\eta_r`. Ungrouped leaves get AdamW with ``ungrouped_weight_decay``
     (0: plain Adam). ``eta_r`` overrides the Table 1 value. See :func:`rotational_rms_control`
     for ``beta``, ``center``, ``rotational_eps`` and ``groups``. State: ``optax.scale_by_adam``'s
-    (moments in the gradients' dtype) plus two float32 scalars per group and a step count.
+    (moments in at least float32) plus two float32 scalars per group and a step count.
     """
     _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     _utils.check_beta("b1", b1)
@@ -390,6 +411,29 @@ def rv_sgdm(
     )
 
 
+def _scale_by_lion_sign(b1: float, b2: float) -> optax.GradientTransformation:
+    """``optax.scale_by_lion`` (hard sign, same state), except that a non-finite
+    ``c = b1 m + (1 - b1) g`` is passed on instead of its sign: ``sign(inf) = 1`` would turn an
+    Inf gradient, and the Inf it leaves in ``m`` for good, into ordinary steps."""
+
+    def init_fn(params):
+        mu = jax.tree.map(jnp.zeros_like, params)
+        return optax.ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=mu)
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def direction(g, m):
+            c = (1.0 - b1) * g + b1 * m
+            return jnp.where(jnp.isfinite(c), jnp.sign(c), c)
+
+        new_updates = jax.tree.map(direction, updates, state.mu)
+        mu = jax.tree.map(lambda g, m: (1.0 - b2) * g + b2 * m, updates, state.mu)
+        return new_updates, optax.ScaleByLionState(optax.safe_increment(state.count), mu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def rv_lion(
     learning_rate: _utils.Hyper = 1e-4,
     weight_decay: _utils.Hyper = 1.0,
@@ -417,7 +461,7 @@ def rv_lion(
             learning_rate, weight_decay, formula=lambda lr, wd: _lion_eta_r(lr, wd, b1, b2)
         )
     return rotational_rms_control(
-        optax.scale_by_lion(b1, b2),
+        _scale_by_lion_sign(b1, b2),
         eta_r=eta_r,
         learning_rate=learning_rate,
         beta=beta,
@@ -475,11 +519,11 @@ def scale_by_adam_l2_direction(
         def leaf(group, g, m, v, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
             bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
-            g, x = g.astype(acc), x.astype(acc)
+            dtype, g, x = g.dtype, g.astype(acc), x.astype(acc)
             total = g + (wd if group is not None else wd_ungrouped) * x
             m = b1 * m + (1 - b1) * (g if group is not None else total)
             v = b2 * v + (1 - b2) * total * total
-            return (m / bc1) / (jnp.sqrt(v / bc2) + eps), m, v
+            return ((m / bc1) / (jnp.sqrt(v / bc2) + eps)).astype(dtype), m, v
 
         out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params)
         direction, mu, nu = _utils.unzip(out, updates, 3)

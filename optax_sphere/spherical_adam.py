@@ -120,7 +120,13 @@ def _transported_momentum_step(
     radial = jnp.where(ok, group_dot(m, x, group) / safe_sq_norm, 0)  # <m, x> / ||x||^2
     ratio = jnp.where(ok, safe_prev / safe_sq_norm, 1)  # r_{k-1}^2 / r_k^2
     momentum_scale = beta if transport == "rt" else beta * jnp.where(ok, jnp.sqrt(1 / ratio), 1)
-    m_k = momentum_scale * (m - radial * x) + gamma * gt
+    if group.size(x.shape) == 1:
+        # the tangent space of a 1-element group is {0}: exactly, not up to the rounding
+        # of m - (m x / x^2) x (a static branch: other groups take the general formula)
+        tangent = jnp.where(ok, jnp.zeros_like(m), m)
+    else:
+        tangent = m - radial * x
+    m_k = momentum_scale * tangent + gamma * gt
     c, aux = step_coefficient(gt_gt, ratio)
     return -c * m_k, m_k, aux, sq_norm
 
