@@ -314,7 +314,7 @@ def compare(
         "baseline_ms": 1e3 * tb,
         "alias_ms_quartiles": [1e3 * q for q in quantiles(a.times)],
         "baseline_ms_quartiles": [1e3 * q for q in quantiles(b.times)],
-        "state_bytes_ratio": a.state_bytes / b.state_bytes,
+        "state_bytes_ratio": _ratio(a.state_bytes, b.state_bytes),
         "alias_state_bytes": a.state_bytes,
         "baseline_state_bytes": b.state_bytes,
         "alias_compile_s": a.compile_s,
@@ -330,6 +330,17 @@ def compare(
         "finite": a.finite() and b.finite(),
         "steps": steps,
     }
+
+
+def _ratio(a: int, b: int) -> float | None:
+    """a / b; 1 when both are 0 (two stateless optimizers); None when only b is 0."""
+    if b == 0:
+        return 1.0 if a == 0 else None
+    return a / b
+
+
+def _fmt(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.3f}"
 
 
 # Targets on ResNet-18 (float32, CPU): step-time ratio and state-bytes ratio upper bounds.
@@ -367,7 +378,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{r['tree']:<12}{r['alias']:<10}{r['baseline']:<30}{r['time_ratio']:>7.3f}"
             f"{f'{q1:.2f}-{q3:.2f}':>14}{r['alias_ms']:>9.3f}{r['baseline_ms']:>9.3f}"
-            f"{r['state_bytes_ratio']:>7.3f}{r['alias_GBps']:>8.2f}{r['baseline_GBps']:>8.2f}"
+            f"{_fmt(r['state_bytes_ratio']):>7}{r['alias_GBps']:>8.2f}{r['baseline_GBps']:>8.2f}"
             f"{r['alias_compile_s']:>8.2f}{r['baseline_compile_s']:>8.2f}"
             f"{r['alias_kernels']:>6}{r['baseline_kernels']:>6}  {target_check(r)}"
         )
@@ -386,7 +397,7 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['tree']} | `{r['alias']}` | `{r['baseline']}` | {r['time_ratio']:.3f} "
             f"| {q1:.2f}-{q3:.2f} | {r['alias_ms']:.2f} / {r['baseline_ms']:.2f} "
-            f"| {r['state_bytes_ratio']:.3f} | {r['alias_GBps']:.1f} / {r['baseline_GBps']:.1f} "
+            f"| {_fmt(r['state_bytes_ratio'])} | {r['alias_GBps']:.1f} / {r['baseline_GBps']:.1f} "
             f"| {r['alias_compile_s']:.1f} / {r['baseline_compile_s']:.1f} | {target_check(r)} |"
         )
     return "\n".join(lines)
@@ -457,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"  {alias:<10} {row['time_ratio']:.3f}x {row['baseline']} "
                 f"({row['alias_ms']:.2f} ms vs {row['baseline_ms']:.2f} ms), "
-                f"state {row['state_bytes_ratio']:.3f}x  {target_check(row)}",
+                f"state {_fmt(row['state_bytes_ratio'])}x  {target_check(row)}",
                 flush=True,
             )
         del baselines

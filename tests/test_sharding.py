@@ -21,11 +21,12 @@ from jax.sharding import PartitionSpec as P
 import optax_sphere as osp
 
 RTOL = 1e-6  # float32, relative to the largest entry of each leaf
-# A second moment accumulates g^2: the relative error of a square is twice its argument's
-# (d(g^2) / g^2 = 2 dg / g), and g carries the iterate's error. Measured for rv_adamw: its
-# nu differs by 1.0e-6 between the sharded and the single-device run, where the
-# single-device float32 nu is itself 1.5e-5 away from the float64 one.
-RTOL_SECOND_MOMENT = 2 * RTOL
+# Second moments are quadratic in the gradient (d(g^2) / g^2 = 2 dg / g), so a reduction
+# reordered across devices moves them more than the iterate. Measured: adam's nu differs by
+# 1.0e-6 between the sharded and the single-device run, the rotational tracker q of
+# ||U_perp||^2 (a difference of sums) by 2.0e-6; on one device, float32 nu and q are
+# themselves 1.5e-5 and 1.4e-5 away from float64. The bound sits well below that.
+RTOL_SECOND_MOMENT = 5 * RTOL
 STEPS = 3
 
 ALIASES = {
@@ -111,7 +112,7 @@ def _assert_close(actual, expected, what: str) -> None:
         assert np.all(np.isfinite(a)), f"{what}{jax.tree_util.keystr(path)}: not finite"
         scale = max(float(np.max(np.abs(e), initial=0.0)), np.finfo(np.float32).tiny)
         err = float(np.max(np.abs(a - e), initial=0.0)) / scale
-        second_moment = any(getattr(k, "name", None) == "nu" for k in path)
+        second_moment = any(getattr(k, "name", None) in ("nu", "q") for k in path)
         rtol = RTOL_SECOND_MOMENT if second_moment else RTOL
         assert err <= rtol, f"{what}{jax.tree_util.keystr(path)}: relative error {err:.2e}"
 

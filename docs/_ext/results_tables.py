@@ -165,7 +165,7 @@ def render_benchmarks(data: dict[str, Any]) -> str:
                 f"`{r['baseline']}`",
                 f"{r['time_ratio']:.3f}",
                 f"{r['alias_ms']:.3f} / {r['baseline_ms']:.3f}",
-                f"{r['state_bytes_ratio']:.3f}",
+                "n/a" if r["state_bytes_ratio"] is None else f"{r['state_bytes_ratio']:.3f}",
                 _pct(r.get("alias_bandwidth_fraction")),
                 r.get("alias_compile_s"),
                 verdict(r),
