@@ -43,7 +43,7 @@ def filters_before_norm(params: PyTree) -> PyTree:
     """``groups`` spec: conv kernels (ndim >= 3) per output filter, nothing else grouped.
 
     In a CNN whose every convolution is followed by BatchNorm these are exactly the
-    radially invariant groups (seed 000 app. A); the classifier's ``Dense`` kernel is not
+    radially invariant groups (Roburin et al. app. A); the classifier's ``Dense`` kernel is not
     followed by a normalisation, so it is not grouped and gets the base optimizer.
     """
     return jax.tree.map(lambda p: "unit" if p.ndim >= 3 else None, params)
@@ -392,7 +392,7 @@ def plot_curves(path: str, series: Mapping[str, Mapping[str, np.ndarray]], title
 
 
 def plot_angles(path: str, by_optimizer: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-    """Angular update per layer over training (seed 002 fig. 4): one panel per optimizer."""
+    """Angular update per layer over training (Kosson et al. fig. 4): one panel per optimizer."""
     import matplotlib
 
     matplotlib.use("Agg")

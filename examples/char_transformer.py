@@ -8,11 +8,11 @@ The text is the Python standard library's own source code (the ``.py`` files nex
 symbols); the last 10% of the text is the test split and the 10% before it the validation
 split. The model is a pre-LayerNorm decoder (GPT-like) with learned positions.
 
-This is the case where the rotational variants help (seed 002 sec. 5 "Training poorly
+This is the case where the rotational variants help (Kosson et al. sec. 5 "Training poorly
 normalized networks", table 2, GPT-like on Wikitext): LayerNorm makes at most a whole layer
 scale-invariant, not each neuron, so the weights of one matrix rotate at unequal speeds under
 AdamW, and RV-AdamW (``optax_sphere.rv_adamw``, groups per tensor: every kernel of the blocks
-is one group) balances them. Both start from seed 002's GPT-like preset
+is one group) balances them. Both start from Kosson et al.'s GPT-like preset
 (``kosson2024/wikitext_gpt``: lr 5e-3, weight decay 0.5, b2 0.95; the RV zero-shot) with a
 cosine schedule after a 5% warm-up, and the learning rate is searched over a short grid on the
 validation loss. AdamW decays the matrices (embedding, kernels, head) and not the LayerNorm

@@ -8,10 +8,10 @@ Reads the standard CIFAR-10 python archive (``data_batch_1`` ... ``data_batch_5`
 ``test_batch``; https://www.cs.toronto.edu/~kriz/cifar.html) from ``--data-dir`` or its
 ``cifar-10-batches-py`` folder; nothing is downloaded. The last 5000 training images are the
 validation split. Every optimizer starts from its published hyperparameters for this very
-benchmark (``optax_sphere.presets``: seed 000 tables 3-4, seed 002 table 4 for the
-rotational variants), trains with seed 000's step decay (x0.1 at 1/3, 5/9, 7/9 of training)
+benchmark (``optax_sphere.presets``: Roburin et al. tables 3-4, Kosson et al. table 4 for the
+rotational variants), trains with Roburin et al.'s step decay (x0.1 at 1/3, 5/9, 7/9 of training)
 and standard augmentation (4-pixel padded random crops, horizontal flips). The papers train
-405 epochs (seed 000) or 200 (seed 002) on a GPU; the default here is a 30-epoch budget.
+405 epochs (Roburin et al.) or 200 (Kosson et al.) on a GPU; the default here is a 30-epoch budget.
 Outputs as ``compare.py``: ``results.json``, ``curves.png``, ``angular_updates.png``.
 """
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             "batch_size": args.batch_size,
             "seeds": seeds,
             "learning_rate_factors": factors,
-            "schedule": "x0.1 at 1/3, 5/9 and 7/9 of training (seed 000 app. E.1)",
+            "schedule": "x0.1 at 1/3, 5/9 and 7/9 of training (Roburin et al. app. E.1)",
             "augmentation": "4-pixel padded random crop, horizontal flip",
             "splits": {k: len(v[1]) for k, v in data.items()},
         },

@@ -8,9 +8,9 @@ MNIST-1D (Greydanus & Kalai 2024; the ``mnist1d`` package generates it locally w
 default arguments, no download) is 4000 training and 1000 test signals of length 40; the last
 400 training signals are held out as the validation split. The model is a 1-D CNN whose three
 convolutions are each followed by BatchNorm, so every convolution filter is radially
-invariant; the classifier head is not (it gets each method's base optimizer, as in seed 000).
+invariant; the classifier head is not (it gets each method's base optimizer, as in Roburin et al.).
 
-The papers' protocol, in small (seed 000 app. E.1): for each optimizer, start from its best
+The papers' protocol, in small (Roburin et al. app. E.1): for each optimizer, start from its best
 published hyperparameters for ResNet-20 on CIFAR-10 (``optax_sphere.presets``), search the
 learning rate over a short grid around it (default: x 1/3, 1, 3, 10, 30) with the other
 hyperparameters fixed, train (default: 30 epochs of 28 steps, batch 128) with the
@@ -22,7 +22,7 @@ same initialisation and data order to every optimizer and learning rate.
 Writes into ``--out``: ``results.json`` (every run: hyperparameters, final train loss,
 validation and test accuracy, seconds, curves), ``curves.png`` (test accuracy and train loss
 over epochs at the selected learning rates) and ``angular_updates.png`` (mean angular update
-per step of each convolution, seed 002 fig. 4).
+per step of each convolution, Kosson et al. fig. 4).
 """
 
 from __future__ import annotations
@@ -66,10 +66,10 @@ LABELS = {
 }
 # Starting points without a preset: (hyperparameters, where they come from).
 OTHER_STARTS: dict[str, tuple[dict[str, Any], str]] = {
-    "psi_sgdm": ({"learning_rate": 0.1, "momentum": 0.9}, "Yi (seed 004) sec. 6: lr 0.1"),
+    "psi_sgdm": ({"learning_rate": 0.1, "momentum": 0.9}, "Yi et al. sec. 6: lr 0.1"),
     "adamp": (
         dict(presets.get("roburin2022/cifar10_resnet20/adamw").hyperparams),
-        "AdamW's row of seed 000 table 4 (AdamP is not in the papers)",
+        "AdamW's row of Roburin et al. table 4 (AdamP is not in the papers)",
     ),
 }
 PRESET_OF = {
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": batch_size,
             "seeds": seeds,
             "learning_rate_factors": list(factors),
-            "schedule": "x0.1 at 1/3, 5/9 and 7/9 of training (seed 000 app. E.1)",
+            "schedule": "x0.1 at 1/3, 5/9 and 7/9 of training (Roburin et al. app. E.1)",
             "selection": "learning rate with the best mean final validation accuracy",
             "splits": {k: len(v[1]) for k, v in data.items()},
             "groups": "conv kernels per output filter; dense head and BatchNorm not grouped",

@@ -2,19 +2,19 @@
 
 A BatchNorm CNN on scikit-learn's digits (ships with the package, no download) is trained
 three times with a constant learning rate, with ``optax_sphere.monitor()`` at the end of the
-chain recording, for every conv filter, the angular update per step (seed 002 eq. 5), the
-weight norm and the terms of seed 000 theorem 2:
+chain recording, for every conv filter, the angular update per step (Kosson et al. eq. 5), the
+weight norm and the terms of Roburin et al. theorem 2:
 
 * ``AdamW`` (``optax.adamw``, decoupled weight decay): the dashed lines are the equilibrium
-  of seed 002 table 1, ``sqrt(2 lr wd (1 - b1) / (1 + b1))``, the same for every filter;
+  of Kosson et al. table 1, ``sqrt(2 lr wd (1 - b1) / (1 + b1))``, the same for every filter;
 * ``Adam+L2`` (``optax.adam`` after coupled L2): the dashed lines are the equilibrium of
-  seed 002 app. I.2 (eq. 84 and 87), computed per layer from the RMS gradient norm at unit
+  Kosson et al. app. I.2 (eq. 84 and 87), computed per layer from the RMS gradient norm at unit
   weight norm ``||w|| ||grad||`` measured over the second half of the run;
-* ``Adam-SRT`` (``optax_sphere.adam_srt``, coupled L2 as in seed 000): the papers give no
+* ``Adam-SRT`` (``optax_sphere.adam_srt``, coupled L2 as in Roburin et al.): the papers give no
   equilibrium for it, so no dashed line is drawn.
 
 The third panel of each row shows the individual filters of one layer: balanced rotation
-(every filter at the same angular update) or imbalanced (seed 002 fig. 8).
+(every filter at the same angular update) or imbalanced (Kosson et al. fig. 8).
 
     python examples/geometry_diagnostics.py --out geometry.png [--steps 2000] [--quick]
 """
@@ -84,7 +84,7 @@ def load_data(seed: int):
 
 def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random shifts by up to one pixel and pixel noise: the gradients stay stochastic
-    after the small training set is fitted (the equilibrium of seed 002 assumes a noisy,
+    after the small training set is fitted (the equilibrium of Kosson et al. assumes a noisy,
     stationary gradient)."""
     dy, dx = rng.integers(-1, 2, size=2)
     x = np.roll(x, (int(dy), int(dx)), axis=(1, 2))

@@ -82,7 +82,7 @@ __all__ = [
     "per_tensor",
     "per_unit",
     "resolve_groups",
-    # primitives: spherical Adam family (seeds 000, 001)
+    # primitives: spherical Adam family (Roburin et al.)
     "ScaleByStandardizedAdamState",
     "coupled_weight_decay",
     "decoupled_weight_decay",
@@ -96,7 +96,7 @@ __all__ = [
     "retract_to_sphere",
     "scale_by_psi_metric",
     "scale_invariant_projection",
-    # primitives: rotational equilibrium (seed 002)
+    # primitives: rotational equilibrium (Kosson et al.)
     "RotationalRmsControlState",
     "ScaleByAdamL2DirectionState",
     "center_groups",

@@ -1,24 +1,24 @@
 """Seeing the geometry: per-group diagnostics of any optimizer step.
 
-For every radially invariant group (seed 000 sec. 2; ``x = r u``, ``r = ||x||``) and one step
+For every radially invariant group (Roburin et al. sec. 2; ``x = r u``, ``r = ||x||``) and one step
 ``x_k -> x_{k+1} = x_k + Delta``, the quantities of the papers, as one scalar per group:
 
 * ``radius``: ``r_k``;
-* ``angular_update``: ``angle(x_k, x_{k+1})`` (seed 002 eq. 5), in radians;
+* ``angular_update``: ``angle(x_k, x_{k+1})`` (Kosson et al. eq. 5), in radians;
 * ``update_norm``: ``||Delta||``; its root mean square over steps is the RMS update size
-  ``eta_g`` of seed 002 eq. 4 (there ``Delta`` is the gradient part only; here it is the
+  ``eta_g`` of Kosson et al. eq. 4 (there ``Delta`` is the gradient part only; here it is the
   whole step, weight decay included);
-* ``radius_ratio``: ``r_{k+1} / r_k`` (seed 000 eq. 13);
-* ``radial_term``: ``A_k <c_k, u_k> = -<Delta, x_k> / r_k^2``, which app. C.1.2 of seed 000
+* ``radius_ratio``: ``r_{k+1} / r_k`` (Roburin et al. eq. 13);
+* ``radial_term``: ``A_k <c_k, u_k> = -<Delta, x_k> / r_k^2``, which app. C.1.2 of Roburin et al.
   tracks to check ``1 - A_k <c_k, u_k> > 0``;
-* ``taylor_term``: ``eta_e ||c_perp||`` (seed 000 app. C.1.2, the argument of the Taylor
+* ``taylor_term``: ``eta_e ||c_perp||`` (Roburin et al. app. C.1.2, the argument of the Taylor
   expansion of theorem 2; ``= tan(angular_update)`` by eq. 37);
 * ``effective_lr`` and ``direction_norm``: the effective learning rate ``eta_e`` and the norm
   of the effective direction ``||c_perp||`` of theorem 2 (eq. 11, table 1).
 
 The first six are geometric: they need only the parameters before and after the step, so they
 work with any optimizer. The last two split ``eta_e ||c_perp||`` between the optimizer and the
-direction, and need the optimizer to be of the generic form of seed 000 eqs. 3-4,
+direction, and need the optimizer to be of the generic form of Roburin et al. eqs. 3-4,
 ``x_{k+1} = x_k - eta_k a_k / b_k``, and its per-group *step scale*
 ``s_k = eta_k / (d^{-1/2} ||b_k||)``. Then ``A_k = s_k / r_k^2``,
 ``eta_e = s_k / <x_k, x_{k+1}>`` and ``||c_perp|| = r_k ||Delta_perp|| / s_k``. For SGD and
@@ -197,9 +197,9 @@ def geometry_stats(
     Args:
       params_before, params_after: ``x_k`` and ``x_{k+1}`` (same tree structure).
       groups: the radially invariant groups (see :mod:`optax_sphere.groups`).
-      step_scale: optional ``s_k = eta_k / (d^{-1/2} ||b_k||)`` of the generic scheme of seed
-        000 eqs. 3-4: a number (the learning rate of SGD / SGD with momentum), or a tree like
-        the params with per-group ``keepdims`` arrays on grouped leaves (as returned by
+      step_scale: optional ``s_k = eta_k / (d^{-1/2} ||b_k||)`` of the generic scheme of
+        Roburin et al. eqs. 3-4: a number (the learning rate of SGD / SGD with momentum), or a tree
+        like the params with per-group ``keepdims`` arrays on grouped leaves (as returned by
         :func:`adam_step_scale`). Enables ``effective_lr`` and ``direction_norm``.
 
     Returns:
@@ -253,7 +253,7 @@ def monitor(groups: GroupsLike = per_unit, *, step_scale: _utils.Hyper = None, e
 
     Args:
       groups: the radially invariant groups.
-      step_scale: optional step scale ``s_k`` of the generic scheme of seed 000 eqs. 3-4 (a
+      step_scale: optional step scale ``s_k`` of the generic scheme of Roburin et al. eqs. 3-4 (a
         number or a schedule of the monitor's step count): the learning rate for SGD and
         SGD with momentum, with or without L2 (``b = 1``). Enables ``effective_lr`` and
         ``direction_norm``. For Adam-like optimizers, use :func:`monitored`.
@@ -347,7 +347,7 @@ def adam_step_scale(
 ) -> Callable[[Any, PyTree], PyTree]:
     r"""Step scale ``s_k = eta_k / (d^{-1/2} ||b_k||)`` of optax's Adam, for :func:`monitored`.
 
-    Adam in the generic form of seed 000 eqs. 3-4 (eq. 9, with ``eps`` where optax puts it):
+    Adam in the generic form of Roburin et al. eqs. 3-4 (eq. 9, with ``eps`` where optax puts it):
     :math:`a_k = m_k/(1-\beta_1)`, :math:`b_k = \frac{1-\beta_1^{k+1}}{1-\beta_1}
     (\sqrt{v_k/(1-\beta_2^{k+1}) + \epsilon_{root}} + \epsilon)`. Reads ``count`` and ``nu``
     from the (unique) ``ScaleByAdamState`` in the state after the step; the hyperparameters
@@ -504,7 +504,7 @@ class History:
     ) -> tuple[float, float, float]:
         """``(min, mean, max)`` over the groups of ``path`` of each group's average of
         ``stat`` over the last ``tail`` fraction of the records: how balanced the groups are
-        (seed 002 fig. 8: equal for AdamW, spread for Adam + L2)."""
+        (Kosson et al. fig. 8: equal for AdamW, spread for Adam + L2)."""
         values = self.per_group(path, stat)
         start = min(int(len(values) * (1 - tail)), len(values) - 1)
         means = values[start:].mean(axis=0)

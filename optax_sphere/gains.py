@@ -1,4 +1,4 @@
-"""Learnable per-output gains for kernels trained as rotational weights (seed 002 app. M, O).
+"""Learnable per-output gains for kernels trained as rotational weights (Kosson et al. app. M, O).
 
 The rotational variants keep the norm of every rotational group fixed. For a kernel that
 is not scale-invariant (a transformer's linear layers, an unnormalised network) the norm

@@ -2,7 +2,7 @@
 
 Every function acts on one leaf and its :class:`~optax_sphere.groups.Group`; per-group
 scalars are ``keepdims`` reductions, so the functions are shape-polymorphic, jit- and
-sharding-friendly, and vectorised over all groups of a leaf at once. Notation of seed 000:
+sharding-friendly, and vectorised over all groups of a leaf at once. Notation of Roburin et al.:
 ``r = ||x||``, ``u = x / r``, ``q_perp = q - <q, u> u``.
 
 Degenerate groups: a zero-norm group has no direction, so the transports and the rescale
@@ -54,7 +54,7 @@ def tangent_part(q: jax.Array, x: jax.Array, group: Group) -> jax.Array:
 
 
 def transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
-    """Transport T of seed 000 app. D.2, eq. 72: ``<u_old,u_new> a - <a,u_new> u_old``.
+    """Transport T of Roburin et al. app. D.2, eq. 72: ``<u_old,u_new> a - <a,u_new> u_old``.
 
     The published formula, a rotation in the plane ``(u_old, u_new)``: a component of ``a``
     orthogonal to that plane is multiplied by ``cos(theta)`` and the radial component along
@@ -69,7 +69,7 @@ def transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) ->
 
 
 def rescale(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
-    """Rescale R of seed 000 eq. 69: ``(r_old / r_new) a``."""
+    """Rescale R of Roburin et al. eq. 69: ``(r_old / r_new) a``."""
     a, x_old, x_new = _acc(a, x_old, x_new)
     r_old = jnp.sqrt(group_sq_norm(x_old, group))
     r_new = jnp.sqrt(group_sq_norm(x_new, group))
@@ -77,7 +77,7 @@ def rescale(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> j
 
 
 def rescale_transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
-    """RT of seed 000 eq. 75: ``(<x_new,x_old> a - <x_new,a> x_old) / <x_new,x_new>``.
+    """RT of Roburin et al. eq. 75: ``(<x_new,x_old> a - <x_new,a> x_old) / <x_new,x_new>``.
 
     Equal to ``rescale(transport(a))`` (R and T commute). ``RT(x_old) = 0``.
     """
@@ -110,7 +110,7 @@ def parallel_transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: 
 
 
 def angle(x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
-    """Angle between ``x_old`` and ``x_new`` per group (seed 002 eq. 5), in radians.
+    """Angle between ``x_old`` and ``x_new`` per group (Kosson et al. eq. 5), in radians.
 
     Computed as ``2 atan2(||u_new - u_old||, ||u_new + u_old||)`` from the unit vectors,
     which is accurate over the whole range: for tiny angles (where ``arccos`` of the cosine

@@ -1,6 +1,6 @@
 """Radially invariant groups: which weights only matter through their direction.
 
-A *group* is a vector ``x`` whose scale does not change the loss (seed 000 sec. 2, app. B):
+A *group* is a vector ``x`` whose scale does not change the loss (Roburin et al. sec. 2, app. B):
 the weights of one output unit followed by BatchNorm, or a whole tensor followed by
 LayerNorm. Every transformation of this library takes ``groups=``, which says for each
 parameter leaf either ``None`` (not radially invariant) or which axes one group spans.

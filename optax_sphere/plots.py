@@ -5,10 +5,12 @@ matplotlib ``Axes`` (or a new figure); predictions are plain numbers so any sour
 provide them, e.g. ``optax_sphere.theory.equilibrium(...).angular_update``:
 
 * :func:`plot_angular_updates`: the mean angular update per step of each layer over training,
-  with equilibrium predictions as dashed lines (seed 002 fig. 3 right, fig. 4 right);
-* :func:`plot_weight_norms`: the mean weight norm of the groups of each layer (002 fig. 3);
+  with equilibrium predictions as dashed lines (Kosson et al. fig. 3 right, fig. 4 right);
+* :func:`plot_weight_norms`: the mean weight norm of the groups of each layer (Kosson
+  et al. fig. 3);
 * :func:`plot_unit_angular_updates`: the angular updates of the individual units of one layer,
-  to see balanced (all alike, AdamW) or imbalanced (spread, Adam + L2) rotation (002 fig. 8);
+  to see balanced (all alike, AdamW) or imbalanced (spread, Adam + L2) rotation
+  (Kosson et al. fig. 8);
 * :func:`geometry_figure`: the three side by side for several runs, saved to PNG / SVG.
 
 matplotlib is imported inside the functions, so importing this module does not need it.
@@ -173,7 +175,7 @@ def plot_unit_angular_updates(
     log: bool = True,
     ax: Any = None,
 ) -> Any:
-    """Angular updates of the individual units of one layer (seed 002 fig. 8 right).
+    """Angular updates of the individual units of one layer (Kosson et al. fig. 8 right).
 
     Draws the band between the smallest and the largest unit at each step, the units whose
     time-averaged angular update is the smallest, the median and the largest (up to

@@ -10,7 +10,7 @@ the table it comes from, and builds the optimizer with :meth:`Preset.build`::
 Sources:
 
 * ``roburin2022/...``: Roburin et al., "Spherical perspective on learning with normalization
-  layers" (seed 000), app. E.1, table 3 (learning rate, momentum / ``b1`` fixed to 0.9) and
+  layers" (Roburin et al.), app. E.1, table 3 (learning rate, momentum / ``b1`` fixed to 0.9) and
   table 4 (L2 coefficient ``lambda`` and ``b2``), grid-searched per method, batch size 128
   (256 on ImageNet), 405 epochs (135 on ImageNet) with the learning rate multiplied by 0.1
   at 1/3, 5/9 and 7/9 of training. Table 4 prints ``lambda`` rounded to 6 decimals; the
@@ -21,12 +21,12 @@ Sources:
   AdamG's ``lambda`` acts on the ungrouped parameters only (on a sphere the L2 gradient is
   radial and the tangent projection removes it). Adam-ST (``adam_st``, the ICLR version's
   "Adam w/o (ab)") has no row: its presets reuse Adam-S's values.
-* ``kosson2024/...``: Kosson et al., "Rotational equilibrium" (seed 002), app. N table 4
+* ``kosson2024/...``: Kosson et al., "Rotational equilibrium" (Kosson et al.), app. N table 4
   (zero-shot settings; ``.../best_shot`` where the table gives one). The rotational variants
   ``rv_*`` use the baseline's hyperparameters unchanged (zero-shot, table 2/3); schedules are
   cosine with a 5-epoch linear warm-up from 1e-6 (IWSLT: 4000 iterations; Wikitext: one-cycle,
   not reproduced here). ``weight_decay`` is AdamW's decoupled decay, SGD's coupled L2, Lion's
-  decoupled decay; for an RV it sets the equilibrium angular update (seed 002 table 1).
+  decoupled decay; for an RV it sets the equilibrium angular update (Kosson et al. table 1).
 
 Optimizer names: ``"sgdm"`` (``optax.sgd`` with momentum after coupled L2), ``"adam"`` (Adam
 + L2), ``"adamw"``, ``"lion"`` (``optax.lion``) and this library's aliases (``"adam_srt"``,
@@ -49,7 +49,7 @@ _BASELINES = ("sgdm", "adam", "adamw", "lion")
 
 
 def roburin_step_schedule(init_value: float, total_steps: int) -> optax.Schedule:
-    """Seed 000's fixed-frequency schedule: ``* 0.1`` at 1/3, 5/9 and 7/9 of training.
+    """Roburin et al.' fixed-frequency schedule: ``* 0.1`` at 1/3, 5/9 and 7/9 of training.
 
     (135, 225 and 315 of 405 epochs; 45, 75 and 105 of 135 on ImageNet.)
     """
@@ -105,7 +105,7 @@ class Preset:
     - ``name``: ``"<paper>/<benchmark>/<optimizer>"`` (a ``/best_shot`` suffix where it applies);
     - ``optimizer``: the optimizer name (see the module docstring);
     - ``hyperparams``: its keyword arguments (``learning_rate`` is the initial/peak value);
-    - ``schedule``: ``"step"`` (seed 000's decay, :func:`roburin_step_schedule`) or
+    - ``schedule``: ``"step"`` (Roburin et al.'s decay, :func:`roburin_step_schedule`) or
       ``"cosine"``;
     - ``source``: the paper and table the values come from;
     - ``batch_size``, ``epochs``: the paper's batch size and training length for this benchmark;
@@ -155,7 +155,7 @@ class Preset:
 
 
 def _roburin() -> dict[str, Preset]:
-    source = "Roburin et al. 2022 (seed 000), app. E.1 tables 3-4"
+    source = "Roburin et al. 2022, app. E.1 tables 3-4"
     lrs = {
         "sgdm": 0.1,
         "sgdm_rt": 0.1,
@@ -230,7 +230,7 @@ def _roburin() -> dict[str, Preset]:
 
 
 def _kosson() -> dict[str, Preset]:
-    source = "Kosson et al. 2024 (seed 002), app. N table 4"
+    source = "Kosson et al. 2024, app. N table 4"
     # (benchmark, baseline, batch, epochs, warmup epochs, zero-shot hp, best-shot hp or None)
     rows = [
         ("cifar10_resnet20", "sgdm", 128, 200, 5, dict(learning_rate=0.5, weight_decay=1e-4), None),

@@ -1,6 +1,6 @@
 """PSI metric scaling: SGD on the manifold of positively scale-equivalent weights.
 
-Yi, "Accelerating training of batch normalization: a manifold perspective" (seed 004). For
+Yi, "Accelerating training of batch normalization: a manifold perspective" (Yi et al.). For
 a group ``w`` whose scale does not change the network function, the quotient (PSI) manifold
 with the metric of eq. 6, ``<xi_1, xi_2>_w = <xi_1, xi_2> / ||w||^2``, has the Riemannian
 gradient (eq. 7)
@@ -12,7 +12,7 @@ alg. 1) are SGD / SGD with momentum applied to the metric-scaled gradient on gro
 and plain SGD elsewhere. Theorem 1: runs started from ``W`` and ``T_a(W)`` (every group scaled
 by its own ``a_i > 0``, momentum included) stay related by ``T_a`` at every step.
 
-Overflow safeguard (seed 004 sec. 6): the norms grow, so a group whose norm exceeds
+Overflow safeguard (Yi et al. sec. 6): the norms grow, so a group whose norm exceeds
 ``max_norm`` is renormalised. Here the group and its momentum are both multiplied by
 ``1 / ||w_k||`` after the step, which is ``T_a`` of Theorem 1: the iterate stays
 scale-equivalent to the one without the safeguard, so the network function is unchanged.
@@ -45,7 +45,7 @@ def _metric_scaled(sq_norm: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def scale_by_psi_metric(groups: GroupsLike = "unit") -> optax.GradientTransformation:
-    """Riemannian gradient of the PSI manifold (seed 004 eq. 7): ``g <- ||x||^2 g`` per group.
+    """Riemannian gradient of the PSI manifold (Yi et al. eq. 7): ``g <- ||x||^2 g`` per group.
 
     Stateless; needs ``params``. Ungrouped leaves pass through. Put it first in a chain (for
     example before ``optax.sgd``) to move any Euclidean optimizer onto the PSI manifold.
@@ -86,7 +86,7 @@ def psi_sgdm(
     max_norm: float | None = 1e4,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
-    r"""PSI-SGDM (seed 004 alg. 1, eq. 11): SGD with momentum on the PSI manifold.
+    r"""PSI-SGDM (Yi et al. alg. 1, eq. 11): SGD with momentum on the PSI manifold.
 
     .. math::
         b_k = \mu b_{k-1} + \|w_k\|^2 \nabla_{w} L,\quad w_{k+1} = w_k - \eta_k b_k
@@ -163,7 +163,7 @@ def psi_sgd(
     max_norm: float | None = 1e4,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
-    r"""PSI-SGD (seed 004 eq. 10): ``w_{k+1} = w_k - \eta_k \|w_k\|^2 \nabla_w L`` per group.
+    r"""PSI-SGD (Yi et al. eq. 10): ``w_{k+1} = w_k - \eta_k \|w_k\|^2 \nabla_w L`` per group.
 
     :func:`psi_sgdm` with ``momentum=0`` by default (then no momentum buffer is kept); plain
     SGD on ungrouped leaves. ``max_norm`` as in :func:`psi_sgdm`.

@@ -2,15 +2,16 @@
 
 A radially invariant group only matters through ``u = x / ||x||``, so one may optimise ``u``
 directly on the unit sphere (Cho & Lee, "Riemannian approach to batch normalization", NeurIPS
-2017; thesis 003 sec. 3.4.2). The pieces:
+2017; Roburin's thesis sec. 3.4.2). The pieces:
 
 * :func:`project_tangent`: the Riemannian gradient of the sphere, ``g - <g, u> u``;
 * :func:`retract_to_sphere`: the last link of a chain, which maps ``x + Delta`` back onto the
   sphere, by projection ``x_hat / ||x_hat||`` or by the exponential map;
 * exact parallel transport of a momentum: ``transport_momentum(..., exact=True)``;
 * the aliases :func:`sgdg`, :func:`adamg` (Cho & Lee, as their code does it) and
-  :func:`adagradg` (003 sec. 3.4.2, AdamG* of 000 sec. 3.2), fused: all per-group scalars of a
-  step come from one reduction pass over ``(g, m, x)``, then one element-wise pass.
+  :func:`adagradg` (Roburin's thesis sec. 3.4.2, AdamG* of Roburin et al. sec. 3.2), fused: all
+  per-group scalars of a step come from one reduction pass over ``(g, m, x)``, then one element-wise
+  pass.
 
 Zero-norm groups have no direction: the aliases leave them (and their moments) unchanged.
 """
@@ -82,7 +83,7 @@ def retract_to_sphere(
 
     With ``x`` the params and ``Delta`` the incoming (final) update, per group:
 
-    * ``"projection"`` (003 sec. 3.4.2): ``x' = radius * (x + Delta) / ||x + Delta||``;
+    * ``"projection"`` (Roburin's thesis sec. 3.4.2): ``x' = radius * (x + Delta) / ||x + Delta||``;
     * ``"exp"`` (Cho & Lee 2017): the exponential map of the sphere from ``u = x / ||x||``
       along the tangent part of ``Delta`` measured in angle, ``v = Delta_perp / ||x||``:
       ``x' = radius (u cos|v| + (v/|v|) sin|v|)``. The radial part of ``Delta`` is dropped.
@@ -398,7 +399,7 @@ def adagradg(
     *,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
-    r"""AdaGradG (thesis 003 sec. 3.4.2; AdamG* of 000 sec. 3.2), per group:
+    r"""AdaGradG (Roburin's thesis sec. 3.4.2; AdamG* of Roburin et al. sec. 3.2), per group:
 
     .. math::
         \hat x_{k+1} = x_k - \eta_k \frac{\nabla L(x_k)}{\sqrt{v_k}},\quad
@@ -407,12 +408,12 @@ def adagradg(
 
     Adam without momentum (``b1 = 0``), without bias correction, with the second moment of
     the *previous* step and an initial ``v_0 > 0``, constrained to the unit sphere by
-    projection. Theorem 4 (000; 003): SGD with L2 started from ``r_0 u_0`` follows, to second
-    order in the step, AdaGradG started from ``u_0`` with the hyperparameters of
+    projection. Theorem 4 (Roburin et al.; Roburin's thesis): SGD with L2 started from ``r_0 u_0``
+    follows, to second order in the step, AdaGradG started from ``u_0`` with the hyperparameters of
     :func:`optax_sphere.theory.sgd_to_adagradg`. ``beta`` is in ``(0, 1]`` (1: no decay, as
-    AdaGrad). ``v0`` is a number or a pytree like the params whose leaves broadcast to the
-    per-group scalar shape (a per-group ``v_0``, as Theorem 4 gives for groups of different
-    radii). Ungrouped leaves get the same recursion element-wise, without the projection.
+    AdaGrad). ``v0`` is a number or a pytree like the params whose leaves broadcast to the per-group
+    scalar shape (a per-group ``v_0``, as Theorem 4 gives for groups of different radii). Ungrouped
+    leaves get the same recursion element-wise, without the projection.
     """
     _utils.check_rate("learning_rate", learning_rate)
     if not _traced(beta) and not 0 < beta <= 1:

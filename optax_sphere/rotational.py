@@ -1,6 +1,6 @@
 """Rotational RMS control and the rotational optimizer variants (RVs).
 
-Kosson, Messmer & Jaggi, "Rotational equilibrium" (seed 002, sec. 2 and app. M, alg. 1).
+Kosson, Messmer & Jaggi, "Rotational equilibrium" (Kosson et al., sec. 2 and app. M, alg. 1).
 With weight decay, the norm of a scale-invariant group converges to an equilibrium where its
 expected angular update per step is ``eta_r`` of Table 1 (see :mod:`optax_sphere.theory`).
 The rotational wrapper forces that equilibrium from the first step: for each rotational
@@ -94,7 +94,7 @@ def center_groups(params: Any, groups: GroupsLike = "unit") -> Any:
     """Centres every group of ``params`` (mean zero over the group), keeping its norm.
 
     ``x <- ||x|| (x - mean(x)) / ||x - mean(x)||``: what the authors do to the rotational
-    weights once, before training, when the RVs are used with ``center=True`` (seed 002
+    weights once, before training, when the RVs are used with ``center=True`` (Kosson et al.
     app. M, "Centering the weights"). A group that is zero or constant (no centred
     direction) is returned unchanged. Ungrouped leaves are returned unchanged.
     """
@@ -127,7 +127,7 @@ def _rotational_step(
     center: bool,
     count: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """One rotational step of a group (seed 002 alg. 1, lines 9-13), one reduction pass.
+    """One rotational step of a group (Kosson et al. alg. 1, lines 9-13), one reduction pass.
 
     Returns ``(update, q)`` with ``update = x_new - x``.
     """
@@ -185,7 +185,7 @@ def rotational_rms_control(
     weight_decay: _utils.Hyper = 0.0,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Rotational RMS control around any inner direction (seed 002 app. M, alg. 1).
+    r"""Rotational RMS control around any inner direction (Kosson et al. app. M, alg. 1).
 
     ``inner`` gives the update direction ``U`` without learning rate and without weight
     decay (``optax.scale_by_adam()``, ``optax.scale_by_lion()``, ``optax.trace(0.9)``, any
@@ -207,7 +207,7 @@ def rotational_rms_control(
     Args:
       inner: the direction; it receives ``params`` and any extra arguments.
       eta_r: expected angular update per step (radians): a number or a schedule of the step
-        count. Table 1 of seed 002 gives the equilibrium value of each optimizer
+        count. Table 1 of Kosson et al. gives the equilibrium value of each optimizer
         (:func:`optax_sphere.theory.equilibrium`); the ``rv_*`` aliases compute it from the
         current learning rate and weight decay.
       learning_rate: step size of the ungrouped leaves (number or schedule).
@@ -281,7 +281,7 @@ def rotational_rms_control(
 
 
 # --------------------------------------------------------------------------------------
-# Equilibrium angular updates of Table 1 (seed 002), as functions of the step count.
+# Equilibrium angular updates of Table 1 (Kosson et al.), as functions of the step count.
 
 
 def _hyper_fn(*hypers: _utils.Hyper, formula) -> Any:
@@ -335,7 +335,7 @@ def rv_adamw(
     ungrouped_weight_decay: _utils.Hyper = 0.0,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformationExtraArgs:
-    r"""RV-AdamW (seed 002 app. M): Adam's direction under rotational RMS control.
+    r"""RV-AdamW (Kosson et al. app. M): Adam's direction under rotational RMS control.
 
     Rotational groups rotate by :math:`\hat\eta_r = \sqrt{2\eta\lambda(1-b_1)/(1+b_1)}` per
     step on average (Table 1, the AdamW equilibrium for the current, possibly scheduled,
@@ -377,7 +377,7 @@ def rv_sgdm(
     ungrouped_weight_decay: _utils.Hyper = 0.0,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformationExtraArgs:
-    r"""RV-SGDM (seed 002 app. M): SGD momentum's direction under rotational RMS control.
+    r"""RV-SGDM (Kosson et al. app. M): SGD momentum's direction under rotational RMS control.
 
     Direction ``b <- momentum b + grad`` (``optax.trace``); rotational groups rotate by
     :math:`\hat\eta_r = \sqrt{2\eta\lambda/(1+\alpha)}` per step on average (Table 1).
@@ -447,7 +447,7 @@ def rv_lion(
     ungrouped_weight_decay: _utils.Hyper = 0.0,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformationExtraArgs:
-    r"""RV-Lion (seed 002 app. M): Lion's sign direction under rotational RMS control.
+    r"""RV-Lion (Kosson et al. app. M): Lion's sign direction under rotational RMS control.
 
     Rotational groups rotate by :math:`\hat\eta_r = \sqrt{\pi\eta\lambda}
     \sqrt{(1-b_1)^2 + b_1^2(1-b_2)/(1+b_2)}` per step on average (Table 1, eq. 72).
@@ -489,7 +489,7 @@ def scale_by_adam_l2_direction(
     *,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
-    r"""The gradient part of Adam+L2's update (seed 002 eqs. 73-75, authors' wrapper code).
+    r"""The gradient part of Adam+L2's update (Kosson et al. eqs. 73-75, authors' wrapper code).
 
     On grouped leaves the second moment sees the L2-regularised gradient, the first moment
     only the loss gradient (the L2 part of the update is weight decay, replaced by the
@@ -546,7 +546,7 @@ def wrapped_adam_l2(
     ungrouped_weight_decay: _utils.Hyper = 0.0,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformationExtraArgs:
-    r"""The "wrapped Adam+L2" RV (seed 002 sec. 3, Table 2 last column, app. O).
+    r"""The "wrapped Adam+L2" RV (Kosson et al. sec. 3, Table 2 last column, app. O).
 
     Adam+L2's direction (:func:`scale_by_adam_l2_direction`: L2 ``weight_decay`` inside the
     second moment) with the balanced angular update of AdamW,

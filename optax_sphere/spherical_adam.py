@@ -1,11 +1,11 @@
 """The spherical-perspective optimizers: Adam-S, Adam-ST, Adam-SRT and SGD-MRT.
 
-Roburin, de Mont-Marin et al. (seed 000 sec. 4 and app. D-E; seed 001, the ablation
-"Adam w/o (a), (ab), (abc)"; thesis 003 ch. 3). On ungrouped leaves every alias is its base
+Roburin, de Mont-Marin et al. (sec. 4 and app. D-E; the ablation "Adam w/o (a), (ab), (abc)"
+of their ICLR version; Roburin's thesis ch. 3). On ungrouped leaves every alias is its base
 optimizer (Adam, or SGD with momentum) with coupled L2, as in the papers.
 
 ``weight_decay`` is the paper's coupled L2 ``g <- grad + wd x`` on every leaf; on grouped
-leaves the transport then decouples it by construction (seed 000 eq. 74).
+leaves the transport then decouples it by construction (Roburin et al. eq. 74).
 
 ``adam_st``, ``adam_srt`` and ``sgdm_rt`` are fused. The step ``x_{k+1} = x_k - c m_k``
 (``c`` a per-group scalar) keeps ``m_k`` in the plane of ``x_k`` and ``x_{k+1}``, where the
@@ -152,7 +152,7 @@ def adam_s(
     *,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
-    r"""Adam-S: Adam with a standardised second moment (seed 000 sec. 4.1, eqs. 61-63).
+    r"""Adam-S: Adam with a standardised second moment (Roburin et al. sec. 4.1, eqs. 61-63).
 
     .. math::
         g_k = \nabla L(x_k) + \lambda x_k,\quad m_k = b_1 m_{k-1} + (1-b_1) g_k,\quad
@@ -160,7 +160,8 @@ def adam_s(
         x_{k+1} = x_k - \eta_k \frac{m_k/(1-b_1^{k+1})}{\sqrt{v_k/(1-b_2^{k+1})}+\epsilon}
 
     per group (``v_k`` a scalar per group); plain Adam with coupled L2 on ungrouped leaves.
-    "Adam w/o (a)" of seed 001. ``learning_rate`` and ``weight_decay`` may be schedules.
+    "Adam w/o (a)" of Roburin et al. (ICLR version). ``learning_rate`` and ``weight_decay`` may be
+    schedules.
     """
     _check_adam(learning_rate, b1, b2, eps, weight_decay)
     return optax.chain(
@@ -232,10 +233,10 @@ def adam_st(
     *,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
-    r"""Adam-ST: Adam-S plus transport of the momentum ("Adam w/o (ab)", seed 001 / 003 tab. 3.3).
+    r"""Adam-ST: Adam-S plus transport of the momentum ("Adam w/o (ab)", Roburin's thesis tab. 3.3).
 
     As :func:`adam_s`, and after each step the first moment is moved to the new point of the
-    sphere by the transport of seed 000 eq. 72,
+    sphere by the transport of Roburin et al. eq. 72,
     :math:`m_k \leftarrow \langle u_k,u_{k+1}\rangle m_k - \langle m_k,u_{k+1}\rangle u_k`.
     The second moment is not rescaled. Same as ``transport_momentum(adam_s(...))``, fused
     (see the module docstring; state :class:`SphericalAdamState`).
@@ -252,7 +253,7 @@ def adam_srt(
     *,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
-    r"""Adam-SRT (seed 000 sec. 4.2, eqs. 19-21 / 78-80, alg. 1): "Adam w/o (abc)".
+    r"""Adam-SRT (Roburin et al. sec. 4.2, eqs. 19-21 / 78-80, alg. 1): "Adam w/o (abc)".
 
     .. math::
         m_k = b_1 \mathrm{RT}(m_{k-1}) + (1-b_1)(\nabla L(x_k) + \lambda x_k),\quad
@@ -275,13 +276,13 @@ def sgdm_rt(
     *,
     groups: GroupsLike = "unit",
 ) -> optax.GradientTransformation:
-    r"""SGD-MRT (seed 000 sec. 4.2 remark, app. E.2): SGD momentum with RT of the momentum.
+    r"""SGD-MRT (Roburin et al. sec. 4.2 remark, app. E.2): SGD momentum with RT of the momentum.
 
     .. math::
         b_k = \mu\, \mathrm{RT}(b_{k-1}) + \nabla L(x_k) + \lambda x_k,\quad
         x_{k+1} = x_k - \eta_k b_k
 
-    per group (RT of seed 000 eq. 75); ``optax.sgd(lr, momentum)`` with coupled L2 on
+    per group (RT of Roburin et al. eq. 75); ``optax.sgd(lr, momentum)`` with coupled L2 on
     ungrouped leaves. Same as ``rescale_transport_momentum(chain(add_decayed_weights(wd),
     sgd(lr, momentum)))``, fused (see the module docstring).
     """

@@ -1,6 +1,6 @@
 """Standardisation (S): Adam with a per-group scalar second moment.
 
-Seed 000 sec. 4.1 (eq. 15) and app. D.1 (eqs. 60-63); thesis 003 eq. 3.66. Adam's
+Roburin et al. sec. 4.1 (eq. 15) and app. D.1 (eqs. 60-63); Roburin's thesis eq. 3.66. Adam's
 element-wise division vector ``b_k`` deforms the gradient of a radially invariant group and
 pushes it out of the tangent space (phenomenon (a)). Standardisation replaces the vector
 second moment by one scalar per group, the second moment of the gradient norm,
@@ -75,7 +75,7 @@ def scale_by_standardized_adam(
         v_k = b_2 v_{k-1} + (1-b_2)\, d^{-1}\|g_k\|^2,\quad
         \Delta_k = \frac{m_k / (1-b_1^{k+1})}{\sqrt{v_k/(1-b_2^{k+1})} + \epsilon}
 
-    Seed 000 eq. 61-63. Compose with ``optax.add_decayed_weights`` before it (coupled L2,
+    Roburin et al. eq. 61-63. Compose with ``optax.add_decayed_weights`` before it (coupled L2,
     as in the paper) and ``optax.scale_by_learning_rate`` after it.
 
     Args:

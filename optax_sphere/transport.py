@@ -1,6 +1,6 @@
 """Rescale (R) and transport (T) of the momentum between two steps.
 
-Seed 000 sec. 4.2 and app. D.2. Momentum accumulated on a radially invariant group mixes
+Roburin et al. sec. 4.2 and app. D.2. Momentum accumulated on a radially invariant group mixes
 gradients taken at other radii (phenomenon (c)) and at other points of the sphere, whose
 tangent spaces differ (phenomena (b1), (b2)). After each step ``x_k -> x_{k+1}`` these
 wrappers move the momentum held in the state of any inner optimizer:
@@ -13,7 +13,7 @@ wrappers move the momentum held in the state of any inner optimizer:
 
 The inner transformation must produce the *final* update (learning rate included), since
 the wrappers need ``x_{k+1} = x_k + update``: this is where the paper applies them too
-(seed 000 alg. 1, lines 10-11). Momentum buffers are the state fields named ``mu``, ``trace``
+(Roburin et al. alg. 1, lines 10-11). Momentum buffers are the state fields named ``mu``, ``trace``
 or ``momentum`` (optax's Adam, ``trace`` / SGD momentum, and this library's own), second
 moments the fields named ``nu``; both must be shaped like the params. The wrappers add no
 state of their own: the state is the inner state. Ungrouped leaves are left untouched.
@@ -135,7 +135,7 @@ def rescale_momentum(
     groups: GroupsLike = "unit",
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
-    """R (seed 000 eq. 69, 21): after each step, momentum ``*= r_k / r_{k+1}`` and second
+    """R (Roburin et al. eq. 69, 21): after each step, momentum ``*= r_k / r_{k+1}`` and second
     moment ``*= (r_k / r_{k+1})^2`` per group, in the state of ``inner``."""
     return _momentum_geometry(
         inner, geometry.rescale, True, groups, momentum_fields, "rescale_momentum"
@@ -149,7 +149,7 @@ def transport_momentum(
     exact: bool = False,
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
-    """T (seed 000 eq. 72): after each step, moves the momentum of ``inner`` from ``u_k`` to
+    """T (Roburin et al. eq. 72): after each step, moves the momentum of ``inner`` from ``u_k`` to
     ``u_{k+1}``: ``a <- <u_k,u_{k+1}> a - <a,u_{k+1}> u_k``.
 
     With ``exact=True`` the momentum is projected on the tangent space at ``u_k`` and moved by
@@ -166,8 +166,8 @@ def rescale_transport_momentum(
     groups: GroupsLike = "unit",
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
-    """RT (seed 000 eq. 75): ``a <- (<x_{k+1},x_k> a - <x_{k+1},a> x_k) / ||x_{k+1}||^2`` on the
-    momentum and ``v <- v ||x_k||^2 / ||x_{k+1}||^2`` on the second moment of ``inner``."""
+    """RT (Roburin et al. eq. 75): ``a <- (<x_{k+1},x_k> a - <x_{k+1},a> x_k) / ||x_{k+1}||^2`` on
+    the momentum and ``v <- v ||x_k||^2 / ||x_{k+1}||^2`` on the second moment of ``inner``."""
     return _momentum_geometry(
         inner,
         geometry.rescale_transport,

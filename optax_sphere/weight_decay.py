@@ -1,8 +1,8 @@
-"""Coupled and decoupled L2 on chosen leaves (seed 000 sec. 4.2, point 3).
+"""Coupled and decoupled L2 on chosen leaves (Roburin et al. sec. 4.2, point 3).
 
 Coupled L2 adds ``wd x`` to the gradient *before* the moments, so L2 terms accumulate in the
 momentum and, for a radially invariant group, contribute to its effective direction
-(``c^{L2}`` of seed 000 eq. 17). Decoupled weight decay (AdamW) adds it *after* the
+(``c^{L2}`` of Roburin et al. eq. 17). Decoupled weight decay (AdamW) adds it *after* the
 preconditioner, so nothing of it is accumulated. Both are ``optax.add_decayed_weights``; what
 differs is where the chain puts it, which these two names make explicit.
 """

@@ -123,7 +123,7 @@ def test_zero_group_moves_with_its_gradient_or_stays_as_documented(case):
 
 def test_groups_of_dimension_one_make_standardisation_adam():
     """A group of one element: standardisation is then Adam's element-wise second moment
-    (seed 000 eq. 60 with d = 1), so Adam-S is Adam with coupled L2."""
+    (Roburin et al. eq. 60 with d = 1), so Adam-S is Adam with coupled L2."""
     rng = np.random.default_rng(1)
     params = {"w": jnp.asarray(rng.normal(size=(1, 3)) + 3.0, jnp.float32)}  # 3 groups, d = 1
     tx = osp.adam_s(1e-2, 0.9, 0.99, 1e-8, 1e-3, groups={"w": "unit"})
@@ -136,7 +136,7 @@ def test_groups_of_dimension_one_make_standardisation_adam():
 @pytest.mark.parametrize("alias", [osp.adam_st, osp.adam_srt, osp.sgdm_rt])
 def test_groups_of_dimension_one_have_no_tangent_momentum(alias):
     """The sphere of a group of one element is two points: its tangent space is {0}, so the
-    transport of seed 000 eq. 72 sends the momentum to zero after every step that keeps the
+    transport of Roburin et al. eq. 72 sends the momentum to zero after every step that keeps the
     sign (``<u_k, u_k+1> a - <a, u_k+1> u_k = a - a``). Each step is then the current
     gradient's step: finite, and no stale momentum."""
     params = {"w": jnp.asarray([[3.0, -2.0, 4.0]], jnp.float32)}

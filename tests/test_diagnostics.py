@@ -1,4 +1,4 @@
-"""Diagnostics: theorem 2 of seed 000 (eqs. 11-13, table 1) on the recorded stats, in float64."""
+"""Diagnostics: theorem 2 of Roburin et al. (eqs. 11-13, table 1) on recorded stats, float64."""
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ def _problem(seed=0):
 
 
 def _adam_parts(state, x, g):
-    """Seed 000 eq. 9 with optax's eps placement: a = m / (1 - b1), b = ... (sqrt(v_hat) + eps)."""
+    """Roburin et al. eq. 9, optax's eps placement: a = m / (1-b1), b = ... (sqrt(v_hat) + eps)."""
     (adam,) = D._find_named(state, lambda s: {"count", "mu", "nu"} <= set(s._fields))
     k1 = adam.count
     a = adam.mu["w"] / (1 - B1)

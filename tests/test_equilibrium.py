@@ -1,4 +1,4 @@
-"""Equilibrium predictions (seed 002, Table 1, app. F-I) against closed forms and against a
+"""Equilibrium predictions (Kosson et al., Table 1, app. F-I) against closed forms and against a
 simulation of the random-walk system of app. J trained with plain optax optimizers."""
 
 import math
@@ -16,7 +16,7 @@ from optax_sphere.theory import Equilibrium, equilibrium
 def simulate(
     tx, *, steps, dim=32, units=32, batch=32, seed=0, gammas="normal", start=0, init_scale=1.0
 ):
-    """The simple system of seed 002 app. J (eq. 88): ``f(X) = g_out * BN((g_in * X) W)``.
+    """The simple system of Kosson et al. app. J (eq. 88): ``f(X) = g_out * BN((g_in * X) W)``.
 
     Inputs and output gradients are drawn i.i.d. at every step (std ``1/(K B)`` for the
     latter), so the weights do a random walk; each column of ``W`` (Flax layout ``(C, K)``)
@@ -82,7 +82,7 @@ def test_random_walk_converges_to_predicted_equilibrium(name):
 
 
 def test_random_walk_adam_l2_matches_eq_84_and_87():
-    """Seed 002 app. I.2: the Adam+L2 predictions hold with unit gammas (a second moment
+    """Kosson et al. app. I.2: the Adam+L2 predictions hold with unit gammas (a second moment
     uniform over the coordinates, the assumption of eq. 76)."""
     tx = optax.chain(optax.add_decayed_weights(1e-2), optax.adam(1e-2))
     angle, norm, unit_grad_sq = simulate(tx, steps=3000, gammas="ones")
@@ -96,7 +96,7 @@ def test_random_walk_adam_l2_matches_eq_84_and_87():
 def test_rotational_variant_is_in_equilibrium_from_the_start():
     """Started 4x away from the equilibrium norm, RV-AdamW turns by the AdamW equilibrium
     angle after a few steps of its update-norm tracker, while plain AdamW is still in its
-    transient phase (~ 1 / (2 eta lambda) = 100 steps; seed 002 fig. 1, app. M)."""
+    transient phase (~ 1 / (2 eta lambda) = 100 steps; Kosson et al. fig. 1, app. M)."""
     hyper = dict(learning_rate=1e-2, weight_decay=0.5)
     pred = equilibrium("adamw", dim=32, **hyper).angular_update
     rv, _, _ = simulate(osp.rv_adamw(**hyper), steps=100, start=20, init_scale=4.0)
@@ -157,7 +157,7 @@ def test_adam_l2_weight_norm_is_the_real_root_of_eq_84(grad_norm):
 
 
 def test_adam_l2_rotation_depends_on_gradient_norm_unlike_adamw():
-    """Seed 002 app. I: Adam+L2's equilibrium rotation is imbalanced across gradient norms."""
+    """Kosson et al. app. I: Adam+L2's equilibrium rotation is imbalanced across gradient norms."""
     kw = dict(learning_rate=1e-3, weight_decay=0.1, dim=128)
     rates = [equilibrium("adam_l2", grad_norm=g, **kw).angular_update for g in (0.01, 1.0)]
     assert rates[0] > 2 * rates[1]  # smaller gradients rotate faster

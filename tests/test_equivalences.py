@@ -1,9 +1,9 @@
-"""The SGD equivalences of seed 000 / thesis 003, shown on a BatchNorm-invariant problem.
+"""The SGD equivalences of Roburin et al., shown on a BatchNorm-invariant problem.
 
-* 003 eq. 3.44: SGD with L2 and SGD without L2 under ``l2_equivalent_schedule`` visit the same
-  directions (exactly).
-* 000 / 003 Theorem 4: SGD with L2 and AdaGradG with the hyperparameters of
-  ``sgd_to_adagradg`` stay aligned (cosine similarity of the unit directions, as in 003
+* Roburin's thesis eq. 3.44: SGD with L2 and SGD without L2 under ``l2_equivalent_schedule`` visit
+  the same directions (exactly).
+* Roburin et al. / Roburin's thesis Theorem 4: SGD with L2 and AdaGradG with the hyperparameters of
+  ``sgd_to_adagradg`` stay aligned (cosine similarity of the unit directions, as in Roburin's thesis
   fig. 3.4), while plain AdaGrad drifts away.
 """
 
@@ -92,7 +92,7 @@ def test_sgd_to_adagradg_values():
     assert hyper["beta"] == pytest.approx(beta, rel=1e-15)
     assert hyper["learning_rate"] == pytest.approx((2 * beta) ** -0.5, rel=1e-15)
     assert hyper["v0"] == pytest.approx(2.0**4 / (2 * 0.1**2 * beta**0.5), rel=1e-15)
-    # thesis 003 app. C.1: lr 1e-2, L2 1e-3 -> beta ~ 0.99996, learning rate ~ 0.71
+    # Roburin's thesis app. C.1: lr 1e-2, L2 1e-3 -> beta ~ 0.99996, learning rate ~ 0.71
     h = sgd_to_adagradg(1e-2, 1e-3, 1.0)
     assert h["beta"] == pytest.approx(0.99996, abs=1e-6)
     assert h["learning_rate"] == pytest.approx(0.7071, abs=1e-3)

@@ -1,4 +1,4 @@
-"""Learnable gains (seed 002 app. M, O): same outputs after folding, the kernel rotates at
+"""Learnable gains (Kosson et al. app. M, O): same outputs after folding, the kernel rotates at
 fixed norm under an RV while the gain learns the magnitude (linen and nnx)."""
 
 import flax.linen as nn

@@ -11,7 +11,7 @@ import pytest
 import optax_sphere
 from optax_sphere import presets
 
-K = 1e-3  # seed 000's L2 grid: 1e-3 * {0, 1/128, ..., 1/4}
+K = 1e-3  # Roburin et al.'s L2 grid: 1e-3 * {0, 1/128, ..., 1/4}
 LAMBDA_GRID = {0.0, K / 128, K / 64, K / 32, K / 16, K / 8, K / 4, K / 2}
 
 
@@ -24,7 +24,7 @@ def _params():
 
 
 def test_roburin_table_values():
-    """Spot checks against seed 000 tables 3 and 4 (CIFAR-10 ResNet-20 column, and more)."""
+    """Spot checks against Roburin et al. tables 3 and 4 (CIFAR-10 ResNet-20 column, and more)."""
     srt = presets.get("roburin2022/cifar10_resnet20/adam_srt").hyperparams
     assert srt == {"learning_rate": 1e-3, "weight_decay": K / 128, "b1": 0.9, "b2": 0.99}
     sgdm = presets.get("roburin2022/cifar10_resnet20/sgdm").hyperparams
@@ -48,7 +48,7 @@ def test_roburin_table_values():
 
 
 def test_kosson_table_values():
-    """Spot checks against seed 002 table 4; RVs take the baseline's values (zero-shot)."""
+    """Spot checks against Kosson et al. table 4; RVs take the baseline's values (zero-shot)."""
     adamw = presets.get("kosson2024/cifar10_resnet20/adamw")
     assert dict(adamw.hyperparams) == {"learning_rate": 5e-2, "weight_decay": 1e-2}
     assert presets.get("kosson2024/cifar10_resnet20/rv_adamw").hyperparams == adamw.hyperparams
@@ -110,7 +110,7 @@ def test_sphere_preset_is_the_alias():
 
 
 def test_step_schedule_jumps_at_the_papers_epochs():
-    """405 epochs: x0.1 at epochs 135, 225 and 315 (seed 000 app. E.1)."""
+    """405 epochs: x0.1 at epochs 135, 225 and 315 (Roburin et al. app. E.1)."""
     sched = presets.roburin_step_schedule(0.1, total_steps=405)
     values = [float(sched(k)) for k in (0, 134, 135, 224, 225, 314, 315, 404)]
     np.testing.assert_allclose(values, [0.1, 0.1, 1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4], rtol=1e-6)

@@ -190,7 +190,7 @@ def _momentum(state):
 @FEW
 @given(leaves(n=3), st.sampled_from(TRANSPORTING))
 def test_momentum_after_a_transporting_step_is_tangent_at_the_new_point(case, name):
-    """Seed 000 eq. 72-75: T and RT map the momentum into the tangent space at x_k+1, for the
+    """Roburin et al. eq. 72-75: T and RT map the momentum into the tangent space at x_k+1, for the
     fused aliases and for the wrappers around any inner optimizer."""
     case_ = alias_cases.BY_NAME[name]
     if not case_.available:

@@ -1,4 +1,4 @@
-"""PSI-SGD(M): metric scaling, Theorem 1 of seed 004, the overflow safeguard, BN training."""
+"""PSI-SGD(M): metric scaling, Theorem 1 of Yi et al., the overflow safeguard, BN training."""
 
 import bn_training
 import jax
@@ -88,7 +88,7 @@ def test_without_groups_psi_sgdm_is_optax_sgd():
 
 @pytest.mark.parametrize("alias", ["psi_sgd", "psi_sgdm"])
 def test_theorem_1_scale_equivalent_starts_stay_scale_equivalent(alias):
-    """Seed 004 Theorem 1: iterates from W and T_a(W) satisfy W_hat_t = T_a(W_t), every t."""
+    """Yi et al. Theorem 1: iterates from W and T_a(W) satisfy W_hat_t = T_a(W_t), every t."""
     with jax.enable_x64(True):
         params = _params(3)
         rng = np.random.default_rng(4)

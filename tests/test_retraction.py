@@ -228,7 +228,8 @@ def test_orthogonality_regulariser_is_the_gradient_of_its_loss(layout):
 
 
 def test_adagradg_equals_the_thesis_equations_and_stays_on_the_sphere():
-    """003 sec. 3.4.2: x_hat = x - lr g / sqrt(v_k); x = x_hat / ||x_hat||; v = beta v + ||g||^2."""
+    """Roburin's thesis sec. 3.4.2: x_hat = x - lr g / sqrt(v_k), x = x_hat / ||x_hat||,
+    v = beta v + ||g||^2."""
     with jax.enable_x64(True):
         params = _params(8, unit_norm=True)
         lr, beta, v0 = 0.7, 0.99, 3.0

@@ -1,4 +1,4 @@
-"""Rotational RMS control and the RVs (seed 002 app. M, alg. 1): the fused one-pass step
+"""Rotational RMS control and the RVs (Kosson et al. app. M, alg. 1): the fused one-pass step
 equals the algorithm line by line, norms and means are kept, the angular update is eta_r,
 ungrouped leaves get the plain inner optimizer, and Flax LayerNorm / BatchNorm models train."""
 
@@ -48,7 +48,7 @@ def _run(tx, params, steps=8, grads=_grads):
 
 
 def _algorithm_1(x, directions, axes, *, eta_r, beta, eps, center):
-    """Seed 002 alg. 1 for one leaf, written line by line in numpy (float64)."""
+    """Kosson et al. alg. 1 for one leaf, written line by line in numpy (float64)."""
     x = np.asarray(x, np.float64)
 
     def mean(a):

@@ -105,7 +105,7 @@ def grads_and_group(draw):
 
 @given(grads_and_group())
 def test_scalar_second_moment_is_norm_of_adam_vector_moment(case):
-    """Seed 000 eq. 60: sqrt(v_k) = d^-1/2 || sqrt(v_vector_k) ||."""
+    """Roburin et al. eq. 60: sqrt(v_k) = d^-1/2 || sqrt(v_vector_k) ||."""
     shape, axes, grads = case
     s = osp.scale_by_standardized_adam(0.9, 0.99, groups={"w": axes})
     a = optax.scale_by_adam(0.9, 0.99)

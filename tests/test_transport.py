@@ -1,4 +1,4 @@
-"""R, T and RT (seed 000 app. D.2): identities of eqs. 72-75 as property tests."""
+"""R, T and RT (Roburin et al. app. D.2): identities of eqs. 72-75 as property tests."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Equilibrium predictions of rotational dynamics (seed 002, Table 1 and app. E-I).
+"""Equilibrium predictions of rotational dynamics (Kosson et al., Table 1 and app. E-I).
 
 With weight decay, the norm of a scale-invariant weight vector ``w`` in ``R^C`` converges to
 an equilibrium where the gradient and weight-decay parts of the updates balance on average
@@ -89,7 +89,7 @@ def equilibrium(
 ) -> Equilibrium:
     r"""Equilibrium angular update, weight norm and RMS update of a scale-invariant vector.
 
-    Seed 002, Table 1 and app. F-I, for a vector of dimension ``C = dim`` (one group)
+    Kosson et al., Table 1 and app. F-I, for a vector of dimension ``C = dim`` (one group)
     trained with learning rate :math:`\eta` and weight decay :math:`\lambda`:
 
     * ``"adamw"``: angular update :math:`\sqrt{2\eta\lambda(1-b_1)/(1+b_1)}`, weight norm

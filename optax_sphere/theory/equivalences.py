@@ -1,13 +1,15 @@
-"""Optimizers that follow the same directions: the equivalences of seed 000 / thesis 003.
+"""Optimizers that follow the same directions: the SGD equivalences of Roburin et al.
 
 For radially invariant groups only the direction ``u = x / ||x||`` matters, and two schemes
 whose effective learning rates and directions agree at every step visit the same directions
-(003 Lemma 3, eq. 3.43). Two consequences, returned here as ready-to-use hyperparameters:
+(Roburin's thesis, Lemma 3, eq. 3.43). Two consequences, returned here as ready-to-use
+hyperparameters:
 
-* :func:`l2_equivalent_schedule` (003 eq. 3.44, 000 eq. 44): SGD with L2 ``wd`` and learning
-  rate ``lr`` equals SGD without L2 under the schedule ``lr (1 - lr wd)^(-2k-1)``, exactly.
-* :func:`sgd_to_adagradg` (000 Theorem 4, 003 Theorem 4): SGD with L2 equals AdaGradG on the
-  unit sphere, to second order in the step.
+* :func:`l2_equivalent_schedule` (Roburin's thesis eq. 3.44, Roburin et al. eq. 44): SGD with L2
+  ``wd`` and learning rate ``lr`` equals SGD without L2 under the schedule
+  ``lr (1 - lr wd)^(-2k-1)``, exactly.
+* :func:`sgd_to_adagradg` (Roburin et al. Theorem 4, Roburin's thesis Theorem 4): SGD with L2
+  equals AdaGradG on the unit sphere, to second order in the step.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ def _check(learning_rate: float, weight_decay: float) -> None:
 def l2_equivalent_schedule(learning_rate: float, weight_decay: float) -> optax.Schedule:
     r"""Schedule under which SGD *without* L2 follows SGD with L2 on invariant groups.
 
-    Thesis 003 eq. 3.44 (000 eq. 44): SGD with constant ``learning_rate`` ``eta`` and L2
-    ``weight_decay`` ``lambda``, ``x <- x - eta (grad + lambda x)``, started at ``x_0``, and SGD
-    without L2 under
+    Roburin's thesis eq. 3.44 (Roburin et al. eq. 44): SGD with constant ``learning_rate`` ``eta``
+    and L2 ``weight_decay`` ``lambda``, ``x <- x - eta (grad + lambda x)``, started at ``x_0``, and
+    SGD without L2 under
 
     .. math:: \eta_k = \eta (1 - \eta\lambda)^{-2k-1}
 
@@ -60,7 +62,8 @@ def l2_equivalent_schedule(learning_rate: float, weight_decay: float) -> optax.S
 
 
 def sgd_to_adagradg(learning_rate: float, weight_decay: float, radius: Any) -> dict[str, Any]:
-    r"""AdaGradG hyperparameters equivalent to SGD with L2 (000 Theorem 4, 003 Theorem 4).
+    r"""AdaGradG hyperparameters equivalent to SGD with L2 (Roburin et al. Theorem 4, Roburin's
+    thesis Theorem 4).
 
     SGD with constant ``learning_rate`` ``eta`` and L2 ``weight_decay`` ``lambda`` started from
     ``x_0 = r_0 u_0`` is scheme-equivalent, to second order in the step, to
@@ -73,7 +76,7 @@ def sgd_to_adagradg(learning_rate: float, weight_decay: float, radius: Any) -> d
     ``radius`` is ``r_0``: a number, or a pytree (for example the per-group norms of the
     initial params, ``keepdims``) which gives a pytree ``v0`` of the same structure. Returns the
     keyword arguments of ``adagradg``: ``{"learning_rate", "beta", "v0"}``. With
-    ``weight_decay = 0`` (``beta = 1``) the equivalence holds too (003 states it for
+    ``weight_decay = 0`` (``beta = 1``) the equivalence holds too (Roburin's thesis states it for
     ``lambda >= 0``).
     """
     _check(learning_rate, weight_decay)
