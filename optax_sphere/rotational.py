@@ -127,48 +127,51 @@ def _rotational_step(
     center: bool,
     count: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """One rotational step of a group (Kosson et al. alg. 1, lines 9-13), one reduction pass.
+    """One rotational step of a group (Kosson et al. alg. 1, lines 9-13), from per-group sums.
 
     Returns ``(update, q)`` with ``update = x_new - x``.
     """
     acc = accumulation_dtype(jnp.result_type(u, x))
     u, x = u.astype(acc), x.astype(acc)
     d = group.size(x.shape)
-    shift = 0.0
-    if center:
-        # Centring removes any per-group constant from u, so the sums are taken over
-        # u - u_0 (u_0: the group's first element, a slice, not a reduction): a direction
-        # with a large common offset (a constant gradient of 1e15) would otherwise cancel
-        # catastrophically in ||u||^2 - d mean(u)^2 below.
-        first = tuple(slice(0, 1) if i in group.axes else slice(None) for i in range(x.ndim))
-        shift = u[first]
-        u = u - shift
-    # The single reduction pass: five per-group sums of (u, x).
+    # The reduction pass: three per-group sums of (u, x), five with centring. Each is a
+    # reduction of the operands themselves (no broadcast inside), which keeps the direction
+    # from being copied before it is reduced.
     s_uu = group_sq_norm(u, group)
     s_ux = group_sum(u * x, group)
     s_xx = group_sq_norm(x, group)
+    # The radial coefficient k = <u, x> / N^2 (line 10, with the stored norm N) enters only as
+    # kn = k N = <u, x> / N and c k = eta_r kn / a: no 1 / N^2 that a small group would turn
+    # into an overflow.
+    kn = _safe_div(s_ux, norm)
+    xn = _safe_div(jnp.sqrt(s_xx), norm)  # ||x|| / N (1 on the sphere)
     if center:
         s_u, s_x = group_sum(u, group), group_sum(x, group)
-        # radial coefficient <u + u_0, x> / N^2, with the stored norm (line 10)
-        k = _safe_div(s_ux + shift * s_x, norm * norm)
-        mu = (s_u - k * s_x) / d  # mean of u - k x (u shifted: u_0 cancels in u2 below)
+        mu = (s_u - kn * _safe_div(s_x, norm)) / d  # mean of u - k x
         x_mean = s_x / d
     else:
-        k = _safe_div(s_ux, norm * norm)  # radial coefficient, with the stored norm (line 10)
         mu = x_mean = jnp.zeros_like(s_uu)
-    # u2 = u - k x - mu: its squared norm and inner product with x, expanded.
-    u2_u2 = jnp.maximum(s_uu - 2 * k * s_ux + k * k * s_xx - d * mu * mu, 0)
-    u2_x = s_ux - k * s_xx - mu * d * x_mean
+    # u2 = u - k x - mu: its squared norm and inner product with x, expanded. The expansion
+    # is a difference of terms; where it is within rounding of their size (a direction that
+    # is all common offset or radial, like a constant gradient of 1e15) u2 is not resolved in
+    # this precision, and the group is not rotated (only recentred and renormalised).
+    terms = s_uu + kn * kn * (2 + xn * xn) + d * mu * mu
+    u2_u2 = s_uu - kn * kn * (2 - xn * xn) - d * mu * mu
+    resolved = u2_u2 > 64 * jnp.finfo(acc).eps * terms
+    u2_u2 = jnp.where(resolved, u2_u2, 0)
+    u2_x = s_ux - kn * xn * jnp.sqrt(s_xx) - mu * d * x_mean
     q = beta * q + (1 - beta) * u2_u2  # line 11
     bias = 1 - jnp.asarray(beta, acc) ** count.astype(acc)
-    c = eta_r * norm / (jnp.sqrt(q / bias) + eps)  # line 12
+    a = jnp.sqrt(q / bias) + eps
+    c = jnp.where(resolved, eta_r * norm / a, 0)  # line 12
+    c_k = jnp.where(resolved, eta_r * kn / a, 0)  # c k
     # x'' = x - x_mean - c u2 (u2 has mean zero when centred); its norm in closed form.
     r2 = jnp.maximum(s_xx - d * x_mean * x_mean - 2 * c * u2_x + c * c * u2_u2, 0)
     ok = (norm > 0) & (r2 > 0)
     scale = jnp.where(ok, norm / jnp.sqrt(jnp.where(ok, r2, 1)), 1)  # line 13
     c = jnp.where(ok, c, 0)
     # update = scale (x - x_mean - c (u - k x - mu)) - x
-    a_x = jnp.where(ok, scale - 1 + scale * c * k, 0)
+    a_x = jnp.where(ok, scale - 1 + scale * c_k, 0)
     b_u = -scale * c
     c_0 = jnp.where(ok, scale * (c * mu - x_mean), 0)
     return a_x * x + b_u * u + c_0, q
@@ -198,7 +201,10 @@ def rotational_rms_control(
         x \leftarrow N \frac{x' - \bar{x}'}{\|x' - \bar{x}'\|}
 
     (means removed only with ``center``). The returned update is ``x_new - x``. Ungrouped
-    leaves get ``-learning_rate (U + weight_decay x)``.
+    leaves get ``-learning_rate (U + weight_decay x)``. The step is computed from five
+    per-group sums of ``(U, x)`` and one element-wise pass; a group whose ``U_perp`` is below
+    the working precision's resolution of ``U`` (``U`` all common offset or radial, such as a
+    constant gradient of 1e15) is not rotated that step, only recentred and renormalised.
 
     The inner optimizer runs on the gradients and parameters cast to
     :func:`~optax_sphere.groups.accumulation_dtype` (at least float32), so its moments are

@@ -521,3 +521,23 @@ def test_mostly_radial_direction_in_float32():
         x = optax.apply_updates(x, upd)
     expected = _algorithm_1(x0, directions, (0,), eta_r=0.05, beta=0.9, eps=1e-8, center=True)
     np.testing.assert_allclose(np.asarray(x["w"]), expected[-1], rtol=1e-4, atol=1e-5)
+
+
+def test_direction_with_a_large_common_offset_in_float32():
+    """u = 1e15 + O(1) per unit: the centred part is below float32's resolution of u, so the
+    group is not rotated (norm and mean kept, q finite); an O(1) offset is resolved and
+    follows algorithm 1."""
+    rng = np.random.default_rng(5)
+    x0 = osp.center_groups({"w": jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)})["w"]
+    wiggle = jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)
+    tx = osp.rotational_rms_control(optax.identity(), eta_r=0.05, learning_rate=0.1)
+    state = tx.init({"w": x0})
+    upd, state = jax.jit(tx.update)({"w": 1e15 + wiggle}, state, {"w": x0})
+    assert np.all(np.isfinite(np.asarray(state.q["w"])))
+    np.testing.assert_allclose(upd["w"], 0, atol=1e-5)
+
+    offset = [jnp.float32(3.0) + wiggle]
+    state, x = tx.init({"w": x0}), {"w": x0}
+    upd, state = jax.jit(tx.update)({"w": offset[0]}, state, x)
+    expected = _algorithm_1(x0, offset, (0,), eta_r=0.05, beta=0.9, eps=1e-8, center=True)
+    np.testing.assert_allclose(x0 + upd["w"], expected[-1], rtol=1e-5, atol=1e-6)
