@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"  {alias:<10} {row['time_ratio']:.3f}x {row['baseline']} "
                 f"({row['alias_ms']:.2f} ms vs {row['baseline_ms']:.2f} ms), "
-                f"state {_fmt(row['state_bytes_ratio'])}x  {target_check(row)}",
+                f"state {_fmt(row['state_bytes_ratio'])}  {target_check(row)}",
                 flush=True,
             )
         del baselines
