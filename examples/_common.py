@@ -305,6 +305,43 @@ def run_grid(
     return entry, selected
 
 
+def run_all(
+    task: Task,
+    chosen: Sequence[Candidate],
+    data: Mapping[str, Batch],
+    *,
+    factors: Sequence[float],
+    seeds: Sequence[int],
+    progress: Any,
+    metric: str = "accuracy",
+    **grid_kwargs: Any,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """:func:`run_grid` for every candidate over its learning rate times ``factors``.
+
+    Returns the results entries by optimizer name, the selected runs' ``test <metric>`` and
+    ``train loss`` curves and their per-layer angular updates, ready for :func:`write_outputs`.
+    """
+    entries: dict[str, Any] = {}
+    curves: dict[str, dict[str, np.ndarray]] = {f"test {metric}": {}, "train loss": {}}
+    angles: dict[str, Any] = {}
+    for cand in chosen:
+        progress.set_description(cand.name)
+        entries[cand.name], picked = run_grid(
+            task,
+            cand,
+            data,
+            learning_rates=[cand.hyperparams["learning_rate"] * f for f in factors],
+            seeds=seeds,
+            metric=metric,
+            progress=progress,
+            **grid_kwargs,
+        )
+        curves[f"test {metric}"][cand.name] = picked.curves[f"test_{metric}"]
+        curves["train loss"][cand.name] = picked.curves["train_loss"]
+        angles[cand.name] = picked.angles
+    return entries, curves, angles
+
+
 # ----------------------------------------------------------------------------------- output
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
@@ -359,6 +396,22 @@ def write_json(path: str, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, allow_nan=False)
         f.write("\n")
+
+
+def write_outputs(
+    out: str,
+    results: Mapping[str, Any],
+    curves: Mapping[str, Mapping[str, np.ndarray]],
+    angles: Mapping[str, Mapping[str, np.ndarray]],
+    title: str,
+) -> None:
+    """``results.json`` and, when something was trained, ``curves.png`` and
+    ``angular_updates.png`` in the directory ``out``."""
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "results.json"), results)
+    if results["optimizers"]:
+        plot_curves(os.path.join(out, "curves.png"), curves, title)
+        plot_angles(os.path.join(out, "angular_updates.png"), angles)
 
 
 def plot_curves(path: str, series: Mapping[str, Mapping[str, np.ndarray]], title: str) -> None:

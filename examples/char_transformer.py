@@ -214,32 +214,22 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    curves: dict[str, dict[str, np.ndarray]] = {"test loss": {}, "train loss": {}}
-    angles = {}
     with tqdm(total=len(chosen) * args.epochs, unit="epoch") as progress:
-        for cand in chosen:
-            progress.set_description(cand.name)
-            entry, picked = _common.run_grid(
-                task,
-                cand,
-                data,
-                learning_rates=[cand.hyperparams["learning_rate"] * f for f in factors],
-                seeds=seeds,
-                metric="loss",
-                higher_is_better=False,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                schedule=warmup_cosine,
-                eval_batch=64,
-                progress=progress,
-            )
-            results["optimizers"][cand.name] = entry
-            curves["test loss"][cand.name] = picked.curves["test_loss"]
-            curves["train loss"][cand.name] = picked.curves["train_loss"]
-            angles[cand.name] = picked.angles
-    _common.write_json(os.path.join(args.out, "results.json"), results)
-    _common.plot_curves(os.path.join(args.out, "curves.png"), curves, "byte-level transformer")
-    _common.plot_angles(os.path.join(args.out, "angular_updates.png"), angles)
+        results["optimizers"], curves, angles = _common.run_all(
+            task,
+            chosen,
+            data,
+            factors=factors,
+            seeds=seeds,
+            progress=progress,
+            metric="loss",
+            higher_is_better=False,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            schedule=warmup_cosine,
+            eval_batch=64,
+        )
+    _common.write_outputs(args.out, results, curves, angles, "byte-level transformer")
     print(_common.format_table(results, metric="loss"))
     print(f"\nwrote {args.out} in {time.perf_counter() - start:.0f} s")
 

@@ -204,29 +204,18 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    curves: dict[str, dict[str, np.ndarray]] = {"test accuracy": {}, "train loss": {}}
-    angles = {}
     with tqdm(total=len(chosen) * args.epochs, unit="epoch") as progress:
-        for cand in chosen:
-            progress.set_description(cand.name)
-            entry, picked = _common.run_grid(
-                task,
-                cand,
-                data,
-                learning_rates=[cand.hyperparams["learning_rate"] * f for f in factors],
-                seeds=seeds,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                progress=progress,
-            )
-            results["optimizers"][cand.name] = entry
-            curves["test accuracy"][cand.name] = picked.curves["test_accuracy"]
-            curves["train loss"][cand.name] = picked.curves["train_loss"]
-            angles[cand.name] = picked.angles
-    _common.write_json(os.path.join(args.out, "results.json"), results)
-    if chosen:
-        _common.plot_curves(os.path.join(args.out, "curves.png"), curves, "CIFAR-10, ResNet-20")
-        _common.plot_angles(os.path.join(args.out, "angular_updates.png"), angles)
+        results["optimizers"], curves, angles = _common.run_all(
+            task,
+            chosen,
+            data,
+            factors=factors,
+            seeds=seeds,
+            progress=progress,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+        )
+    _common.write_outputs(args.out, results, curves, angles, "CIFAR-10, ResNet-20")
     print(_common.format_table(results))
     print(f"\nwrote {args.out} in {time.perf_counter() - start:.0f} s")
 

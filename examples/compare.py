@@ -206,37 +206,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "skipped": skipped,
         "optimizers": {},
     }
-    learning_rates_of = {
-        c.name: [c.hyperparams["learning_rate"] * f for f in factors] for c in chosen
-    }
-    progress = tqdm(
+    with tqdm(
         total=len(chosen) * epochs, desc="training", unit="epoch", disable=args.no_progress
-    )
-    angles_for_plot, curves_for_plot = {}, {"test accuracy": {}, "train loss": {}}
-    for cand in chosen:
-        progress.set_description(cand.name)
-        entry, picked = _common.run_grid(
+    ) as progress:
+        results["optimizers"], curves, angles = _common.run_all(
             task,
-            cand,
+            chosen,
             data,
-            learning_rates=learning_rates_of[cand.name],
+            factors=factors,
             seeds=seeds,
+            progress=progress,
             epochs=epochs,
             batch_size=batch_size,
-            progress=progress,
         )
-        results["optimizers"][cand.name] = entry
-        curves_for_plot["test accuracy"][cand.name] = picked.curves["test_accuracy"]
-        curves_for_plot["train loss"][cand.name] = picked.curves["train_loss"]
-        angles_for_plot[cand.name] = picked.angles
-    progress.close()
-
-    os.makedirs(args.out, exist_ok=True)
-    _common.write_json(os.path.join(args.out, "results.json"), results)
-    if chosen:
-        title = f"MNIST-1D, BatchNorm CNN, {len(seeds)} seed(s), selected learning rates"
-        _common.plot_curves(os.path.join(args.out, "curves.png"), curves_for_plot, title)
-        _common.plot_angles(os.path.join(args.out, "angular_updates.png"), angles_for_plot)
+    title = f"MNIST-1D, BatchNorm CNN, {len(seeds)} seed(s), selected learning rates"
+    _common.write_outputs(args.out, results, curves, angles, title)
     return results
 
 
