@@ -16,36 +16,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from bench import make_tree, resnet18_shapes
 
 import optax_sphere as osp
 
 
 def resnet18_params(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    params: dict = {}
-
-    def conv(name, k, cin, cout):
-        w = rng.normal(size=(k, k, cin, cout)).astype(np.float32) * np.sqrt(2 / (k * k * cin))
-        params[name] = {"kernel": jnp.asarray(w)}
-        params[name + "_bn"] = {"scale": jnp.ones(cout), "bias": jnp.zeros(cout)}
-
-    conv("conv1", 7, 3, 64)
-    cin = 64
-    for stage, cout in enumerate((64, 128, 256, 512)):
-        for block in range(2):
-            name = f"layer{stage + 1}_{block}"
-            conv(name + "_a", 3, cin, cout)
-            conv(name + "_b", 3, cout, cout)
-            if cin != cout:
-                conv(name + "_down", 1, cin, cout)
-            cin = cout
-    params["fc"] = {
-        "kernel": jnp.asarray(rng.normal(size=(512, 1000)).astype(np.float32) * 0.03),
-        "bias": jnp.zeros(1000),
-    }
-    return params
+    """The ResNet-18 tree of ``bench.py`` (11.7M parameters), random values."""
+    return make_tree(resnet18_shapes(), seed, scale=0.05)
 
 
 def conv_filters(params):

@@ -31,9 +31,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from bench import resnet18_shapes  # noqa: E402
+from bench import make_tree, resnet18_shapes  # noqa: E402
 from jax import lax  # noqa: E402
 
 import optax_sphere as osp  # noqa: E402
@@ -85,12 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args(argv)
 
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda s: jnp.asarray(0.05 * rng.normal(size=s), jnp.float32),
-        resnet18_shapes(),
-        is_leaf=lambda s: isinstance(s, tuple),
-    )
+    params = make_tree(resnet18_shapes(), seed=0, scale=0.05)
     direction = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
     grp = resolve_groups("unit", params)
     is_none = lambda n: n is None  # noqa: E731
