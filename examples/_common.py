@@ -39,16 +39,6 @@ def lookup(name: str) -> Callable[..., optax.GradientTransformation] | None:
     return alias
 
 
-def filters_before_norm(params: PyTree) -> PyTree:
-    """``groups`` spec: conv kernels (ndim >= 3) per output filter, nothing else grouped.
-
-    In a CNN whose every convolution is followed by BatchNorm these are exactly the
-    radially invariant groups (Roburin et al. app. A); the classifier's ``Dense`` kernel is not
-    followed by a normalisation, so it is not grouped and gets the base optimizer.
-    """
-    return jax.tree.map(lambda p: "unit" if p.ndim >= 3 else None, params)
-
-
 def step_decay(init_value: Any, total_steps: int) -> Callable[[jax.Array], jax.Array]:
     """The papers' fixed-frequency decay: ``* 0.1`` at 1/3, 5/9 and 7/9 of training.
 

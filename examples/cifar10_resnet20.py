@@ -138,7 +138,7 @@ def augmented(task: _common.Task) -> _common.Task:
     return _common.Task(task.init, loss, task.evaluate, task.groups)
 
 
-def candidates(names: list[str]) -> tuple[list[_common.Candidate], dict[str, str]]:
+def candidates(names: list[str], groups: Any) -> tuple[list[_common.Candidate], dict[str, str]]:
     chosen, skipped = [], {}
     for name in names:
         preset = presets.get(PRESET_NAMES[name])
@@ -146,7 +146,7 @@ def candidates(names: list[str]) -> tuple[list[_common.Candidate], dict[str, str
             _common.lookup(name)
             skipped[name] = f"optax_sphere has no `{name}` yet"
             continue
-        extra = {} if name in ("sgdm", "adam", "adamw") else {"groups": _common.filters_before_norm}
+        extra = {} if name in ("sgdm", "adam", "adamw") else {"groups": groups}
         make = lambda preset=preset, extra=extra, **kw: preset.build(**kw, **extra)
         hp = dict(preset.hyperparams)
         chosen.append(_common.Candidate(name, name, hp, f"preset {preset.name}", make))
@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit:
         data["train"] = tuple(a[: args.limit] for a in data["train"])
     model = ResNet20(blocks=1 if args.quick else 3)  # quick: ResNet-8, same code, fast compile
-    task = augmented(classification_task(model, jnp.asarray(data["train"][0][:1])))
-    chosen, skipped = candidates(names)
+    task = augmented(classification_task(model, jnp.asarray(data["train"][0][:32])))
+    print(task.groups, end="\n\n")
+    chosen, skipped = candidates(names, task.groups)
     seeds = list(range(args.seeds))
     factors = [float(f) for f in args.lr_factors.split(",")]
     results: dict[str, Any] = {

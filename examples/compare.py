@@ -78,8 +78,10 @@ PRESET_OF = {
 }
 
 
-def candidates(only: list[str] | None) -> tuple[list[_common.Candidate], dict[str, str]]:
-    """The optimizers to compare, and a reason for each one skipped."""
+def candidates(
+    only: list[str] | None, groups: Any
+) -> tuple[list[_common.Candidate], dict[str, str]]:
+    """The optimizers to compare (this library's with ``groups``), and why any was skipped."""
     out, skipped = [], {}
     for name in BASELINES + OURS:
         if only and name not in only:
@@ -90,7 +92,7 @@ def candidates(only: list[str] | None) -> tuple[list[_common.Candidate], dict[st
             if alias is None:
                 skipped[name] = f"optax_sphere has no `{name}` yet"
                 continue
-            make = lambda alias=alias, **kw: alias(groups=_common.filters_before_norm, **kw)
+            make = lambda alias=alias, **kw: alias(groups=groups, **kw)
         else:
             preset = presets.get(PRESET_OF.get(name, f"roburin2022/cifar10_resnet20/{name}"))
             if not preset.available:
@@ -98,7 +100,7 @@ def candidates(only: list[str] | None) -> tuple[list[_common.Candidate], dict[st
                 skipped[name] = f"optax_sphere has no `{name}` yet"
                 continue
             hp, source = dict(preset.hyperparams), f"preset {preset.name} ({preset.source})"
-            extra = {} if name in BASELINES else {"groups": _common.filters_before_norm}
+            extra = {} if name in BASELINES else {"groups": groups}
             make = lambda preset=preset, extra=extra, **kw: preset.build(**kw, **extra)
         out.append(_common.Candidate(name, LABELS.get(name, name), hp, source, make))
     return out, skipped
@@ -138,6 +140,10 @@ class CNN1D(nn.Module):
 
 
 def classification_task(model: nn.Module, example: jax.Array) -> _common.Task:
+    """The task of training ``model`` on labelled batches; its groups are found on the model
+    with :func:`optax_sphere.find_groups` on the ``example`` batch (BatchNorm in training
+    mode), at a fixed initialisation."""
+
     def init(key):
         variables = model.init(key, example, train=False)
         return variables["params"], variables.get("batch_stats", {})
@@ -155,7 +161,9 @@ def classification_task(model: nn.Module, example: jax.Array) -> _common.Task:
         logits = model.apply({"params": params, "batch_stats": stats}, x, train=False)
         return {"accuracy": jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.float32)}
 
-    return _common.Task(init, loss, evaluate, groups=_common.filters_before_norm)
+    variables = model.init(jax.random.key(0), example, train=False)
+    groups = optax_sphere.find_groups(model, variables, example, train=True)
+    return _common.Task(init, loss, evaluate, groups=groups)
 
 
 # ---------------------------------------------------------------------------------- protocol
@@ -176,8 +184,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_seeds = args.seeds or n_seeds
     seeds = list(range(n_seeds))
     data = load_mnist1d()
-    task = classification_task(CNN1D(), jnp.asarray(data["train"][0][:1]))
-    chosen, skipped = candidates(args.only.split(",") if args.only else None)
+    task = classification_task(CNN1D(), jnp.asarray(data["train"][0][:64]))
+    print("radially invariant groups, found on the model (optax_sphere.find_groups):")
+    print(task.groups, end="\n\n")
+    chosen, skipped = candidates(args.only.split(",") if args.only else None, task.groups)
     batch_size = 128
 
     results: dict[str, Any] = {
@@ -192,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "schedule": "x0.1 at 1/3, 5/9 and 7/9 of training (Roburin et al. app. E.1)",
             "selection": "learning rate with the best mean final validation accuracy",
             "splits": {k: len(v[1]) for k, v in data.items()},
-            "groups": "conv kernels per output filter; dense head and BatchNorm not grouped",
+            "groups": {r.path: r.grouping for r in task.groups.reports},
             "seconds": "per run: wall time of the optimizer's vmapped batch / number of runs",
         },
         "environment": {

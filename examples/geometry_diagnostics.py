@@ -50,9 +50,12 @@ class DigitsCNN(nn.Module):
         return nn.Dense(10)(x.mean(axis=(1, 2)))
 
 
-def conv_filters(params):
-    """Groups: one per output filter of every conv kernel; nothing else is invariant."""
-    return jax.tree.map(lambda p: "unit" if p.ndim == 4 else None, params)
+def find_groups(x: np.ndarray, seed: int) -> osp.FoundGroups:
+    """The radially invariant groups of the model, measured on a batch of the data: one per
+    output filter of every conv kernel; the classifier is not a group."""
+    model = DigitsCNN()
+    variables = model.init(jax.random.key(seed), jnp.asarray(x[:1]), train=True)
+    return osp.find_groups(model, variables, jnp.asarray(x[:64]), train=True)
 
 
 def kernels(params):
@@ -60,16 +63,14 @@ def kernels(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizers(lr: float, wd: float, l2: float):
-    monitor = osp.monitor(conv_filters)
+def make_optimizers(lr: float, wd: float, l2: float, groups: osp.FoundGroups):
+    monitor = osp.monitor(groups)
     return {
         "AdamW": optax.chain(optax.adamw(lr, B1, B2, weight_decay=wd, mask=kernels), monitor),
         "Adam+L2": optax.chain(
             optax.masked(optax.add_decayed_weights(l2), kernels), optax.adam(lr, B1, B2), monitor
         ),
-        "Adam-SRT": optax.chain(
-            osp.adam_srt(lr, B1, B2, weight_decay=l2, groups=conv_filters), monitor
-        ),
+        "Adam-SRT": optax.chain(osp.adam_srt(lr, B1, B2, weight_decay=l2, groups=groups), monitor),
     }
 
 
@@ -170,7 +171,9 @@ def main():
 
     data = load_data(args.seed)
     histories, predictions, norm_predictions = {}, {}, {}
-    for name, tx in make_optimizers(args.lr, args.wd, args.l2).items():
+    groups = find_groups(data[0][0], args.seed)
+    print(groups, end="\n\n")
+    for name, tx in make_optimizers(args.lr, args.wd, args.l2, groups).items():
         t0 = time.perf_counter()
         hist, acc, loss, gsq, params = train(
             tx,

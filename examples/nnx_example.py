@@ -1,4 +1,4 @@
-"""optax_sphere with ``flax.nnx``: ``nnx.Optimizer``, groups and masks built from nnx state.
+"""optax_sphere with ``flax.nnx``: ``nnx.Optimizer``, groups found on the module, masks from them.
 
     python examples/nnx_example.py            # about a minute on CPU
     python examples/nnx_example.py --quick
@@ -6,12 +6,12 @@
 The same BatchNorm 1-D CNN as ``compare.py`` on MNIST-1D, written as an ``nnx.Module``, and
 trained two ways:
 
-1. ``adam_srt`` with ``groups`` read from the nnx state by parameter path: ``"unit"`` for
-   the convolution kernels (each filter is followed by BatchNorm), ``None`` elsewhere (the
-   classifier, the norms' scales and biases).
-2. ``optax.multi_transform``: SGD-MRT on the convolution kernels and optax's Adam on the rest,
-   with labels built from the nnx state the same way, and coupled L2 on the kernels only
-   through an ``optax.masked`` mask of the same kind.
+1. ``adam_srt`` with the ``groups`` that ``optax_sphere.find_groups`` measures on the nnx
+   module: the convolution kernels per filter (each is followed by BatchNorm), nothing
+   elsewhere (the classifier, the norms' scales and biases).
+2. ``optax.multi_transform``: SGD-MRT on the grouped kernels and optax's Adam on the rest,
+   with labels read from the same groups, and coupled L2 on the kernels only through an
+   ``optax.masked`` mask of the same kind.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare import load_mnist1d  # noqa: E402
 
 import optax_sphere  # noqa: E402
-from optax_sphere.groups import path_str  # noqa: E402
 
 
 class CNN1D(nnx.Module):
@@ -50,50 +49,36 @@ class CNN1D(nnx.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
-def is_conv_kernel(path, value) -> bool:
-    return path[0] == "convs" and path[-1] == "kernel"
+def by_group(found: optax_sphere.FoundGroups, grouped, ungrouped):
+    """A per-parameter tree (optax labels, masks) read from the groups found, as a callable of
+    the parameter tree: ``nnx.Optimizer`` calls ``tx.init`` on ``nnx.state(model, wrt)``
+    (``nnx.Param`` nodes) and ``tx.update`` on its pure arrays, and the groups are matched by
+    path, so the same callable fits both."""
+
+    def tree(params):
+        specs = found.spec_for(params)
+        return jax.tree.map(
+            lambda s: ungrouped if s is None else grouped, specs, is_leaf=lambda s: s is None
+        )
+
+    return tree
 
 
-def by_path(fn):
-    """A per-parameter spec as a callable of the parameter tree, ``fn(path, array)``.
-
-    ``nnx.Optimizer`` calls ``tx.init`` on ``nnx.state(model, wrt)`` (``nnx.Param`` nodes) and
-    ``tx.update`` on its pure arrays; a callable spec (like the default ``groups`` and optax
-    masks) fits both, whereas a fixed tree would fit only one.
-    """
-
-    def key(k):
-        return getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-
-    def spec(params):
-        def leaf(path, value):
-            names = tuple(key(k) for k in path)
-            return fn(names[:-1] if names[-1] == "value" else names, value)
-
-        return jax.tree_util.tree_map_with_path(leaf, params)
-
-    return spec
-
-
-FILTER_GROUPS = by_path(lambda p, v: "unit" if is_conv_kernel(p, v) else None)
-
-
-def optimizers(total_steps: int) -> dict[str, optax.GradientTransformation]:
+def optimizers(total_steps: int, groups: optax_sphere.FoundGroups) -> dict:
     decay = {int(total_steps * f): 0.1 for f in (1 / 3, 5 / 9, 7 / 9)}
     adam_lr = optax.piecewise_constant_schedule(3e-3, decay)
     sgd_lr = optax.piecewise_constant_schedule(0.3, decay)
-    groups = FILTER_GROUPS
-    labels = by_path(lambda p, v: "filters" if is_conv_kernel(p, v) else "rest")
-    kernels = by_path(is_conv_kernel)
+    labels = by_group(groups, "filters", "rest")
+    kernels = by_group(groups, True, False)
     return {
-        "adam_srt, groups from the nnx state": optax_sphere.adam_srt(
+        "adam_srt, groups found on the nnx model": optax_sphere.adam_srt(
             adam_lr, b2=0.99, weight_decay=1e-3 / 128, groups=groups
         ),
         "multi_transform: sgdm_rt on filters, adam on the rest": optax.multi_transform(
             {
                 "filters": optax.chain(
                     optax.masked(optax.add_decayed_weights(3.125e-5), kernels),
-                    optax_sphere.sgdm_rt(sgd_lr, 0.9),
+                    optax_sphere.sgdm_rt(sgd_lr, 0.9, groups=groups),
                 ),
                 "rest": optax.adam(adam_lr, b2=0.99),
             },
@@ -129,13 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     data = load_mnist1d()
     (x, y), (xt, yt) = data["train"], data["test"]
     steps = len(x) // args.batch_size
-    params = nnx.as_pure(nnx.state(CNN1D(rngs=nnx.Rngs(0)), nnx.Param))
-    resolved = optax_sphere.resolve_groups(FILTER_GROUPS, params)
-    grouped = [
-        path_str(p) for p, g in jax.tree_util.tree_leaves_with_path(resolved) if g is not None
-    ]
-    print("radially invariant groups (per filter):", ", ".join(grouped))
-    for name, tx in optimizers(steps * args.epochs).items():
+    groups = optax_sphere.find_groups(CNN1D(rngs=nnx.Rngs(0)), jnp.asarray(x[:64]))
+    print(groups, end="\n\n")
+    for name, tx in optimizers(steps * args.epochs, groups).items():
         start = time.perf_counter()
         model = CNN1D(rngs=nnx.Rngs(0))
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)

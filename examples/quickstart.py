@@ -32,13 +32,13 @@ class DigitsCNN(nn.Module):
 
 
 OPTIMIZERS = {
-    "optax.sgd(momentum=0.9)": lambda: optax.chain(
+    "optax.sgd(momentum=0.9)": lambda groups: optax.chain(
         optax.add_decayed_weights(5e-4), optax.sgd(0.1, 0.9)
     ),
-    "optax.adam": lambda: optax.adam(1e-3),
-    "adam_s": lambda: osp.adam_s(1e-3, weight_decay=1e-4),
-    "adam_srt": lambda: osp.adam_srt(1e-3, weight_decay=1e-4),
-    "sgdm_rt": lambda: osp.sgdm_rt(0.1, 0.9, weight_decay=5e-4),
+    "optax.adam": lambda groups: optax.adam(1e-3),
+    "adam_s": lambda groups: osp.adam_s(1e-3, weight_decay=1e-4, groups=groups),
+    "adam_srt": lambda groups: osp.adam_srt(1e-3, weight_decay=1e-4, groups=groups),
+    "sgdm_rt": lambda groups: osp.sgdm_rt(0.1, 0.9, weight_decay=5e-4, groups=groups),
 }
 
 
@@ -53,9 +53,12 @@ def load_data(seed: int):
 
 def train(make_tx, seed: int, epochs: int, batch: int = 64):
     (xtr, ytr), (xte, yte) = load_data(seed)
-    model, tx = DigitsCNN(), make_tx()
+    model = DigitsCNN()
     variables = model.init(jax.random.key(seed), jnp.asarray(xtr[:1]), train=True)
     params, stats = variables["params"], variables["batch_stats"]
+    # the radially invariant groups, measured on the model: each conv filter, not the head
+    groups = osp.find_groups(model, variables, jnp.asarray(xtr[:64]), train=True)
+    tx = make_tx(groups)
     opt_state = tx.init(params)
 
     @jax.jit

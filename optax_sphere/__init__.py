@@ -5,7 +5,7 @@ a sphere matters. Each fix of the papers is one composable ``optax.GradientTrans
 over pytrees; the published optimizers are chains of them.
 """
 
-from optax_sphere import diagnostics, gains, geometry, groups, plots, presets, theory
+from optax_sphere import diagnostics, discovery, gains, geometry, groups, plots, presets, theory
 from optax_sphere.diagnostics import (
     GeometryStats,
     History,
@@ -18,7 +18,8 @@ from optax_sphere.diagnostics import (
     monitor,
     monitored,
 )
-from optax_sphere.groups import Group, per_tensor, per_unit, resolve_groups
+from optax_sphere.discovery import FoundGroups, GroupReport, find_groups
+from optax_sphere.groups import Group, per_tensor, per_unit, per_unit_out_first, resolve_groups
 from optax_sphere.projection import (
     ScaleInvariantProjectionState,
     adamp,
@@ -71,6 +72,7 @@ __version__ = "0.1.0"
 __all__ = [
     # submodules
     "diagnostics",
+    "discovery",
     "gains",
     "geometry",
     "groups",
@@ -78,9 +80,13 @@ __all__ = [
     "presets",
     "theory",
     # groups
+    "FoundGroups",
     "Group",
+    "GroupReport",
+    "find_groups",
     "per_tensor",
     "per_unit",
+    "per_unit_out_first",
     "resolve_groups",
     # primitives: spherical Adam family (Roburin et al.)
     "ScaleByStandardizedAdamState",

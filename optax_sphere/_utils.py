@@ -175,12 +175,13 @@ def require_params(params: PyTree | None, name: str) -> PyTree:
 def _reduced_sharding(p: Any, shape: tuple[int, ...]) -> Any:
     """Sharding for an array of ``shape`` derived from ``p``'s (a keepdims per-group scalar, or
     a scalar): axes of size 1 and dropped axes are replicated, the others keep ``p``'s split.
-    ``None`` when ``p`` carries no sharding (a tracer, a NumPy array)."""
+    ``None`` (an uncommitted array, as optax's states are) unless ``p`` carries a
+    ``NamedSharding``: a tracer, a NumPy array or an array on the default device gives a
+    state that follows its computation, so that a jitted step compiles once and a state
+    built from unsharded parameters can be used once they are sharded."""
     sharding = getattr(p, "sharding", None) if isinstance(p, jax.Array) else None
-    if isinstance(p, jax.core.Tracer) or sharding is None:
+    if isinstance(p, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
         return None
-    if not isinstance(sharding, NamedSharding):
-        return sharding if len(sharding.device_set) == 1 else None
     spec = tuple(sharding.spec) + (None,) * (len(p.shape) - len(sharding.spec))
     if len(shape) != len(p.shape):
         return NamedSharding(sharding.mesh, PartitionSpec())
@@ -212,6 +213,10 @@ def to_accumulation(tree: PyTree) -> PyTree:
     def leaf(x: Any) -> Any:
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             return x
+        if isinstance(x, jax.ShapeDtypeStruct):  # abstract params (jax.eval_shape, sharding)
+            return jax.ShapeDtypeStruct(
+                x.shape, accumulation_dtype(x.dtype), sharding=getattr(x, "sharding", None)
+            )
         return x.astype(accumulation_dtype(x.dtype))
 
     return jax.tree.map(leaf, tree)

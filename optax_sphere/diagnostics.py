@@ -14,7 +14,14 @@ For every radially invariant group (Roburin et al. sec. 2; ``x = r u``, ``r = ||
 * ``taylor_term``: ``eta_e ||c_perp||`` (Roburin et al. app. C.1.2, the argument of the Taylor
   expansion of theorem 2; ``= tan(angular_update)`` by eq. 37);
 * ``effective_lr`` and ``direction_norm``: the effective learning rate ``eta_e`` and the norm
-  of the effective direction ``||c_perp||`` of theorem 2 (eq. 11, table 1).
+  of the effective direction ``||c_perp||`` of theorem 2 (eq. 11, table 1);
+* ``radial_gradient``: ``|<g_k, x_k>| / (||g_k|| ||x_k||)``, the radial part of the gradient,
+  which is 0 for a radially invariant group (Roburin et al. eq. 2: the gradient of a
+  scale-invariant loss is orthogonal to the weights) and clearly not for a group that is
+  wrongly declared invariant (a normalisation removed from the model, a wrong layout).
+  :func:`metrics` adds ``<path>/radial_gradient/flagged``, the fraction of groups of a
+  parameter above :data:`RADIAL_GRADIENT_THRESHOLD`, :meth:`History.flagged` lists them and
+  :mod:`optax_sphere.plots` marks them.
 
 The first six are geometric: they need only the parameters before and after the step, so they
 work with any optimizer. The last two split ``eta_e ||c_perp||`` between the optimizer and the
@@ -39,6 +46,7 @@ dict for loggers and :class:`History` records a run for :mod:`optax_sphere.plots
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -68,12 +76,19 @@ __all__ = [
     "geometry_stats",
     "monitor",
     "monitored",
+    "RADIAL_GRADIENT_THRESHOLD",
     "adam_step_scale",
     "find_monitor_state",
     "metrics",
 ]
 
 PyTree = Any
+
+#: ``radial_gradient`` above which a group is flagged as not radially invariant. Invariant
+#: groups measure the rounding of the gradient and the ``eps`` of their normalisation (about
+#: ``1e-6`` to ``1e-3``); a group whose scale the loss sees has a radial part of order
+#: ``d^{-1/2}`` or more (``d`` its size).
+RADIAL_GRADIENT_THRESHOLD = 1e-2
 
 REDUCTIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "mean": jnp.mean,
@@ -88,8 +103,10 @@ class GeometryStats(NamedTuple):
     A grouped leaf of shape ``shape`` gets an array of the shape with the group axes removed
     (``(units,)`` for per-unit groups of a Dense/Conv kernel, ``()`` for a whole tensor);
     an ungrouped leaf gets ``None``. ``effective_lr`` and ``direction_norm`` are ``None``
-    throughout when no step scale was given. Arrays are in the accumulation dtype (at least
-    float32). See the module docstring for the definitions.
+    throughout when no step scale was given, ``radial_gradient`` when the gradients were not
+    seen (:func:`monitor` sees the final updates; :func:`monitored` sees the gradients).
+    Arrays are in the accumulation dtype (at least float32). See the module docstring for the
+    definitions.
     """
 
     radius: PyTree
@@ -100,6 +117,7 @@ class GeometryStats(NamedTuple):
     taylor_term: PyTree
     effective_lr: PyTree
     direction_norm: PyTree
+    radial_gradient: PyTree = None
 
 
 class MonitorState(NamedTuple):
@@ -181,6 +199,25 @@ def _stats_from_step(grp: PyTree, params: PyTree, deltas: PyTree, step_scale: An
     return GeometryStats(*fields)
 
 
+def _radial_gradient(grp: PyTree, params: PyTree, grads: PyTree) -> PyTree:
+    """Per group, ``|<g, x>| / (||g|| ||x||)`` (0 where ``g`` or ``x`` is 0), squeezed."""
+
+    def leaf(group, x, g):
+        if group is None:
+            return None
+        acc = accumulation_dtype(jnp.result_type(x, g))
+        x, g = x.astype(acc), g.astype(acc)
+        cos = geometry.safe_div(
+            jnp.abs(group_dot(g, x, group)),
+            jnp.sqrt(group_sq_norm(g, group) * group_sq_norm(x, group)),
+        )
+        return jnp.squeeze(cos, axis=group.axes)
+
+    return jax.tree.map(
+        leaf, grp, params, grads, is_leaf=lambda v: v is None or isinstance(v, Group)
+    )
+
+
 def _is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) or (hasattr(value, "shape") and hasattr(value, "dtype"))
 
@@ -217,7 +254,9 @@ def geometry_stats(
     return _stats_from_step(grp, params_before, deltas, step_scale)
 
 
-def _init_stats(grp: PyTree, params: PyTree, with_scale: bool) -> GeometryStats:
+def _init_stats(
+    grp: PyTree, params: PyTree, with_scale: bool, with_gradient: bool = False
+) -> GeometryStats:
     def zeros(group, p):
         if group is None:
             return None
@@ -227,7 +266,8 @@ def _init_stats(grp: PyTree, params: PyTree, with_scale: bool) -> GeometryStats:
     n = 8 if with_scale else 6
     # distinct buffers per field, so that the state can be donated
     fields = [_utils.map_groups(zeros, grp, params) for _ in range(n)] + [None] * (8 - n)
-    return GeometryStats(*fields)
+    radial = _utils.map_groups(zeros, grp, params) if with_gradient else None
+    return GeometryStats(*fields, radial)
 
 
 def _check_every(every: Any) -> None:
@@ -270,14 +310,15 @@ def monitor(groups: GroupsLike = per_unit, *, step_scale: _utils.Hyper = None, e
             jnp.zeros([], jnp.int32), _init_stats(grp, params, step_scale is not None)
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "monitor")
         grp = resolve_groups(groups, params)
         scale = None if step_scale is None else _utils.value_at(step_scale, state.count)
         stats = _maybe_record(every, state, lambda: _stats_from_step(grp, params, updates, scale))
         return updates, MonitorState(optax.safe_increment(state.count), stats)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def monitored(
@@ -288,6 +329,9 @@ def monitored(
     every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """``inner`` followed by :func:`monitor`, with a step scale read from ``inner``'s state.
+
+    It sees the gradients, so it also records ``radial_gradient`` (the check that every group
+    is radially invariant, see the module docstring).
 
     Args:
       inner: the whole optimizer (learning rate included).
@@ -302,12 +346,13 @@ def monitored(
 
     def init_fn(params):
         grp = resolve_groups(groups, params)
-        stats = _init_stats(grp, params, step_scale is not None)
+        stats = _init_stats(grp, params, step_scale is not None, with_gradient=True)
         return MonitoredState(inner.init(params), MonitorState(jnp.zeros([], jnp.int32), stats))
 
     def update_fn(updates, state, params=None, **extra_args):
         params = _utils.require_params(params, "monitored")
         grp = resolve_groups(groups, params)
+        grads = updates
         updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
         stats = _maybe_record(
             every,
@@ -317,7 +362,7 @@ def monitored(
                 params,
                 updates,
                 None if step_scale is None else step_scale(inner_state, params),
-            ),
+            )._replace(radial_gradient=_radial_gradient(grp, params, grads)),
         )
         mon = MonitorState(optax.safe_increment(state.monitor.count), stats)
         return updates, MonitoredState(inner_state, mon)
@@ -326,14 +371,13 @@ def monitored(
 
 
 def _find_named(state: Any, predicate: Callable[[Any], bool]) -> list[Any]:
-    """NamedTuples inside nested tuples/lists of an optimizer state that satisfy predicate."""
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        if predicate(state):
-            return [state]
-        return [s for v in state for s in _find_named(v, predicate)]
-    if isinstance(state, (tuple, list)):
-        return [s for v in state for s in _find_named(v, predicate)]
-    return []
+    """The NamedTuples of an optimizer state that satisfy ``predicate``, at any depth and in
+    any container (the dicts of ``optax.multi_transform``, ``MaskedState``, ...)."""
+
+    def is_match(node: Any) -> bool:
+        return isinstance(node, tuple) and hasattr(node, "_fields") and predicate(node)
+
+    return [s for s in jax.tree.leaves(state, is_leaf=is_match) if is_match(s)]
 
 
 def adam_step_scale(
@@ -411,11 +455,15 @@ def metrics(
     fields: Sequence[str] | None = None,
     reductions: Iterable[str] = ("mean", "min", "max"),
     prefix: str = "",
+    flag_threshold: float = RADIAL_GRADIENT_THRESHOLD,
 ) -> dict[str, jax.Array]:
     """Flat ``{"<prefix><param/path>/<stat>/<reduction>": scalar}`` dict for loggers.
 
     Each grouped parameter gets the ``mean``, ``min`` and ``max`` over its groups of every
-    stat (``fields`` picks a subset). ``source`` is a :class:`GeometryStats` or any optimizer
+    stat (``fields`` picks a subset); with ``radial_gradient`` recorded, also
+    ``<path>/radial_gradient/flagged``: the fraction of the parameter's groups whose radial
+    gradient exceeds ``flag_threshold`` (0 when every group is radially invariant).
+    ``source`` is a :class:`GeometryStats` or any optimizer
     state holding one :class:`MonitorState`. The values are jax scalars (the function also
     runs under ``jit``); ``jax.device_get(metrics(state))`` gives numpy scalars for
     TensorBoard, CLU or W&B style loggers.
@@ -436,6 +484,9 @@ def metrics(
                 continue
             for red in reductions:
                 out[f"{prefix}{path}/{name}/{red}"] = REDUCTIONS[red](value)
+            if name == "radial_gradient":
+                flagged = jnp.mean((value > flag_threshold).astype(jnp.float32))
+                out[f"{prefix}{path}/radial_gradient/flagged"] = flagged
     return out
 
 
@@ -457,6 +508,23 @@ class History:
         """Stores the stats of ``source`` at ``step``; returns the flat metrics (floats)."""
         stats = jax.device_get(_as_stats(source))
         flat = {k: float(v) for k, v in metrics(stats).items()}
+        new_flags = [
+            k[: -len("/radial_gradient/flagged")]
+            for k, v in flat.items()
+            if k.endswith("/radial_gradient/flagged")
+            and v > 0
+            and k not in self.scalars
+            or k.endswith("/radial_gradient/flagged")
+            and v > 0
+            and np.nanmax(self.scalars[k]) == 0
+        ]
+        if new_flags:
+            warnings.warn(
+                f"step {step}: groups of {new_flags} are not radially invariant (radial part of "
+                f"the gradient above {RADIAL_GRADIENT_THRESHOLD:g}): the model does not "
+                "normalise them; check the groups (optax_sphere.find_groups).",
+                stacklevel=2,
+            )
         self.steps.append(int(step))
         for key, value in flat.items():
             self.scalars.setdefault(key, [np.nan] * (len(self.steps) - 1)).append(value)
@@ -473,6 +541,15 @@ class History:
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    def flagged(self) -> list[str]:
+        """Paths of the grouped parameters with a group flagged as not radially invariant
+        (``radial_gradient`` above :data:`RADIAL_GRADIENT_THRESHOLD`) at some recorded step."""
+        out = []
+        for key, values in self.scalars.items():
+            if key.endswith("/radial_gradient/flagged") and np.nanmax(values) > 0:
+                out.append(key[: -len("/radial_gradient/flagged")])
+        return out
 
     def layers(self) -> list[str]:
         """Paths of the grouped parameters, in tree order."""

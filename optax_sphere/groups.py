@@ -9,16 +9,25 @@ Accepted forms of ``groups``:
 
 * a callable ``params -> spec tree`` (like an optax mask), for example :func:`per_unit`
   (the default) or :func:`per_tensor`;
-* the strings ``"unit"`` / ``"tensor"``, shorthands for those two callables (``"unit"`` is
-  every transformation's default: ``optax.inject_hyperparams`` takes any callable argument for
-  a schedule, so a callable spec given to an injected optimizer must be named in its
-  ``static_args=("groups",)``, while a string or a spec tree needs nothing);
+* the result of :func:`optax_sphere.find_groups` (groups measured on the model itself, matched
+  to the parameters by path, so the same object fits a Flax dict, an ``nnx.State`` with its
+  ``Param`` nodes or the pure arrays ``nnx.Optimizer`` updates, and an Equinox tree);
+* the strings ``"unit"`` / ``"unit_out_first"`` / ``"tensor"``, shorthands for
+  :func:`per_unit`, :func:`per_unit_out_first` and :func:`per_tensor`
+  (``optax.inject_hyperparams`` takes any callable argument for a schedule, so a callable spec
+  given to an injected optimizer must be named in its ``static_args=("groups",)``, while a
+  string, a spec tree or a found spec needs nothing);
 * ``None``: no leaf is grouped (every transformation reduces to its base optimizer);
+* ``"unset"``, every transformation's default: no leaf is grouped, and ``init`` warns that the
+  groups were not given (which groups are radially invariant depends on the model, not on the
+  shapes: a classifier head or an Equinox kernel would be grouped wrongly by any guess);
 * a pytree with the structure of the params whose leaves are per-leaf specs.
 
 A per-leaf spec is ``None``, ``"unit"`` (all axes but the last: a Flax ``Dense`` kernel
-``(in, out)`` or ``Conv`` kernel ``(kh, kw, in, out)`` grouped per output unit), ``"tensor"``
-(all axes) or an ``int`` / sequence of ``int`` axes (negative axes count from the end).
+``(in, out)`` or ``Conv`` kernel ``(kh, kw, in, out)`` grouped per output unit),
+``"unit_out_first"`` (all axes but the first: the ``(out, in, ...)`` layout of PyTorch and
+Equinox), ``"tensor"`` (all axes) or an ``int`` / sequence of ``int`` axes (negative axes
+count from the end).
 
 Specs are resolved against the parameters at ``init`` into :class:`Group` leaves; a spec
 that does not fit, or a parameter leaf that is not an array, raises a ``ValueError`` naming the
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -49,7 +59,10 @@ GroupsLike = Union[None, str, Callable[[PyTree], PyTree], PyTree]
 __all__ = [
     "Group",
     "GroupsLike",
+    "UNSET",
+    "key_names",
     "per_unit",
+    "per_unit_out_first",
     "per_tensor",
     "resolve_groups",
     "path_str",
@@ -77,18 +90,72 @@ class Group:
         return tuple(1 if i in self.axes else n for i, n in enumerate(shape))
 
 
+#: Every transformation's default ``groups``: nothing grouped, with a warning at ``init``.
+UNSET = "unset"
+
+_UNSET_MESSAGE = (
+    "no `groups` given: no parameter is grouped, so this optimizer is its base optimizer. "
+    "Which weights are radially invariant depends on the model, not on the shapes; find them "
+    "with `optax_sphere.find_groups(model_fn, params, *example_inputs)` and pass the result as "
+    "`groups=` (or give a spec: groups='unit' for Flax layouts (..., out), 'unit_out_first' "
+    "for (out, ...) layouts, a per-parameter tree; groups=None silences this warning)."
+)
+
+
 def _ndim(leaf: Any) -> int:
     return len(getattr(leaf, "shape", ()))  # non-arrays are reported by resolve_groups
 
 
-def per_unit(params: PyTree) -> PyTree:
-    """Default grouping: leaves of ndim >= 2 per output unit (all axes but the last).
+def _per_unit_spec(
+    params: PyTree, spec: str, group_axes: Callable[[tuple[int, ...]], tuple[int, ...]]
+) -> PyTree:
+    def leaf(p):
+        shape = tuple(getattr(p, "shape", ()))
+        if len(shape) < 2 or math.prod(shape[a] for a in group_axes(shape)) < 2:
+            return None  # biases, norm scales, (1, ..., 1, C) norm parameters: no group
+        return spec
 
-    This is the radial invariance created by BatchNorm (or any per-channel normalisation)
-    after a Flax ``Dense`` / ``Conv`` layer. Leaves of ndim < 2 (biases, norm scales,
-    scalars) are not grouped.
+    return jax.tree.map(leaf, params)
+
+
+def per_unit(params: PyTree) -> PyTree:
+    """One group per output unit for the Flax / Haiku layout ``(..., out)``.
+
+    Leaves of ndim >= 2 are grouped over all axes but the last: the radial invariance created
+    by BatchNorm (or any per-channel normalisation) after a Flax ``Dense`` / ``Conv`` layer.
+    Leaves of ndim < 2 (biases, norm scales, scalars) and leaves whose groups would hold one
+    element (Haiku's ``(1, ..., 1, C)`` norm parameters) are not grouped. Leaves named
+    ``weight`` (the ``(out, ...)`` layout of PyTorch and Equinox) are grouped as asked, with a
+    warning: use :func:`per_unit_out_first` or :func:`optax_sphere.find_groups` there.
+
+    Which leaves a normalisation follows is not visible in the shapes (a classifier head is
+    grouped too): prefer :func:`optax_sphere.find_groups`.
     """
-    return jax.tree.map(lambda p: "unit" if _ndim(p) >= 2 else None, params)
+    spec = _per_unit_spec(params, "unit", lambda shape: tuple(range(len(shape) - 1)))
+    named_weight = [
+        path_str(p)
+        for p, s in jax.tree_util.tree_flatten_with_path(spec)[0]
+        if s == "unit" and key_names(p)[-1:] == ("weight",)
+    ]
+    if named_weight:
+        warnings.warn(
+            "groups 'unit' group all axes but the last (the Flax layout (..., out)), but "
+            f"{named_weight} are named 'weight' as in the (out, ...) layout of PyTorch and "
+            "Equinox; use groups='unit_out_first' or optax_sphere.find_groups.",
+            stacklevel=3,
+        )
+    return spec
+
+
+def per_unit_out_first(params: PyTree) -> PyTree:
+    """One group per output unit for the PyTorch / Equinox layout ``(out, ...)``.
+
+    Leaves of ndim >= 2 (an ``eqx.nn.Linear`` weight ``(out, in)``, an ``eqx.nn.Conv2d``
+    weight ``(out, in, kh, kw)``) are grouped over all axes but the first; other leaves, and
+    leaves whose groups would hold one element (an Equinox conv bias ``(out, 1, 1)``), are
+    not grouped.
+    """
+    return _per_unit_spec(params, "unit_out_first", lambda shape: tuple(range(1, len(shape))))
 
 
 def per_tensor(params: PyTree) -> PyTree:
@@ -96,20 +163,36 @@ def per_tensor(params: PyTree) -> PyTree:
     return jax.tree.map(lambda p: "tensor" if _ndim(p) >= 2 else None, params)
 
 
-_SHORTHANDS: dict[str, Callable[[PyTree], PyTree]] = {"unit": per_unit, "tensor": per_tensor}
+_SHORTHANDS: dict[str, Callable[[PyTree], PyTree]] = {
+    "unit": per_unit,
+    "unit_out_first": per_unit_out_first,
+    "tensor": per_tensor,
+}
+
+
+def key_names(path: Sequence[Any]) -> tuple[Any, ...]:
+    """The names of a ``jax.tree_util`` key path (dict keys, indices, attribute names).
+
+    The trailing ``value`` attribute of a Flax ``nnx.Variable`` is dropped, so that a
+    parameter has the same names in an ``nnx.State`` of ``Param`` nodes and in the pure arrays
+    that ``nnx.Optimizer`` updates.
+    """
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(getattr(key, attr))
+                break
+        else:
+            names.append(str(key))
+    if names and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+        names.pop()
+    return tuple(names)
 
 
 def path_str(path: Sequence[Any]) -> str:
     """Readable ``a/b/0`` form of a ``jax.tree_util`` key path."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts) or "<root>"
+    return "/".join(str(n) for n in key_names(path)) or "<root>"
 
 
 def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
@@ -130,12 +213,19 @@ def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
                     f"the last), got shape {tuple(leaf.shape)}; use 'tensor' or None."
                 )
             axes = tuple(range(ndim - 1))
+        elif axes == "unit_out_first":
+            if ndim < 2:
+                raise ValueError(
+                    f"groups for parameter '{path}': 'unit_out_first' needs ndim >= 2 (all "
+                    f"axes but the first), got shape {tuple(leaf.shape)}; use 'tensor' or None."
+                )
+            axes = tuple(range(1, ndim))
         elif axes == "tensor":
             axes = tuple(range(ndim))
         else:
             raise ValueError(
                 f"groups for parameter '{path}': unknown spec {axes!r}; expected None, "
-                "'unit', 'tensor' or a sequence of axes."
+                "'unit', 'unit_out_first', 'tensor' or a sequence of axes."
             )
     elif isinstance(axes, int):
         axes = (axes,)
@@ -171,8 +261,13 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
     Returns a pytree with the structure of ``params`` whose leaves are :class:`Group` or
     ``None``. Raises ``ValueError`` naming the parameter path when the spec does not fit.
     """
+    if isinstance(groups, str) and groups == UNSET:
+        warnings.warn(_UNSET_MESSAGE, stacklevel=3)
+        groups = None
     if groups is None:
-        return jax.tree.map(lambda _: None, params)
+        groups = lambda tree: jax.tree.map(lambda _: None, tree)
+    if hasattr(groups, "spec_for"):  # optax_sphere.find_groups: specs matched by path
+        groups = groups.spec_for
     if isinstance(groups, str):
         if groups not in _SHORTHANDS:
             raise ValueError(
@@ -180,7 +275,9 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
                 "a callable, None or a pytree of per-leaf specs."
             )
         groups = _SHORTHANDS[groups]
-    spec = groups(params) if callable(groups) else groups
+    # a callable spec is a function; an Equinox module (a pytree, perhaps callable) is a tree
+    is_function = callable(groups) and jax.tree_util.treedef_is_leaf(jax.tree.structure(groups))
+    spec = groups(params) if is_function else groups
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     try:
         specs = treedef.flatten_up_to(spec)

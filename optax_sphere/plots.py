@@ -100,9 +100,13 @@ def _layer_lines(
         if all(v is not None and np.ndim(v) == 0 for v in values) and len(set(values)) == 1:
             prediction = values[0]  # the same for every layer: one red line
     shared = prediction is not None and not isinstance(prediction, Mapping)
+    flagged = set(history.flagged())
     for color, layer in zip(colors, layers):
+        # a group that is not radially invariant: its angles and norms mean nothing
+        mark = layer in flagged
+        label = _label(layer) + (" (NOT radially invariant)" if mark else "")
         ax.plot(steps, smooth(history.series(layer, stat), window), color=color, lw=1.2,
-                label=_label(layer))  # fmt: skip
+                label=label, linestyle=":" if mark else "-")  # fmt: skip
         if not shared:
             _draw_prediction(ax, steps, _prediction_for(prediction, layer), color=color, lw=1)
     if shared:

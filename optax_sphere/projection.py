@@ -86,7 +86,7 @@ def scale_invariant_projection(
     weight_decay: _utils.Hyper = 0.0,
     eps: float = 1e-8,
     project_momentum: bool = False,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Projection of AdamP / SGDP (Heo et al. 2021, alg. 1-2) around an update direction.
 
@@ -149,14 +149,14 @@ def scale_invariant_projection(
             # the update in the gradient's dtype
             return (_project(group, p32, x32, d) + ratio * decay * x32).astype(g.dtype)
 
+        # the parameters' tree first: its None leaves (Equinox) are empty subtrees
         new_updates = jax.tree.map(
-            lambda group, p, x, d, g: leaf(group, p, x, d, g),
-            grp,
+            lambda p, x, d, g, group: leaf(group, p, x, d, g),
             direction,
             params,
             decisions,
             updates,
-            is_leaf=lambda t: t is None,
+            grp,
         )
         if project_momentum:
 
@@ -195,7 +195,8 @@ def _scale_by_adam_torch(b1, b2, eps, nesterov) -> optax.GradientTransformation:
         nu = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
         return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         del params
         count = optax.safe_increment(state.count)
 
@@ -212,7 +213,7 @@ def _scale_by_adam_torch(b1, b2, eps, nesterov) -> optax.GradientTransformation:
         new_updates, mu, nu = _utils.unzip(out, updates, 3)
         return new_updates, optax.ScaleByAdamState(count, mu, nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def adamp(
@@ -225,7 +226,7 @@ def adamp(
     wd_ratio: float = 0.1,
     *,
     nesterov: bool = False,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""AdamP (Heo et al. 2021, alg. 2), as in the authors' code.
 
@@ -265,7 +266,7 @@ def sgdp(
     nesterov: bool = False,
     *,
     eps: float = 1e-8,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""SGDP (Heo et al. 2021, alg. 1), as in the authors' code.
 

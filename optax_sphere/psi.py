@@ -44,7 +44,7 @@ def _metric_scaled(sq_norm: jax.Array, g: jax.Array) -> jax.Array:
     return jnp.where(g == 0, jnp.zeros_like(g), sq_norm * g)
 
 
-def scale_by_psi_metric(groups: GroupsLike = "unit") -> optax.GradientTransformation:
+def scale_by_psi_metric(groups: GroupsLike = "unset") -> optax.GradientTransformation:
     """Riemannian gradient of the PSI manifold (Yi et al. eq. 7): ``g <- ||x||^2 g`` per group.
 
     Stateless; needs ``params``. Ungrouped leaves pass through. Put it first in a chain (for
@@ -55,7 +55,8 @@ def scale_by_psi_metric(groups: GroupsLike = "unit") -> optax.GradientTransforma
         resolve_groups(groups, params)
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "scale_by_psi_metric")
         grp = resolve_groups(groups, params)
 
@@ -67,7 +68,7 @@ def scale_by_psi_metric(groups: GroupsLike = "unit") -> optax.GradientTransforma
 
         return _utils.map_groups(leaf, grp, updates, params), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class PsiSgdState(NamedTuple):
@@ -84,7 +85,7 @@ def psi_sgdm(
     *,
     nesterov: bool = False,
     max_norm: float | None = 1e4,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""PSI-SGDM (Yi et al. alg. 1, eq. 11): SGD with momentum on the PSI manifold.
 
@@ -99,21 +100,26 @@ def psi_sgdm(
     the step (module docstring). ``learning_rate`` may be a schedule.
     """
     _utils.check_rate("learning_rate", learning_rate)
-    _utils.check_beta("momentum", momentum)
+    if momentum is not None:
+        _utils.check_beta("momentum", momentum)
     if max_norm is not None:
         _utils.check_rate("max_norm", max_norm)
         if not isinstance(max_norm, jax.core.Tracer) and not max_norm > 0:
             raise ValueError(f"`max_norm` must be > 0 or None, got {max_norm!r}.")
     # an array momentum (inject_hyperparams: concrete at init, traced in update) may be
     # non-zero: keep the buffer, so that init and update agree on the state's structure
-    keep_trace = nesterov or isinstance(momentum, (jax.Array, jax.core.Tracer)) or momentum != 0
+    # momentum=None (psi_sgd, as optax.sgd): no buffer, whatever inject_hyperparams does
+    keep_trace = momentum is not None and (
+        nesterov or isinstance(momentum, (jax.Array, jax.core.Tracer)) or momentum != 0
+    )
 
     def init_fn(params):
         resolve_groups(groups, params)
         trace = jax.tree.map(lambda p: _utils.zeros_acc(p), params) if keep_trace else ()
         return PsiSgdState(jnp.zeros([], jnp.int32), trace)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "psi_sgdm")
         _utils.check_trees_match(params, updates, *([state.trace] if keep_trace else []))
         grp = resolve_groups(groups, params)
@@ -147,25 +153,27 @@ def psi_sgdm(
                 step = step + (scale - 1) * x.astype(acc)
             return step.astype(x.dtype), t
 
-        out = jax.tree.map(leaf, grp, updates, trace, params, is_leaf=lambda n: n is None)
+        # the parameters' tree first: its None leaves (Equinox) are empty subtrees
+        out = jax.tree.map(lambda g, t, x, group: leaf(group, g, t, x), updates, trace, params, grp)
         new_updates, new_trace = _utils.unzip(out, updates, 2)
         return new_updates, PsiSgdState(
             optax.safe_increment(state.count), new_trace if keep_trace else ()
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def psi_sgd(
     learning_rate: _utils.Hyper = 0.1,
-    momentum: float = 0.0,
+    momentum: float | None = None,
     *,
     max_norm: float | None = 1e4,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""PSI-SGD (Yi et al. eq. 10): ``w_{k+1} = w_k - \eta_k \|w_k\|^2 \nabla_w L`` per group.
 
-    :func:`psi_sgdm` with ``momentum=0`` by default (then no momentum buffer is kept); plain
-    SGD on ungrouped leaves. ``max_norm`` as in :func:`psi_sgdm`.
+    :func:`psi_sgdm` without momentum by default (``momentum=None``, as ``optax.sgd``: no
+    momentum buffer is kept, also under ``optax.inject_hyperparams``); plain SGD on ungrouped
+    leaves. ``max_norm`` as in :func:`psi_sgdm`.
     """
     return psi_sgdm(learning_rate, momentum, max_norm=max_norm, groups=groups)

@@ -48,7 +48,7 @@ __all__ = [
 Method = Literal["projection", "exp"]
 
 
-def project_tangent(groups: GroupsLike = "unit") -> optax.GradientTransformation:
+def project_tangent(groups: GroupsLike = "unset") -> optax.GradientTransformation:
     """Riemannian gradient of the sphere: ``g <- g - <g, u> u`` per group, ``u = x / ||x||``.
 
     Stateless; needs ``params``. Ungrouped leaves pass through.
@@ -58,7 +58,8 @@ def project_tangent(groups: GroupsLike = "unit") -> optax.GradientTransformation
         resolve_groups(groups, params)
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "project_tangent")
         grp = resolve_groups(groups, params)
         return _utils.map_groups(
@@ -70,14 +71,14 @@ def project_tangent(groups: GroupsLike = "unit") -> optax.GradientTransformation
             params,
         ), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def retract_to_sphere(
     method: Method = "projection",
     *,
     radius: float = 1.0,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""Retraction onto the sphere of radius ``radius``: put it last in a chain.
 
@@ -101,7 +102,8 @@ def retract_to_sphere(
         resolve_groups(groups, params)
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "retract_to_sphere")
         grp = resolve_groups(groups, params)
 
@@ -121,7 +123,7 @@ def retract_to_sphere(
 
         return _utils.map_groups(leaf, grp, updates, params), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class _Sums(NamedTuple):
@@ -239,7 +241,7 @@ def sgdg(
     *,
     grad_clip: float | None = None,
     omega: float = 0.0,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""SGD-G of Cho & Lee (2017, alg. 1), as their code does it, per group:
 
@@ -269,7 +271,8 @@ def sgdg(
         resolve_groups(groups, params)
         return SgdgState(jnp.zeros([], jnp.int32), jax.tree.map(_utils.zeros_acc, params))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "sgdg")
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
@@ -296,7 +299,7 @@ def sgdg(
         new_updates, mom = _utils.unzip(out, updates, 2)
         return new_updates, SgdgState(optax.safe_increment(state.count), mom)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class AdamgState(NamedTuple):
@@ -316,7 +319,7 @@ def adamg(
     *,
     grad_clip: float | None = None,
     omega: float = 0.0,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""Adam-G of Cho & Lee (2017, alg. 2), as their code does it, per group:
 
@@ -348,7 +351,8 @@ def adamg(
         )
         return AdamgState(jnp.zeros([], jnp.int32), mu, nu)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "adamg")
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
@@ -381,7 +385,7 @@ def adamg(
         new_updates, mu, nu = _utils.unzip(out, updates, 3)
         return new_updates, AdamgState(count, mu, nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class AdagradgState(NamedTuple):
@@ -397,7 +401,7 @@ def adagradg(
     beta: float = 1.0,
     v0: Any = 1.0,
     *,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""AdaGradG (Roburin's thesis sec. 3.4.2; AdamG* of Roburin et al. sec. 3.2), per group:
 
@@ -444,7 +448,8 @@ def adagradg(
             ) from None
         return AdagradgState(jnp.zeros([], jnp.int32), nu)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "adagradg")
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
@@ -472,4 +477,4 @@ def adagradg(
         new_updates, nu = _utils.unzip(out, updates, 2)
         return new_updates, AdagradgState(optax.safe_increment(state.count), nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -90,7 +90,7 @@ def _centred_norm(x: jax.Array, group: Group, center: bool) -> jax.Array:
     return jnp.sqrt(jnp.maximum(s_xx - s_x * s_x / d, 0))
 
 
-def center_groups(params: Any, groups: GroupsLike = "unit") -> Any:
+def center_groups(params: Any, groups: GroupsLike = "unset") -> Any:
     """Centres every group of ``params`` (mean zero over the group), keeping its norm.
 
     ``x <- ||x|| (x - mean(x)) / ||x - mean(x)||``: what the authors do to the rotational
@@ -186,7 +186,7 @@ def rotational_rms_control(
     center: bool = True,
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rotational RMS control around any inner direction (Kosson et al. app. M, alg. 1).
 
@@ -235,6 +235,10 @@ def rotational_rms_control(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
+        if any(isinstance(p, jax.ShapeDtypeStruct) for p in jax.tree.leaves(params)):
+            # abstract parameters (to build a sharded state without allocating): the initial
+            # norms need values, so the state is abstract too, as jax.eval_shape gives it
+            return jax.eval_shape(init_fn, params)
         grp = resolve_groups(groups, params)
 
         def norm_of(group, p):
@@ -339,7 +343,7 @@ def rv_adamw(
     eta_r: _utils.Hyper | None = None,
     rotational_eps: float = 1e-8,
     ungrouped_weight_decay: _utils.Hyper = 0.0,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-AdamW (Kosson et al. app. M): Adam's direction under rotational RMS control.
 
@@ -381,7 +385,7 @@ def rv_sgdm(
     eta_r: _utils.Hyper | None = None,
     rotational_eps: float = 1e-8,
     ungrouped_weight_decay: _utils.Hyper = 0.0,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-SGDM (Kosson et al. app. M): SGD momentum's direction under rotational RMS control.
 
@@ -396,16 +400,10 @@ def rv_sgdm(
         eta_r = _hyper_fn(
             learning_rate, weight_decay, formula=lambda lr, wd: _sgdm_eta_r(lr, wd, momentum)
         )
-    inner = optax.trace(decay=momentum)
-    # an array (inject_hyperparams: concrete at init, traced in update) may be non-zero:
-    # keep the decay then, so that init and update agree on the state's structure
-    if (
-        callable(ungrouped_weight_decay)
-        or isinstance(ungrouped_weight_decay, (jax.Array, jax.core.Tracer))
-        or ungrouped_weight_decay != 0
-    ):
-        coupled = optax.add_decayed_weights(ungrouped_weight_decay)
-        inner = optax.chain(optax.masked(coupled, _ungrouped_mask(groups)), inner)
+    # the coupled decay is always in the chain (adding 0 is exact), so that the state has one
+    # structure whatever the value, also under inject_hyperparams (checkpoints restore)
+    coupled = optax.add_decayed_weights(ungrouped_weight_decay)
+    inner = optax.chain(optax.masked(coupled, _ungrouped_mask(groups)), optax.trace(momentum))
     return rotational_rms_control(
         inner,
         eta_r=eta_r,
@@ -426,7 +424,8 @@ def _scale_by_lion_sign(b1: float, b2: float) -> optax.GradientTransformation:
         mu = jax.tree.map(jnp.zeros_like, params)
         return optax.ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=mu)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         del params
 
         def direction(g, m):
@@ -437,7 +436,7 @@ def _scale_by_lion_sign(b1: float, b2: float) -> optax.GradientTransformation:
         mu = jax.tree.map(lambda g, m: (1.0 - b2) * g + b2 * m, updates, state.mu)
         return new_updates, optax.ScaleByLionState(optax.safe_increment(state.count), mu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def rv_lion(
@@ -451,7 +450,7 @@ def rv_lion(
     eta_r: _utils.Hyper | None = None,
     rotational_eps: float = 1e-8,
     ungrouped_weight_decay: _utils.Hyper = 0.0,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-Lion (Kosson et al. app. M): Lion's sign direction under rotational RMS control.
 
@@ -493,7 +492,7 @@ def scale_by_adam_l2_direction(
     weight_decay: _utils.Hyper = 0.0,
     ungrouped_weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""The gradient part of Adam+L2's update (Kosson et al. eqs. 73-75, authors' wrapper code).
 
@@ -515,7 +514,8 @@ def scale_by_adam_l2_direction(
         zeros = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
         return ScaleByAdamL2DirectionState(jnp.zeros([], jnp.int32), zeros, zeros)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "scale_by_adam_l2_direction")
         grp = resolve_groups(groups, params)
         wd = _utils.value_at(weight_decay, state.count)
@@ -535,7 +535,7 @@ def scale_by_adam_l2_direction(
         direction, mu, nu = _utils.unzip(out, updates, 3)
         return direction, ScaleByAdamL2DirectionState(count, mu, nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def wrapped_adam_l2(
@@ -550,7 +550,7 @@ def wrapped_adam_l2(
     eta_r: _utils.Hyper | None = None,
     rotational_eps: float = 1e-8,
     ungrouped_weight_decay: _utils.Hyper = 0.0,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""The "wrapped Adam+L2" RV (Kosson et al. sec. 3, Table 2 last column, app. O).
 

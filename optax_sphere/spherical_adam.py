@@ -150,7 +150,7 @@ def adam_s(
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""Adam-S: Adam with a standardised second moment (Roburin et al. sec. 4.1, eqs. 61-63).
 
@@ -181,7 +181,8 @@ def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, transport: Tr
         sq_norm = _utils.map_groups(_init_sq_norm, grp, params)
         return SphericalAdamState(jnp.zeros([], jnp.int32), mu, nu, sq_norm)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, f"adam_s{transport}")
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
@@ -221,7 +222,7 @@ def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, transport: Tr
         new_updates, mu, nu, sq_norm = _utils.unzip(out, updates, 4)
         return new_updates, SphericalAdamState(count, mu, nu, sq_norm)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def adam_st(
@@ -231,7 +232,7 @@ def adam_st(
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""Adam-ST: Adam-S plus transport of the momentum ("Adam w/o (ab)", Roburin's thesis tab. 3.3).
 
@@ -251,7 +252,7 @@ def adam_srt(
     eps: float = 1e-8,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""Adam-SRT (Roburin et al. sec. 4.2, eqs. 19-21 / 78-80, alg. 1): "Adam w/o (abc)".
 
@@ -274,7 +275,7 @@ def sgdm_rt(
     momentum: float = 0.9,
     weight_decay: _utils.Hyper = 0.0,
     *,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""SGD-MRT (Roburin et al. sec. 4.2 remark, app. E.2): SGD momentum with RT of the momentum.
 
@@ -296,7 +297,8 @@ def sgdm_rt(
         sq_norm = _utils.map_groups(_init_sq_norm, grp, params)
         return SgdmRtState(jnp.zeros([], jnp.int32), trace, sq_norm)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "sgdm_rt")
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
@@ -325,4 +327,4 @@ def sgdm_rt(
         new_updates, trace, sq_norm = _utils.unzip(out, updates, 3)
         return new_updates, SgdmRtState(optax.safe_increment(state.count), trace, sq_norm)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -66,7 +66,7 @@ def scale_by_standardized_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""Adam with a standardised (per-group scalar) second moment: Adam-S direction.
 
@@ -94,7 +94,8 @@ def scale_by_standardized_adam(
         nu = _utils.map_groups(init_second_moment, grp, params)
         return ScaleByStandardizedAdamState(jnp.zeros([], jnp.int32), mu, nu)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         del params
         grp = resolve_groups(groups, updates)
         count = optax.safe_increment(state.count)
@@ -111,4 +112,4 @@ def scale_by_standardized_adam(
         new_updates, mu, nu = _utils.unzip(out, updates, 3)
         return new_updates, ScaleByStandardizedAdamState(count, mu, nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -132,7 +132,7 @@ def _momentum_geometry(
 def rescale_momentum(
     inner: optax.GradientTransformation,
     *,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
     """R (Roburin et al. eq. 69, 21): after each step, momentum ``*= r_k / r_{k+1}`` and second
@@ -145,7 +145,7 @@ def rescale_momentum(
 def transport_momentum(
     inner: optax.GradientTransformation,
     *,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
     exact: bool = False,
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
@@ -163,7 +163,7 @@ def transport_momentum(
 def rescale_transport_momentum(
     inner: optax.GradientTransformation,
     *,
-    groups: GroupsLike = "unit",
+    groups: GroupsLike = "unset",
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
     """RT (Roburin et al. eq. 75): ``a <- (<x_{k+1},x_k> a - <x_{k+1},a> x_k) / ||x_{k+1}||^2`` on

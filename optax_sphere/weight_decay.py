@@ -45,7 +45,8 @@ def decoupled_weight_decay(
         del params
         return DecoupledWeightDecayState(jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "decoupled_weight_decay")
         _utils.check_trees_match(updates, params)
         scale = _utils.value_at(learning_rate, state.count) * _utils.value_at(
@@ -54,5 +55,5 @@ def decoupled_weight_decay(
         updates = jax.tree.map(lambda u, p: (u - scale * p).astype(u.dtype), updates, params)
         return updates, DecoupledWeightDecayState(optax.safe_increment(state.count))
 
-    tx = optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
     return tx if mask is None else optax.masked(tx, mask)

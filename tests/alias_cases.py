@@ -72,6 +72,7 @@ def _missing(name: str) -> Factory:
 def _alias(name: str, behaviour: dict[str, Any] | None = None, **kwargs: Any) -> Case:
     # the exported function itself, so that optax.inject_hyperparams sees its signature
     factory = _exported(name) or _missing(name)
+    kwargs = {"groups": "unit", **kwargs}
     return Case(name, factory, kwargs, (name,), "alias", **(behaviour or {}))
 
 
@@ -82,7 +83,7 @@ def _primitive(
     behaviour: dict[str, Any] | None = None,
     learning_rate: float = 1e-2,
 ) -> Case:
-    kwargs = {"learning_rate": learning_rate}
+    kwargs = {"learning_rate": learning_rate, "groups": "unit"}
     return Case(name, build, kwargs, requires, "primitive", **(behaviour or {}))
 
 

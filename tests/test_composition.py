@@ -98,7 +98,7 @@ def test_inject_hyperparams_with_groups_as_a_static_argument(case):
     in ``static_args``."""
     spec = {"conv": {"kernel": "tensor"}, "dense": {"kernel": (0,), "bias": None}}
     injected = optax.inject_hyperparams(case.factory, static_args=("groups",))(
-        **case.kwargs, groups=spec
+        **{**case.kwargs, "groups": spec}
     )
     _close(_run(injected, _params(), 3)[0], _run(case.make(groups=spec), _params(), 3)[0])
 

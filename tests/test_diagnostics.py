@@ -74,7 +74,7 @@ def _build(name):
         return optax.chain(inner, D.monitor(step_scale=sched)), sched
     inner = optax.chain(optax.add_decayed_weights(wd), optax.adam(LR, B1, B2, EPS))
     if name == "adam_s_l2":
-        inner = osp.adam_s(LR, B1, B2, EPS, weight_decay=wd)
+        inner = osp.adam_s(LR, B1, B2, EPS, weight_decay=wd, groups="unit")
     scale = D.adam_step_scale(LR, b1=B1, b2=B2, eps=EPS)
     return D.monitored(inner, step_scale=scale), lambda k: LR
 
@@ -149,7 +149,7 @@ def test_table_1_adam_srt_row():
         for alias, should_hold in ((osp.adam_srt, True), (osp.adam_s, False)):
             params, grad = _problem(1)
             opt = D.monitored(
-                alias(LR, B1, B2, EPS, weight_decay=WD),
+                alias(LR, B1, B2, EPS, weight_decay=WD, groups="unit"),
                 step_scale=D.adam_step_scale(LR, b1=B1, b2=B2, eps=EPS),
             )
             state = opt.init(params)
@@ -207,7 +207,7 @@ def test_monitor_matches_pure_function_and_passes_updates_through():
     params, grad = _problem(2)
     params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     inner = optax.adamw(1e-2, weight_decay=0.1)
-    opt = optax.chain(inner, osp.monitor())
+    opt = optax.chain(inner, osp.monitor(groups="unit"))
     state = opt.init(params)
     g = grad(params)
     ref_updates, _ = jax.jit(inner.update)(g, inner.init(params), params)
@@ -230,7 +230,7 @@ def test_monitor_with_optax_wrappers():
     params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     opt = optax.chain(
         optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9),
-        osp.monitor(step_scale=0.1),
+        osp.monitor(step_scale=0.1, groups="unit"),
     )
     opt = optax.apply_if_finite(optax.MultiSteps(opt, every_k_schedule=2), 3)
     state = opt.init(params)
@@ -266,7 +266,7 @@ def test_metrics_and_history():
     params, grad = _problem(5)
     params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     params["conv"] = {"kernel": jnp.ones((3, 3, 2, 5)) + jnp.arange(5.0)}
-    opt = optax.chain(optax.sgd(0.1), osp.monitor(step_scale=0.1))
+    opt = optax.chain(optax.sgd(0.1), osp.monitor(step_scale=0.1, groups="unit"))
     state = opt.init(params)
     hist = osp.History()
     for k in range(3):
@@ -298,12 +298,14 @@ def test_metrics_and_history():
 def test_errors():
     params = {"w": jnp.ones((3, 2))}
     with pytest.raises(ValueError, match="step_scale"):
-        osp.monitor(step_scale=-1.0)
+        osp.monitor(step_scale=-1.0, groups="unit")
     with pytest.raises(ValueError, match="params"):
-        osp.monitor().update(params, osp.monitor().init(params))
+        osp.monitor(groups="unit").update(params, osp.monitor(groups="unit").init(params))
     with pytest.raises(ValueError, match="MonitorState"):
         osp.metrics(optax.sgd(0.1).init(params))
-    opt = osp.monitored(optax.sgd(0.1), step_scale=osp.adam_step_scale(0.1))
+    opt = osp.monitored(
+        optax.sgd(0.1), step_scale=osp.adam_step_scale(0.1, groups="unit"), groups="unit"
+    )
     with pytest.raises(ValueError, match="Adam state"):
         opt.update(params, opt.init(params), params)
     with pytest.raises(ValueError, match="groups for parameter 'w'"):
@@ -313,8 +315,8 @@ def test_errors():
 def test_every_records_one_step_in_n_and_state_can_be_donated():
     params, grad = _problem(6)
     params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-    every = optax.chain(optax.sgd(0.1), osp.monitor(every=3))
-    always = optax.chain(optax.sgd(0.1), osp.monitor())
+    every = optax.chain(optax.sgd(0.1), osp.monitor(every=3, groups="unit"))
+    always = optax.chain(optax.sgd(0.1), osp.monitor(groups="unit"))
     step_e = jax.jit(every.update, donate_argnums=(1,))
     step_a = jax.jit(always.update)
     se, sa, recorded = every.init(params), always.init(params), []
@@ -329,7 +331,7 @@ def test_every_records_one_step_in_n_and_state_can_be_donated():
         params = optax.apply_updates(params, updates)
     assert int(D.find_monitor_state(se).count) == 5
     with pytest.raises(ValueError, match="every"):
-        osp.monitor(every=0)
+        osp.monitor(every=0, groups="unit")
 
 
 def test_sharded_group_axis_gives_the_same_stats():
@@ -343,7 +345,7 @@ def test_sharded_group_axis_gives_the_same_stats():
     rng = np.random.default_rng(7)
     params = {"w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)}
     updates = {"w": jnp.asarray(0.01 * rng.normal(size=(8, 6)), jnp.float32)}
-    opt = osp.monitor(step_scale=0.1)
+    opt = osp.monitor(step_scale=0.1, groups="unit")
     _, ref = jax.jit(opt.update)(updates, opt.init(params), params)
     shard = NamedSharding(mesh, PartitionSpec("d", None))  # rows = the group axis
     sharded = jax.tree.map(lambda x: jax.device_put(x, shard), (params, updates))

@@ -72,7 +72,7 @@ def test_sgd_with_l2_and_the_equivalent_adagradg_stay_aligned_while_adagrad_drif
         sgd = _directions(optax.chain(optax.add_decayed_weights(WD), optax.sgd(LR)), x0, grad)
         radius = jnp.linalg.norm(x0, axis=0, keepdims=True)  # per-group r_0
         hyper = sgd_to_adagradg(LR, WD, {"w": radius})
-        adagradg = _directions(osp.adagradg(**hyper), _unit(x0), grad)
+        adagradg = _directions(osp.adagradg(**hyper, groups="unit"), _unit(x0), grad)
         adagrad = _directions(optax.adagrad(0.05), x0, grad)
         aligned = _min_cosine(sgd, adagradg)
         assert float(jnp.min(aligned)) > 1 - 1e-6  # every step, every group
@@ -82,7 +82,7 @@ def test_sgd_with_l2_and_the_equivalent_adagradg_stay_aligned_while_adagrad_drif
             dict(hyper, beta=(1 - LR * WD) ** 2),
             dict(hyper, v0={"w": 2 * hyper["v0"]["w"]}),
         ):
-            off = _directions(osp.adagradg(**wrong), _unit(x0), grad)
+            off = _directions(osp.adagradg(**wrong, groups="unit"), _unit(x0), grad)
             assert float(jnp.min(_min_cosine(sgd, off))) < 1 - 1e-5
 
 

@@ -66,8 +66,8 @@ def test_rv_rotates_kernel_at_fixed_norm_and_learns_gain():
     model = WithGain(nn.Dense(4, use_bias=False))
     x = jax.random.normal(jax.random.PRNGKey(2), (32, 8))
     target = 3.0 * x[:, :4]
-    params = osp.center_groups(model.init(jax.random.PRNGKey(0), x)["params"])
-    tx = osp.rv_adamw(0.1, 0.1)
+    params = osp.center_groups(model.init(jax.random.PRNGKey(0), x)["params"], groups="unit")
+    tx = osp.rv_adamw(0.1, 0.1, groups="unit")
 
     @jax.jit
     def step(p, s):
@@ -107,10 +107,10 @@ def test_nnx_fold_and_training():
 
     # training with an RV through nnx.Optimizer: kernel norm fixed, gain learns
     graphdef, params = nnx.split(model, nnx.Param)
-    params = osp.center_groups(params)
+    params = osp.center_groups(params, groups="unit")
     nnx.update(model, params)
     norm0 = jnp.linalg.norm(model.layer.kernel[...], axis=0)
-    optimizer = nnx.Optimizer(model, osp.rv_adamw(0.1, 0.1), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, osp.rv_adamw(0.1, 0.1, groups="unit"), wrt=nnx.Param)
     target = 3.0 * x[:, :4]
 
     @nnx.jit

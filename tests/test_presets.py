@@ -103,7 +103,7 @@ def test_sphere_preset_is_the_alias():
     params = _params()
     grads = jax.tree.map(lambda p: jnp.sin(p) + 0.3, params)
     got = presets.build("roburin2022/cifar10_resnet20/adam_srt")
-    expected = optax_sphere.adam_srt(1e-3, b2=0.99, weight_decay=K / 128)
+    expected = optax_sphere.adam_srt(1e-3, b2=0.99, weight_decay=K / 128, groups="unit")
     u1, _ = got.update(grads, got.init(params), params)
     u2, _ = expected.update(grads, expected.init(params), params)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), u1, u2)

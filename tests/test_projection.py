@@ -97,7 +97,9 @@ def test_matches_numpy_transcription_of_the_algorithm(kind, nesterov):
         ref = _np_run(kind, params, grads, lr, wd, 0.1, 0.1, nesterov)
         alias = osp.adamp if kind == "adamp" else osp.sgdp
         out = _jax_run(
-            alias(lr, weight_decay=wd, delta=0.1, wd_ratio=0.1, nesterov=nesterov), params, grads
+            alias(lr, weight_decay=wd, delta=0.1, wd_ratio=0.1, nesterov=nesterov, groups="unit"),
+            params,
+            grads,
         )
         for k in ref:
             np.testing.assert_allclose(np.asarray(out[k]), ref[k], rtol=1e-11, atol=1e-13)
@@ -109,7 +111,9 @@ def _projection_update(g, x, p, weight_decay=0.0):
     inner = optax.GradientTransformation(
         lambda _: optax.EmptyState(), lambda u, s, params=None: (direction, s)
     )
-    tx = osp.scale_invariant_projection(inner, delta=0.1, wd_ratio=0.5, weight_decay=weight_decay)
+    tx = osp.scale_invariant_projection(
+        inner, delta=0.1, wd_ratio=0.5, weight_decay=weight_decay, groups="unit"
+    )
     state = tx.init(params)
     out, _ = tx.update(grads, state, params)
     return out["w"]
@@ -157,7 +161,7 @@ def test_radial_gradient_is_not_projected_and_keeps_full_weight_decay():
 
 
 def test_zero_weights_and_zero_gradients_stay_finite():
-    tx = osp.adamp(1e-2, weight_decay=1e-2)
+    tx = osp.adamp(1e-2, weight_decay=1e-2, groups="unit")
     params = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4)}
     state = tx.init(params)
     u, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
@@ -168,7 +172,9 @@ def test_schedules_and_inject_hyperparams():
     params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
     grads = {"w": jnp.full((3, 4), 0.1), "b": jnp.full(4, 0.1)}
     for tx in (
-        osp.adamp(optax.cosine_decay_schedule(1e-2, 10), weight_decay=lambda c: 1e-2),
+        osp.adamp(
+            optax.cosine_decay_schedule(1e-2, 10), weight_decay=lambda c: 1e-2, groups="unit"
+        ),
         optax.inject_hyperparams(osp.adamp)(learning_rate=1e-2, weight_decay=1e-2),
         optax.inject_hyperparams(osp.sgdp)(learning_rate=0.1, weight_decay=1e-3),
     ):
@@ -180,11 +186,11 @@ def test_schedules_and_inject_hyperparams():
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: osp.adamp(learning_rate=-1.0),
-        lambda: osp.adamp(b1=1.5),
-        lambda: osp.sgdp(momentum=1.0),
-        lambda: osp.sgdp(delta=-0.1),
-        lambda: osp.adamp(wd_ratio=float("nan")),
+        lambda: osp.adamp(learning_rate=-1.0, groups="unit"),
+        lambda: osp.adamp(b1=1.5, groups="unit"),
+        lambda: osp.sgdp(momentum=1.0, groups="unit"),
+        lambda: osp.sgdp(delta=-0.1, groups="unit"),
+        lambda: osp.adamp(wd_ratio=float("nan"), groups="unit"),
     ],
 )
 def test_invalid_hyperparameters_fail_at_build(build):
@@ -193,7 +199,11 @@ def test_invalid_hyperparameters_fail_at_build(build):
 
 
 @pytest.mark.parametrize(
-    "alias", [lambda: osp.adamp(1e-2, weight_decay=1e-4), lambda: osp.sgdp(0.1, weight_decay=1e-4)]
+    "alias",
+    [
+        lambda: osp.adamp(1e-2, weight_decay=1e-4, groups="unit"),
+        lambda: osp.sgdp(0.1, weight_decay=1e-4, groups="unit"),
+    ],
 )
 def test_trains_a_flax_batchnorm_network_under_jit(alias):
     losses, _ = bn_training.train(alias())

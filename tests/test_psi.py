@@ -60,7 +60,7 @@ def _assert_tree_close(a, b, rtol, atol=0.0):
 def test_metric_scaling_is_squared_group_norm_times_gradient():
     params = _params()
     g = jax.tree.map(jnp.ones_like, params)
-    out, _ = osp.scale_by_psi_metric().update(g, optax.EmptyState(), params)
+    out, _ = osp.scale_by_psi_metric(groups="unit").update(g, optax.EmptyState(), params)
     w = params["conv"]["kernel"]
     expected = jnp.sum(w * w, axis=(0, 1, 2), keepdims=True) * jnp.ones_like(w)
     np.testing.assert_allclose(out["conv"]["kernel"], expected, rtol=1e-6)
@@ -71,9 +71,11 @@ def test_metric_scaling_is_squared_group_norm_times_gradient():
 def test_psi_sgdm_equals_metric_scaling_chained_with_optax_sgd(nesterov):
     with jax.enable_x64(True):
         params = _params(1)
-        fused, _ = _run(osp.psi_sgdm(0.05, 0.9, nesterov=nesterov, max_norm=None), params, 10)
+        fused, _ = _run(
+            osp.psi_sgdm(0.05, 0.9, nesterov=nesterov, max_norm=None, groups="unit"), params, 10
+        )
         chain = optax.chain(
-            osp.scale_by_psi_metric(), optax.sgd(0.05, momentum=0.9, nesterov=nesterov)
+            osp.scale_by_psi_metric(groups="unit"), optax.sgd(0.05, momentum=0.9, nesterov=nesterov)
         )
         ref, _ = _run(chain, params, 10)
         _assert_tree_close(fused[-1], ref[-1], 1e-12)
@@ -100,7 +102,7 @@ def test_theorem_1_scale_equivalent_starts_stay_scale_equivalent(alias):
             },
         }
         scaled = jax.tree.map(lambda x, s: x * s, params, a)
-        tx = getattr(osp, alias)(0.05)
+        tx = getattr(osp, alias)(0.05, groups="unit")
         xs, _ = _run(tx, params, 15)
         xs_hat, _ = _run(tx, scaled, 15)
         for x, x_hat in zip(xs, xs_hat):
@@ -120,8 +122,8 @@ def test_overflow_safeguard_renormalises_without_changing_directions():
     with jax.enable_x64(True):
         params = _params(5)
         params["conv"]["kernel"] = params["conv"]["kernel"].at[..., :3].multiply(1e5)
-        guarded, state = _run(osp.psi_sgdm(0.05, 0.9, max_norm=1e4), params, 12)
-        free, free_state = _run(osp.psi_sgdm(0.05, 0.9, max_norm=None), params, 12)
+        guarded, state = _run(osp.psi_sgdm(0.05, 0.9, max_norm=1e4, groups="unit"), params, 12)
+        free, free_state = _run(osp.psi_sgdm(0.05, 0.9, max_norm=None, groups="unit"), params, 12)
         for x, y in zip(guarded, free):
             for k in ("conv", "dense"):
                 np.testing.assert_allclose(
@@ -140,7 +142,7 @@ def test_overflow_safeguard_renormalises_without_changing_directions():
 
 
 def test_psi_sgd_keeps_no_momentum_buffer_and_handles_degenerate_groups():
-    tx = osp.psi_sgd(0.1)
+    tx = osp.psi_sgd(0.1, groups="unit")
     params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3), "s": jnp.zeros(())}
     state = tx.init(params)
     assert state.trace == ()
@@ -152,7 +154,7 @@ def test_psi_sgd_keeps_no_momentum_buffer_and_handles_degenerate_groups():
 
 def test_bf16_params_keep_float32_momentum():
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params(6))
-    tx = osp.psi_sgdm(0.05)
+    tx = osp.psi_sgdm(0.05, groups="unit")
     state = tx.init(params)
     u, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     assert state.trace["conv"]["kernel"].dtype == jnp.float32
@@ -162,10 +164,10 @@ def test_bf16_params_keep_float32_momentum():
 def test_schedules_and_inject_hyperparams():
     params = _params(7)
     sched = optax.linear_schedule(0.05, 0.0, 10)
-    xs, _ = _run(osp.psi_sgdm(sched, 0.9), params, 3)
+    xs, _ = _run(osp.psi_sgdm(sched, 0.9, groups="unit"), params, 3)
     inj = optax.inject_hyperparams(osp.psi_sgdm)(learning_rate=0.05, momentum=0.9)
     ys, _ = _run(inj, params, 3)
-    zs, _ = _run(osp.psi_sgdm(0.05, 0.9), params, 3)
+    zs, _ = _run(osp.psi_sgdm(0.05, 0.9, groups="unit"), params, 3)
     _assert_tree_close(ys[-1], zs[-1], 1e-6)
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(xs[-1]))
 
@@ -173,7 +175,7 @@ def test_schedules_and_inject_hyperparams():
 @pytest.mark.parametrize("kwargs", [{"learning_rate": -1.0}, {"momentum": 1.0}, {"max_norm": 0.0}])
 def test_invalid_hyperparameters_fail_at_build(kwargs):
     with pytest.raises(ValueError):
-        osp.psi_sgdm(**kwargs)
+        osp.psi_sgdm(**kwargs, groups="unit")
 
 
 @pytest.mark.parametrize("alias", [osp.psi_sgd, osp.psi_sgdm])

@@ -77,7 +77,7 @@ def test_projection_and_exponential_map_agree_to_first_order():
         for scale in (1e-2, 1e-3):
             delta = jax.tree.map(lambda p, s=scale: s * jnp.cos(7 * p), x)
             outs = [
-                osp.retract_to_sphere(m).update(delta, optax.EmptyState(), x)[0]["k"]
+                osp.retract_to_sphere(m, groups="unit").update(delta, optax.EmptyState(), x)[0]["k"]
                 for m in ("projection", "exp")
             ]
             gaps.append(float(jnp.max(jnp.abs(outs[0] - outs[1]))))
@@ -112,7 +112,7 @@ def test_exact_transport_preserves_norms_and_inner_products_of_tangent_vectors(c
 def test_sgdg_momentum_is_tangent_and_keeps_its_norm_through_the_step():
     with jax.enable_x64(True):
         x = _params(3)
-        tx = osp.sgdg(0.2, 0.9)
+        tx = osp.sgdg(0.2, 0.9, groups="unit")
         state = tx.init(x)
         for _ in range(4):
             g = _grad(x)
@@ -134,14 +134,15 @@ def test_sgdg_momentum_is_tangent_and_keeps_its_norm_through_the_step():
 def test_sgdg_equals_the_chain_of_primitives_with_exact_transport():
     with jax.enable_x64(True):
         params = _params(4, unit_norm=True)
-        fused, _ = _run(osp.sgdg(0.1, 0.9), params, 12)
+        fused, _ = _run(osp.sgdg(0.1, 0.9, groups="unit"), params, 12)
         chain = osp.transport_momentum(
             optax.chain(
-                osp.project_tangent(),
+                osp.project_tangent(groups="unit"),
                 optax.sgd(0.1, momentum=0.9),
-                osp.retract_to_sphere("exp"),
+                osp.retract_to_sphere("exp", groups="unit"),
             ),
             exact=True,
+            groups="unit",
         )
         ref, _ = _run(chain, params, 12)
         for a, b in zip(fused, ref):
@@ -184,7 +185,9 @@ def test_adamg_equals_an_unfused_transcription(clip, omega):
     with jax.enable_x64(True):
         params = _params(5)
         ref = _adamg_reference(params, 10, 0.05, 0.9, 0.99, 1e-8, clip, omega)
-        fused, _ = _run(osp.adamg(0.05, 0.9, 0.99, 1e-8, grad_clip=clip, omega=omega), params, 10)
+        fused, _ = _run(
+            osp.adamg(0.05, 0.9, 0.99, 1e-8, grad_clip=clip, omega=omega, groups="unit"), params, 10
+        )
         for a, b in zip(fused, ref):
             np.testing.assert_allclose(a["k"], b, rtol=1e-9, atol=1e-11)
             np.testing.assert_allclose(_norms(a["k"]), 1.0, rtol=1e-12)
@@ -194,7 +197,7 @@ def test_sgdg_with_clipping_equals_an_unfused_transcription():
     with jax.enable_x64(True):
         params = _params(6)
         x, mom = params["k"], jnp.zeros_like(params["k"])
-        fused, _ = _run(osp.sgdg(0.3, 0.9, grad_clip=0.02), params, 8)
+        fused, _ = _run(osp.sgdg(0.3, 0.9, grad_clip=0.02, groups="unit"), params, 8)
         for t in range(8):
             g = _grad({"k": x, "b": params["b"]})["k"]
             u = _unit(x)
@@ -233,7 +236,7 @@ def test_adagradg_equals_the_thesis_equations_and_stays_on_the_sphere():
     with jax.enable_x64(True):
         params = _params(8, unit_norm=True)
         lr, beta, v0 = 0.7, 0.99, 3.0
-        fused, state = _run(osp.adagradg(lr, beta, v0), params, 10)
+        fused, state = _run(osp.adagradg(lr, beta, v0, groups="unit"), params, 10)
         x, v = params["k"], jnp.full((1, 1, 6), v0)
         b, vb = params["b"], jnp.full(6, v0)
         for t in range(10):
@@ -251,16 +254,16 @@ def test_adagradg_equals_the_thesis_equations_and_stays_on_the_sphere():
 def test_adagradg_accepts_a_per_group_v0_tree():
     params = _params(9)
     v0 = {"k": jnp.arange(1.0, 7.0).reshape(1, 1, 6), "b": 2.0}
-    state = osp.adagradg(0.5, 0.9, v0).init(params)
+    state = osp.adagradg(0.5, 0.9, v0, groups="unit").init(params)
     np.testing.assert_allclose(state.nu["k"][0, 0], np.arange(1.0, 7.0))
     np.testing.assert_allclose(state.nu["b"], 2.0)
     with pytest.raises(ValueError, match="v0"):
-        osp.adagradg(0.5, 0.9, {"k": 1.0}).init(params)
+        osp.adagradg(0.5, 0.9, {"k": 1.0}, groups="unit").init(params)
 
 
 @pytest.mark.parametrize("alias", [osp.sgdg, osp.adamg, osp.adagradg])
 def test_zero_groups_and_zero_gradients_stay_finite_and_unchanged(alias):
-    tx = alias()
+    tx = alias(groups="unit")
     params = {"k": jnp.zeros((4, 3)).at[:, 0].set(1.0), "b": jnp.zeros(3)}
     state = tx.init(params)
     g = {"k": jnp.ones((4, 3)), "b": jnp.zeros(3)}
@@ -275,7 +278,7 @@ def test_zero_groups_and_zero_gradients_stay_finite_and_unchanged(alias):
 
 def test_bf16_params_keep_float32_state():
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params(10))
-    for tx in (osp.sgdg(), osp.adamg(), osp.adagradg()):
+    for tx in (osp.sgdg(groups="unit"), osp.adamg(groups="unit"), osp.adagradg(groups="unit")):
         state = tx.init(params)
         u, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
         assert u["k"].dtype == jnp.bfloat16
@@ -285,14 +288,14 @@ def test_bf16_params_keep_float32_state():
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: osp.sgdg(learning_rate=-1.0),
-        lambda: osp.sgdg(grad_clip=0.0),
-        lambda: osp.adamg(b2=1.0),
-        lambda: osp.adamg(omega=-1.0),
-        lambda: osp.adagradg(beta=0.0),
-        lambda: osp.adagradg(v0=0.0),
-        lambda: osp.retract_to_sphere("cayley"),
-        lambda: osp.retract_to_sphere(radius=0.0),
+        lambda: osp.sgdg(learning_rate=-1.0, groups="unit"),
+        lambda: osp.sgdg(grad_clip=0.0, groups="unit"),
+        lambda: osp.adamg(b2=1.0, groups="unit"),
+        lambda: osp.adamg(omega=-1.0, groups="unit"),
+        lambda: osp.adagradg(beta=0.0, groups="unit"),
+        lambda: osp.adagradg(v0=0.0, groups="unit"),
+        lambda: osp.retract_to_sphere("cayley", groups="unit"),
+        lambda: osp.retract_to_sphere(radius=0.0, groups="unit"),
     ],
 )
 def test_invalid_hyperparameters_fail_at_build(build):
@@ -303,17 +306,22 @@ def test_invalid_hyperparameters_fail_at_build(build):
 def test_inject_hyperparams_and_schedules():
     params = _params(11)
     for tx in (
-        optax.inject_hyperparams(osp.sgdg)(learning_rate=0.1, momentum=0.9),
-        optax.inject_hyperparams(osp.adamg)(learning_rate=0.05),
-        optax.inject_hyperparams(osp.adagradg)(learning_rate=0.5, beta=0.99),
-        osp.adamg(optax.cosine_decay_schedule(0.05, 10)),
+        optax.inject_hyperparams(osp.sgdg)(learning_rate=0.1, momentum=0.9, groups="unit"),
+        optax.inject_hyperparams(osp.adamg)(learning_rate=0.05, groups="unit"),
+        optax.inject_hyperparams(osp.adagradg)(learning_rate=0.5, beta=0.99, groups="unit"),
+        osp.adamg(optax.cosine_decay_schedule(0.05, 10), groups="unit"),
     ):
         xs, _ = _run(tx, params, 2)
         np.testing.assert_allclose(_norms(xs[-1]["k"]), 1.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
-    "alias", [lambda: osp.sgdg(0.2), lambda: osp.adamg(0.05), lambda: osp.adagradg(0.5)]
+    "alias",
+    [
+        lambda: osp.sgdg(0.2, groups="unit"),
+        lambda: osp.adamg(0.05, groups="unit"),
+        lambda: osp.adagradg(0.5, groups="unit"),
+    ],
 )
 def test_trains_a_flax_batchnorm_network_under_jit(alias):
     losses, params = bn_training.train(alias())
@@ -324,9 +332,9 @@ def test_trains_a_flax_batchnorm_network_under_jit(alias):
 
 # one alias per module (composition is generic: update functions without Python side effects)
 ALL_ALIASES = {
-    "adamg": lambda: osp.adamg(0.05),
-    "psi_sgdm": lambda: osp.psi_sgdm(0.05),
-    "sgdp": lambda: osp.sgdp(0.1, weight_decay=1e-3),
+    "adamg": lambda: osp.adamg(0.05, groups="unit"),
+    "psi_sgdm": lambda: osp.psi_sgdm(0.05, groups="unit"),
+    "sgdp": lambda: osp.sgdp(0.1, weight_decay=1e-3, groups="unit"),
 }
 
 

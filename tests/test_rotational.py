@@ -131,7 +131,7 @@ def test_norms_kept_and_means_zero(alias, groups):
 
 def test_first_step_centres_uncentred_params():
     params = _params(2)
-    history, _ = _run(osp.rv_adamw(1e-2, 0.1), params, 1)
+    history, _ = _run(osp.rv_adamw(1e-2, 0.1, groups="unit"), params, 1)
     x0, x1 = params["conv"]["kernel"], history[1]["conv"]["kernel"]
     np.testing.assert_allclose(jnp.mean(x1, (0, 1, 2)), 0, atol=1e-6)
     centred = x0 - jnp.mean(x0, (0, 1, 2), keepdims=True)
@@ -144,7 +144,7 @@ def test_first_step_centres_uncentred_params():
 
 def test_center_false_keeps_norm_not_mean():
     params = _params(3)
-    history, _ = _run(osp.rv_adamw(1e-2, 0.1, center=False), params, 5)
+    history, _ = _run(osp.rv_adamw(1e-2, 0.1, center=False, groups="unit"), params, 5)
     x0, x = params["dense"]["kernel"], history[-1]["dense"]["kernel"]
     np.testing.assert_allclose(jnp.linalg.norm(x, axis=0), jnp.linalg.norm(x0, axis=0), rtol=1e-5)
     assert np.max(np.abs(jnp.mean(x, 0))) > 1e-2
@@ -153,13 +153,13 @@ def test_center_false_keeps_norm_not_mean():
 def test_center_groups_reproduces_the_authors_centred_start():
     with jax.enable_x64(True):
         for problem in ("rv_adamw", "rv_sgdm", "rv_lion"):
-            got = osp.center_groups(reference.field(problem, "x0"))
+            got = osp.center_groups(reference.field(problem, "x0"), groups="unit")
             assert reference.max_relative_error(got, reference.field(problem, "x_init")) < 1e-12
 
 
 def test_center_groups_keeps_degenerate_groups():
     params = {"w": jnp.stack([jnp.zeros(4), jnp.ones(4), jnp.arange(4.0)], axis=1)}
-    out = osp.center_groups(params)["w"]
+    out = osp.center_groups(params, groups="unit")["w"]
     np.testing.assert_array_equal(out[:, :2], params["w"][:, :2])
     np.testing.assert_allclose(jnp.linalg.norm(out[:, 2]), jnp.linalg.norm(jnp.arange(4.0)))
 
@@ -186,8 +186,8 @@ def _random_grads(x, t):
 def test_angular_update_is_eta_r_every_step_with_beta_0():
     """With beta = 0, a = ||U_perp||: every group turns by exactly atan(eta_r) each step."""
     with jax.enable_x64(True):
-        params = osp.center_groups(_params(4, jnp.float64))
-        tx = osp.rv_adamw(1e-2, 0.1, beta=0.0)
+        params = osp.center_groups(_params(4, jnp.float64), groups="unit")
+        tx = osp.rv_adamw(1e-2, 0.1, beta=0.0, groups="unit")
         history, _ = _run(tx, params, 6, grads=_random_grads)
         eta_r = equilibrium("adamw", learning_rate=1e-2, weight_decay=0.1, dim=1).angular_update
         for key in ("conv", "dense"):
@@ -200,8 +200,8 @@ def test_mean_angular_update_matches_eta_r(alias):
     (Adam's direction shrinks over its first steps) its mean is Table 1's eta_r, and its RMS
     even closer, for every unit, whatever the gradient scale of its layer."""
     hyper = {"learning_rate": 1e-2, "weight_decay": 0.1}
-    tx = getattr(osp, alias)(**hyper)
-    history, _ = _run(tx, osp.center_groups(_params(5)), 150, grads=_random_grads)
+    tx = getattr(osp, alias)(**hyper, groups="unit")
+    history, _ = _run(tx, osp.center_groups(_params(5), groups="unit"), 150, grads=_random_grads)
     kw = {"b2": 0.99} if alias == "rv_lion" else {}
     eta_r = equilibrium(alias[3:], dim=1, **hyper, **kw).angular_update
     for key in ("conv", "dense"):
@@ -213,14 +213,16 @@ def test_mean_angular_update_matches_eta_r(alias):
 
 def test_explicit_eta_r_and_schedules():
     with jax.enable_x64(True):
-        params = osp.center_groups(_params(6, jnp.float64))
-        history, _ = _run(osp.rv_sgdm(0.1, eta_r=0.02, beta=0.0), params, 3, grads=_random_grads)
+        params = osp.center_groups(_params(6, jnp.float64), groups="unit")
+        history, _ = _run(
+            osp.rv_sgdm(0.1, eta_r=0.02, beta=0.0, groups="unit"), params, 3, grads=_random_grads
+        )
         np.testing.assert_allclose(_angles(history, "conv"), np.arctan(0.02), rtol=1e-6)
-    params = osp.center_groups(_params(6))
+    params = osp.center_groups(_params(6), groups="unit")
     # learning rate schedule: eta_r follows it (zero after 3 steps: nothing moves but the
     # renormalisation of rounding errors)
     schedule = optax.piecewise_constant_schedule(1e-2, {3: 0.0})
-    history, _ = _run(osp.rv_adamw(schedule, 0.1), params, 6, grads=_random_grads)
+    history, _ = _run(osp.rv_adamw(schedule, 0.1, groups="unit"), params, 6, grads=_random_grads)
     for t in range(6):
         moved = max(
             np.max(np.abs(np.asarray(a) - np.asarray(b)))
@@ -232,12 +234,15 @@ def test_explicit_eta_r_and_schedules():
 def test_weight_decay_acts_only_through_eta_r():
     """Rotational leaves: with eta_r fixed, weight decay changes nothing (RV-AdamW), and
     the wrapped Adam+L2 differs from RV-AdamW only through L2 in its second moment."""
-    params = osp.center_groups(_params(15))
-    runs = {wd: _run(osp.rv_adamw(1e-2, wd, eta_r=0.02), params, 4)[0][-1] for wd in (0.01, 10.0)}
+    params = osp.center_groups(_params(15), groups="unit")
+    runs = {
+        wd: _run(osp.rv_adamw(1e-2, wd, eta_r=0.02, groups="unit"), params, 4)[0][-1]
+        for wd in (0.01, 10.0)
+    }
     _leaves_close(runs[0.01], runs[10.0], 0)
-    wrapped = _run(osp.wrapped_adam_l2(1e-2, 10.0, eta_r=0.02), params, 4)[0][-1]
+    wrapped = _run(osp.wrapped_adam_l2(1e-2, 10.0, eta_r=0.02, groups="unit"), params, 4)[0][-1]
     assert not np.allclose(wrapped["conv"]["kernel"], runs[0.01]["conv"]["kernel"], atol=1e-4)
-    tiny = _run(osp.wrapped_adam_l2(1e-2, 1e-9, eta_r=0.02), params, 4)[0][-1]
+    tiny = _run(osp.wrapped_adam_l2(1e-2, 1e-9, eta_r=0.02, groups="unit"), params, 4)[0][-1]
     _leaves_close(tiny, runs[0.01], 1e-5)
 
 
@@ -279,7 +284,7 @@ def test_wrapped_adam_l2_direction_is_adam_l2_gradient_part():
     """Rotational leaves: m from the gradient only, v from the L2-regularised gradient."""
     with jax.enable_x64(True):
         params = _params(8, jnp.float64)
-        tx = osp.scale_by_adam_l2_direction(0.9, 0.99, 1e-8, weight_decay=0.5)
+        tx = osp.scale_by_adam_l2_direction(0.9, 0.99, 1e-8, weight_decay=0.5, groups="unit")
         state, x = tx.init(params), params
         m = v = 0.0
         w = params["conv"]["kernel"]
@@ -299,22 +304,26 @@ def test_state_overhead_is_two_scalars_per_group():
     nbytes = lambda s: sum(x.nbytes for x in jax.tree.leaves(s))
     base = nbytes(optax.adamw(1e-3).init(params))
     groups = 128 + 10
-    assert nbytes(osp.rv_adamw().init(params)) - base == 2 * 4 * groups + 4  # + step count
+    assert (
+        nbytes(osp.rv_adamw(groups="unit").init(params)) - base == 2 * 4 * groups + 4
+    )  # + step count
     tensor = nbytes(osp.rv_adamw(groups="tensor").init(params)) - base
     assert tensor == 2 * 4 * 2 + 4
 
 
 def test_degenerate_inputs_do_not_make_nans():
     params = {"w": jnp.concatenate([jnp.zeros((6, 1)), jnp.ones((6, 1)), jnp.eye(6)[:, :2]], 1)}
-    tx = osp.rv_adamw(1e-2, 0.1)
+    tx = osp.rv_adamw(1e-2, 0.1, groups="unit")
     history, _ = _run(tx, params, 3)
     assert np.all(np.isfinite(history[-1]["w"]))
     np.testing.assert_array_equal(history[-1]["w"][:, 0], 0)  # zero group stays zero
     zero_grads = lambda x, t: jax.tree.map(jnp.zeros_like, x)
-    history, _ = _run(tx, osp.center_groups(_params(9)), 3, grads=zero_grads)
+    history, _ = _run(tx, osp.center_groups(_params(9), groups="unit"), 3, grads=zero_grads)
     _leaves_close(history[-1], history[0], 1e-6)
     # bf16 params: moments in float32, norms kept to bf16 precision
-    p16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), osp.center_groups(_params(10)))
+    p16 = jax.tree.map(
+        lambda p: p.astype(jnp.bfloat16), osp.center_groups(_params(10), groups="unit")
+    )
     history, state = _run(tx, p16, 5)
     k0, k = p16["conv"]["kernel"], history[-1]["conv"]["kernel"]
     assert k.dtype == jnp.bfloat16 and state.q["conv"]["kernel"].dtype == jnp.float32
@@ -323,31 +332,35 @@ def test_degenerate_inputs_do_not_make_nans():
 
 
 def test_composes_with_optax_wrappers():
-    params = osp.center_groups(_params(11))
-    plain = _run(osp.rv_adamw(1e-2, 0.1), params, 4)[0][-1]
-    injected = optax.inject_hyperparams(osp.rv_adamw)(learning_rate=1e-2, weight_decay=0.1)
+    params = osp.center_groups(_params(11), groups="unit")
+    plain = _run(osp.rv_adamw(1e-2, 0.1, groups="unit"), params, 4)[0][-1]
+    injected = optax.inject_hyperparams(osp.rv_adamw)(
+        learning_rate=1e-2, weight_decay=0.1, groups="unit"
+    )
     _leaves_close(_run(injected, params, 4)[0][-1], plain, 1e-5)
-    # groups default to the string "unit": inject_hyperparams would call a callable default
+    # a string spec needs nothing; inject_hyperparams would call a callable one
     # as if it were a schedule
     static = optax.inject_hyperparams(osp.rv_adamw, static_args=("groups",))
     _leaves_close(_run(static(1e-2, 0.1, groups=osp.per_unit), params, 4)[0][-1], plain, 1e-5)
     # apply_if_finite drops a NaN step and keeps the state
-    tx = optax.apply_if_finite(osp.rv_adamw(1e-2, 0.1), 3)
+    tx = optax.apply_if_finite(osp.rv_adamw(1e-2, 0.1, groups="unit"), 3)
     nan_at_1 = lambda x, t: jax.tree.map(lambda p: p * jnp.where(t == 1, jnp.nan, 1.0), x)
     history, _ = _run(tx, params, 3, grads=nan_at_1)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(history[-1]))
     _leaves_close(history[2], history[1], 0)
     # MultiSteps: accumulates then takes one rotational step
-    ms = optax.MultiSteps(osp.rv_adamw(1e-2, 0.1), every_k_schedule=2)
+    ms = optax.MultiSteps(osp.rv_adamw(1e-2, 0.1, groups="unit"), every_k_schedule=2)
     history, _ = _run(ms, params, 4)
     _leaves_close(history[1], history[0], 0)
     assert not np.allclose(history[2]["conv"]["kernel"], params["conv"]["kernel"])
 
 
 def test_multi_transform_and_masked():
-    params = osp.center_groups(_params(14))
+    params = osp.center_groups(_params(14), groups="unit")
     labels = {"conv": {"kernel": "rv"}, "dense": {"kernel": "sgd", "bias": "sgd"}}
-    tx = optax.multi_transform({"rv": osp.rv_adamw(1e-2, 0.1), "sgd": optax.sgd(0.1)}, labels)
+    tx = optax.multi_transform(
+        {"rv": osp.rv_adamw(1e-2, 0.1, groups="unit"), "sgd": optax.sgd(0.1)}, labels
+    )
     got = _run(tx, params, 3)[0][-1]
     _leaves_close(got["dense"], _run(optax.sgd(0.1), params, 3)[0][-1]["dense"], 1e-6)
     k0, k = params["conv"]["kernel"], got["conv"]["kernel"]
@@ -359,7 +372,7 @@ def test_multi_transform_and_masked():
     )
     mask = {"conv": {"kernel": True}, "dense": {"kernel": False, "bias": False}}
     tx = optax.chain(
-        optax.masked(osp.rv_adamw(1e-2, 0.1), mask),
+        optax.masked(osp.rv_adamw(1e-2, 0.1, groups="unit"), mask),
         optax.masked(
             optax.sgd(0.1), {"conv": {"kernel": False}, "dense": {"kernel": True, "bias": True}}
         ),
@@ -375,15 +388,15 @@ def test_multi_transform_and_masked():
 
 def test_invalid_hyperparameters_fail_at_build():
     with pytest.raises(ValueError, match="beta"):
-        osp.rv_adamw(beta=1.0)
+        osp.rv_adamw(beta=1.0, groups="unit")
     with pytest.raises(ValueError, match="learning_rate"):
-        osp.rv_sgdm(learning_rate=-0.1)
+        osp.rv_sgdm(learning_rate=-0.1, groups="unit")
     with pytest.raises(ValueError, match="weight_decay"):
-        osp.rv_lion(weight_decay=float("nan"))
+        osp.rv_lion(weight_decay=float("nan"), groups="unit")
     with pytest.raises(ValueError, match="eta_r"):
-        osp.rotational_rms_control(optax.identity(), eta_r=-1.0, learning_rate=0.1)
+        osp.rotational_rms_control(optax.identity(), eta_r=-1.0, learning_rate=0.1, groups="unit")
     with pytest.raises(ValueError, match="params"):
-        tx = osp.rv_adamw()
+        tx = osp.rv_adamw(groups="unit")
         p = _params()
         tx.update(p, tx.init(p))
 
@@ -430,7 +443,9 @@ def _groups_without_head(spec):
 def test_trains_flax_layernorm_model_with_whole_layer_groups(alias):
     model = _LayerNormNet()
     x, y = _data((12,))
-    params = osp.center_groups(model.init(jax.random.PRNGKey(0), x)["params"], osp.per_tensor)
+    params = osp.center_groups(
+        model.init(jax.random.PRNGKey(0), x)["params"], osp.per_tensor, groups="unit"
+    )
     lr, wd = {osp.rv_sgdm: (0.1, 0.1), osp.rv_adamw: (3e-3, 0.1), osp.rv_lion: (1e-3, 1.0)}[alias]
     tx = alias(learning_rate=lr, weight_decay=wd, groups=_groups_without_head(osp.per_tensor))
 
@@ -457,7 +472,7 @@ def test_trains_flax_batchnorm_model_with_per_unit_groups():
     model = _BatchNormNet()
     x, y = _data((6, 6, 2))
     variables = model.init(jax.random.PRNGKey(1), x)
-    params = osp.center_groups(variables["params"])
+    params = osp.center_groups(variables["params"], groups="unit")
     tx = osp.rv_adamw(1e-2, 0.1, groups=_groups_without_head(osp.per_unit))
 
     def loss_fn(p, stats):
@@ -495,8 +510,10 @@ def test_sharded_params_give_the_same_step(axis):
     spec[axis] = "d"
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
     rng = np.random.default_rng(12)
-    params = osp.center_groups({"w": jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.float32)})
-    tx = osp.rv_adamw(1e-2, 0.1)
+    params = osp.center_groups(
+        {"w": jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.float32)}, groups="unit"
+    )
+    tx = osp.rv_adamw(1e-2, 0.1, groups="unit")
     plain = _run(tx, params, 3)[0][-1]
     sharded_params = jax.device_put(params, sharding)
     sharded = _run(tx, sharded_params, 3)[0][-1]
@@ -507,14 +524,16 @@ def test_sharded_params_give_the_same_step(axis):
 def test_mostly_radial_direction_in_float32():
     """The one-pass expansion of ||U_perp||^2 stays accurate when 99% of U is radial."""
     rng = np.random.default_rng(13)
-    x0 = osp.center_groups({"w": jnp.asarray(rng.normal(size=(64, 6)), jnp.float32)})["w"]
+    x0 = osp.center_groups(
+        {"w": jnp.asarray(rng.normal(size=(64, 6)), jnp.float32)}, groups="unit"
+    )["w"]
     directions = [
         jnp.asarray(
             10 * np.asarray(x0) * rng.normal(size=6) + rng.normal(size=(64, 6)), jnp.float32
         )
         for _ in range(3)
     ]
-    tx = osp.rotational_rms_control(optax.identity(), eta_r=0.05, learning_rate=0.1)
+    tx = osp.rotational_rms_control(optax.identity(), eta_r=0.05, learning_rate=0.1, groups="unit")
     state, x = tx.init({"w": x0}), {"w": x0}
     for u in directions:
         upd, state = jax.jit(tx.update)({"w": u}, state, x)
@@ -528,9 +547,11 @@ def test_direction_with_a_large_common_offset_in_float32():
     group is not rotated (norm and mean kept, q finite); an O(1) offset is resolved and
     follows algorithm 1."""
     rng = np.random.default_rng(5)
-    x0 = osp.center_groups({"w": jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)})["w"]
+    x0 = osp.center_groups(
+        {"w": jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)}, groups="unit"
+    )["w"]
     wiggle = jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)
-    tx = osp.rotational_rms_control(optax.identity(), eta_r=0.05, learning_rate=0.1)
+    tx = osp.rotational_rms_control(optax.identity(), eta_r=0.05, learning_rate=0.1, groups="unit")
     state = tx.init({"w": x0})
     upd, state = jax.jit(tx.update)({"w": 1e15 + wiggle}, state, {"w": x0})
     assert np.all(np.isfinite(np.asarray(state.q["w"])))

@@ -50,17 +50,17 @@ def _adam_s_chain(lr, wd, groups="unit"):
 
 CHAINS = {
     "adam_s": lambda: _adam_s_chain(1e-2, 1e-2),
-    "adam_st": lambda: osp.transport_momentum(_adam_s_chain(1e-2, 1e-2)),
-    "adam_srt": lambda: osp.rescale_transport_momentum(_adam_s_chain(1e-2, 1e-2)),
+    "adam_st": lambda: osp.transport_momentum(_adam_s_chain(1e-2, 1e-2), groups="unit"),
+    "adam_srt": lambda: osp.rescale_transport_momentum(_adam_s_chain(1e-2, 1e-2), groups="unit"),
     "sgdm_rt": lambda: osp.rescale_transport_momentum(
-        optax.chain(osp.coupled_weight_decay(1e-2), optax.sgd(0.05, momentum=0.9))
+        optax.chain(osp.coupled_weight_decay(1e-2), optax.sgd(0.05, momentum=0.9)), groups="unit"
     ),
 }
 ALIASES = {
-    "adam_s": lambda: osp.adam_s(1e-2, 0.9, 0.99, 1e-8, 1e-2),
-    "adam_st": lambda: osp.adam_st(1e-2, 0.9, 0.99, 1e-8, 1e-2),
-    "adam_srt": lambda: osp.adam_srt(1e-2, 0.9, 0.99, 1e-8, 1e-2),
-    "sgdm_rt": lambda: osp.sgdm_rt(0.05, 0.9, 1e-2),
+    "adam_s": lambda: osp.adam_s(1e-2, 0.9, 0.99, 1e-8, 1e-2, groups="unit"),
+    "adam_st": lambda: osp.adam_st(1e-2, 0.9, 0.99, 1e-8, 1e-2, groups="unit"),
+    "adam_srt": lambda: osp.adam_srt(1e-2, 0.9, 0.99, 1e-8, 1e-2, groups="unit"),
+    "sgdm_rt": lambda: osp.sgdm_rt(0.05, 0.9, 1e-2, groups="unit"),
 }
 
 
@@ -122,7 +122,7 @@ def test_state_is_one_momentum_buffer_plus_scalars_per_group():
     params = {"w": jnp.ones((3, 3, 64, 128)), "b": jnp.ones(128)}
     adam_bytes = sum(x.nbytes for x in jax.tree.leaves(optax.adam(1e-3).init(params)))
     for alias in (osp.adam_s, osp.adam_st, osp.adam_srt):
-        nbytes = sum(x.nbytes for x in jax.tree.leaves(alias().init(params)))
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(alias(groups="unit").init(params)))
         assert nbytes < 0.51 * adam_bytes
 
 
@@ -167,7 +167,7 @@ def test_adam_srt_trains_a_flax_batchnorm_network_under_jit_without_host_sync():
     model = BNConvNet()
     variables = model.init(jax.random.key(0), images, train=True)
     params, batch_stats = variables["params"], variables["batch_stats"]
-    tx = osp.adam_srt(1e-2, weight_decay=1e-4)
+    tx = osp.adam_srt(1e-2, weight_decay=1e-4, groups="unit")
     opt_state = tx.init(params)
 
     def loss_fn(p, stats):

@@ -109,8 +109,8 @@ def test_wrappers_compose_r_t_into_rt():
     rng = np.random.default_rng(0)
     params = {"k": jnp.asarray(rng.normal(size=(4, 3))), "b": jnp.asarray(rng.normal(size=3))}
     base = optax.sgd(0.1, momentum=0.9)
-    a = osp.transport_momentum(osp.rescale_momentum(base))
-    b = osp.rescale_transport_momentum(base)
+    a = osp.transport_momentum(osp.rescale_momentum(base, groups="unit"), groups="unit")
+    b = osp.rescale_transport_momentum(base, groups="unit")
     sa, sb, xa, xb = a.init(params), b.init(params), params, params
     for t in range(5):
         g = jax.tree.map(lambda p, t=t: jnp.sin(p * (t + 1)), xa)
@@ -126,4 +126,4 @@ def test_wrapper_needs_a_momentum_buffer():
     import optax_sphere as osp
 
     with pytest.raises(ValueError, match="no momentum field"):
-        osp.transport_momentum(optax.sgd(0.1)).init({"k": jnp.ones((3, 2))})
+        osp.transport_momentum(optax.sgd(0.1), groups="unit").init({"k": jnp.ones((3, 2))})
