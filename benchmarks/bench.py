@@ -108,7 +108,8 @@ def kernels_per_tensor(params: PyTree) -> PyTree:
 
 
 TREES: dict[str, tuple[Callable[[], dict], Any]] = {
-    # name: (shapes, groups given to every alias)
+    # name: (shapes, groups given to every alias). Shape rules, not optax_sphere.find_groups:
+    # these trees are synthetic (no model to measure), built to the shapes of real models
     "resnet18": (resnet18_shapes, "unit"),
     "transformer": (transformer_shapes, kernels_per_tensor),
     "many_small": (many_small_shapes, "unit"),

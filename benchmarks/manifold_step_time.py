@@ -28,19 +28,22 @@ def resnet18_params(seed: int = 0) -> dict:
 
 
 PAIRS = {
-    "psi_sgdm": (lambda: osp.psi_sgdm(0.1, 0.9), lambda: optax.sgd(0.1, momentum=0.9)),
-    "psi_sgd": (lambda: osp.psi_sgd(0.1), lambda: optax.sgd(0.1)),
+    "psi_sgdm": (
+        lambda: osp.psi_sgdm(0.1, 0.9, groups="unit"),
+        lambda: optax.sgd(0.1, momentum=0.9),
+    ),
+    "psi_sgd": (lambda: osp.psi_sgd(0.1, groups="unit"), lambda: optax.sgd(0.1)),
     "adamp": (
-        lambda: osp.adamp(1e-3, weight_decay=1e-2),
+        lambda: osp.adamp(1e-3, weight_decay=1e-2, groups="unit"),
         lambda: optax.adamw(1e-3, weight_decay=1e-2),
     ),
     "sgdp": (
-        lambda: osp.sgdp(0.1, 0.9, weight_decay=1e-4),
+        lambda: osp.sgdp(0.1, 0.9, weight_decay=1e-4, groups="unit"),
         lambda: optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9)),
     ),
-    "sgdg": (lambda: osp.sgdg(0.2, 0.9), lambda: optax.sgd(0.2, momentum=0.9)),
-    "adamg": (lambda: osp.adamg(0.05), lambda: optax.adam(0.05)),
-    "adagradg": (lambda: osp.adagradg(0.7, 0.999, 1.0), lambda: optax.adagrad(0.01)),
+    "sgdg": (lambda: osp.sgdg(0.2, 0.9, groups="unit"), lambda: optax.sgd(0.2, momentum=0.9)),
+    "adamg": (lambda: osp.adamg(0.05, groups="unit"), lambda: optax.adam(0.05)),
+    "adagradg": (lambda: osp.adagradg(0.7, 0.999, 1.0, groups="unit"), lambda: optax.adagrad(0.01)),
 }
 
 

@@ -28,6 +28,7 @@ def resnet18_params(seed: int = 0) -> dict:
 
 
 def conv_filters(params):
+    # a synthetic tree (no model to measure with optax_sphere.find_groups): the conv kernels
     return jax.tree.map(lambda p: "unit" if p.ndim == 4 else None, params)
 
 

@@ -134,8 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     add("rotational step, center=True", step_fn(True))
     for name, tx in (
         ("optax.adamw", optax.adamw(1e-3, weight_decay=0.1)),
-        ("rv_adamw, center=False", osp.rv_adamw(1e-3, 0.1, center=False)),
-        ("rv_adamw, center=True", osp.rv_adamw(1e-3, 0.1)),
+        (
+            "rv_adamw, center=False",
+            osp.rv_adamw(1e-3, weight_decay=0.1, center=False, groups="unit"),
+        ),
+        ("rv_adamw, center=True", osp.rv_adamw(1e-3, weight_decay=0.1, groups="unit")),
     ):
         fn, state = optimizer_fn(tx)
         add(f"{name}: update + apply_updates", fn, (params, state, direction))

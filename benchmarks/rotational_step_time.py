@@ -30,12 +30,18 @@ def resnet18_params(seed: int = 0) -> dict:
 
 
 PAIRS = {
-    "rv_adamw": (lambda: osp.rv_adamw(1e-3, 1e-2), lambda: optax.adamw(1e-3, weight_decay=1e-2)),
+    "rv_adamw": (
+        lambda: osp.rv_adamw(1e-3, weight_decay=1e-2, groups="unit"),
+        lambda: optax.adamw(1e-3, weight_decay=1e-2),
+    ),
     "rv_sgdm": (
-        lambda: osp.rv_sgdm(0.1, 0.9, 5e-4),
+        lambda: osp.rv_sgdm(0.1, 0.9, weight_decay=5e-4, groups="unit"),
         lambda: optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)),
     ),
-    "rv_lion": (lambda: osp.rv_lion(1e-4, 1.0), lambda: optax.lion(1e-4, weight_decay=1.0)),
+    "rv_lion": (
+        lambda: osp.rv_lion(1e-4, weight_decay=1.0, groups="unit"),
+        lambda: optax.lion(1e-4, weight_decay=1.0),
+    ),
 }
 
 

@@ -51,7 +51,9 @@ class CNN(nn.Module):
 
 
 def conv_filters(params):
-    """Groups: one per filter of each conv kernel (followed by BatchNorm); nothing else."""
+    """Groups: one per filter of each conv kernel (followed by BatchNorm); nothing else: what
+    ``optax_sphere.find_groups`` finds on this CNN, written out so that the figure shows the
+    rule it applies."""
 
     def spec(path, p):
         return "unit" if path_str(path).startswith("Conv") and p.ndim > 1 else None
@@ -64,7 +66,7 @@ OPTIMIZERS = {
     "optax.adam + L2": lambda: optax.chain(optax.add_decayed_weights(L2), optax.adam(LR)),
     "optax.adamw": lambda: optax.adamw(LR, b1=B1, weight_decay=WD),
     "adam_srt + L2": lambda: osp.adam_srt(LR, b1=B1, weight_decay=L2, groups=conv_filters),
-    "rv_adamw": lambda: osp.rv_adamw(LR, WD, b1=B1, groups=conv_filters),
+    "rv_adamw": lambda: osp.rv_adamw(LR, weight_decay=WD, b1=B1, groups=conv_filters),
 }
 EQUILIBRIUM_RUNS = ("optax.adamw", "rv_adamw")  # runs whose target is AdamW's equilibrium
 

@@ -106,7 +106,12 @@ class CharTransformer(nn.Module):
 
 
 def block_kernels(params):
-    """``groups`` spec: every kernel inside a transformer block is one group (per tensor)."""
+    """``groups`` spec: every kernel inside a transformer block is one group (per tensor).
+
+    Written by hand, not found by ``optax_sphere.find_groups``: in a pre-LN block no kernel is
+    exactly radially invariant (the residual stream carries its scale), which is what
+    ``find_groups`` reports; Kosson et al. apply rotational control to these kernels all the
+    same (app. M), as this experiment reproduces."""
 
     def spec(path, leaf):
         names = [getattr(k, "key", "") for k in path]

@@ -5,7 +5,7 @@ a sphere matters. Each fix of the papers is one composable ``optax.GradientTrans
 over pytrees; the published optimizers are chains of them.
 """
 
-from optax_sphere import diagnostics, discovery, gains, geometry, groups, plots, presets, theory
+from optax_sphere import diagnostics, discovery, geometry, groups, plots, presets, theory
 from optax_sphere.diagnostics import (
     GeometryStats,
     History,
@@ -68,6 +68,17 @@ from optax_sphere.transport import (
 from optax_sphere.weight_decay import coupled_weight_decay, decoupled_weight_decay
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``gains`` needs Flax's module systems: imported on first use, so that importing
+    # optax_sphere imports neither flax.linen nor flax.nnx
+    if name == "gains":
+        import importlib
+
+        return importlib.import_module("optax_sphere.gains")
+    raise AttributeError(f"module 'optax_sphere' has no attribute {name!r}")
+
 
 __all__ = [
     # submodules

@@ -282,7 +282,12 @@ def _maybe_record(every: int, state: MonitorState, compute: Callable[[], Geometr
     return jax.lax.cond(state.count % every == 0, compute, lambda: state.stats)
 
 
-def monitor(groups: GroupsLike = per_unit, *, step_scale: _utils.Hyper = None, every: int = 1):
+def monitor(
+    groups: GroupsLike = per_unit,
+    *,
+    step_scale: optax.ScalarOrSchedule | None = None,
+    every: int = 1,
+):
     """Records the per-group geometry of each step; put it last in an ``optax.chain``.
 
     The updates pass through unchanged; the state holds the :class:`GeometryStats` of the
@@ -381,7 +386,7 @@ def _find_named(state: Any, predicate: Callable[[Any], bool]) -> list[Any]:
 
 
 def adam_step_scale(
-    learning_rate: _utils.Hyper,
+    learning_rate: optax.ScalarOrSchedule,
     *,
     b1: float = 0.9,
     b2: float = 0.999,

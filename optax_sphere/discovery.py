@@ -79,17 +79,12 @@ def _candidates(shape: tuple[int, ...], layout: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class GroupReport:
-    """What :func:`find_groups` found for one parameter.
-
-    Attributes:
-      path: the parameter's path (``a/b/kernel``).
-      shape: its shape.
-      grouping: ``"unit"``, ``"unit_out_first"``, ``"tensor"`` or ``None`` (not grouped).
-      group_size: elements per group (``None`` when not grouped).
-      num_groups: number of groups (``0`` when not grouped).
-      sensitivity: the radial sensitivity of each candidate grouping tried (module
-        docstring), ``{grouping: value}``; empty when the outputs do not depend on the leaf.
-      note: why the parameter is (not) grouped, in words.
+    """What :func:`find_groups` found for one parameter: its ``path`` (``a/b/kernel``) and
+    ``shape``; the ``grouping`` (``"unit"``, ``"unit_out_first"``, ``"tensor"`` or ``None``:
+    not grouped), the ``group_size`` (elements per group, ``None`` when not grouped) and
+    ``num_groups`` (0 when not grouped); the ``sensitivity`` of each candidate grouping tried
+    (module docstring), ``{grouping: value}``, empty when the outputs do not depend on the
+    leaf; and a ``note`` that says, in words, why it is not grouped.
     """
 
     path: str

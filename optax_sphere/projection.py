@@ -83,7 +83,7 @@ def scale_invariant_projection(
     *,
     delta: float = 0.1,
     wd_ratio: float = 0.1,
-    weight_decay: _utils.Hyper = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     eps: float = 1e-8,
     project_momentum: bool = False,
     groups: GroupsLike = "unset",
@@ -217,14 +217,14 @@ def _scale_by_adam_torch(b1, b2, eps, nesterov) -> optax.GradientTransformation:
 
 
 def adamp(
-    learning_rate: _utils.Hyper = 1e-3,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: _utils.Hyper = 0.0,
+    *,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     delta: float = 0.1,
     wd_ratio: float = 0.1,
-    *,
     nesterov: bool = False,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
@@ -258,13 +258,13 @@ def adamp(
 
 
 def sgdp(
-    learning_rate: _utils.Hyper = 0.1,
+    learning_rate: optax.ScalarOrSchedule = 0.1,
     momentum: float = 0.9,
-    weight_decay: _utils.Hyper = 0.0,
-    delta: float = 0.1,
-    wd_ratio: float = 0.1,
     nesterov: bool = False,
     *,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    delta: float = 0.1,
+    wd_ratio: float = 0.1,
     eps: float = 1e-8,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:

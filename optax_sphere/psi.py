@@ -80,7 +80,7 @@ class PsiSgdState(NamedTuple):
 
 
 def psi_sgdm(
-    learning_rate: _utils.Hyper = 0.1,
+    learning_rate: optax.ScalarOrSchedule = 0.1,
     momentum: float = 0.9,
     *,
     nesterov: bool = False,
@@ -164,7 +164,7 @@ def psi_sgdm(
 
 
 def psi_sgd(
-    learning_rate: _utils.Hyper = 0.1,
+    learning_rate: optax.ScalarOrSchedule = 0.1,
     momentum: float | None = None,
     *,
     max_norm: float | None = 1e4,

@@ -162,6 +162,11 @@ def _traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
+def _check_ungrouped(learning_rate, momentum) -> None:
+    _utils.check_rate("ungrouped_learning_rate", learning_rate)
+    _utils.check_beta("ungrouped_momentum", momentum)
+
+
 def _check_sphere_args(learning_rate, grad_clip, omega) -> None:
     _utils.check_rate("learning_rate", learning_rate)
     if grad_clip is not None and not _traced(grad_clip) and not grad_clip > 0:
@@ -169,15 +174,29 @@ def _check_sphere_args(learning_rate, grad_clip, omega) -> None:
     _utils.check_rate("omega", omega)
 
 
+def _ungrouped_nesterov(g, m, lr, momentum):
+    """Cho & Lee's optimizer of the weights off the sphere: SGD with Nesterov momentum (the
+    form of ``optax.sgd(lr, momentum, nesterov=True)``); returns the update and the trace."""
+    m = momentum * m + g
+    return -lr * (g + momentum * m), m
+
+
+#: Cho & Lee normalise every vector as ``v / (||v|| + 1e-8)`` (``gutils.unit``): the point
+#: ``y = unit(x)``, the direction of the exponential map and of the parallel transport.
+UNIT_EPS = 1e-8
+
+
 def _riemannian_grad_sums(group, g, m, x, grad_clip, omega):
-    """``g`` with the regulariser, the six sums, ``1/r``, ``<g,u>`` and the clip factor ``k``
-    such that the clipped tangent gradient is ``k (g - <g,u> u)``."""
+    """``g`` with the regulariser, the six sums, ``1 / (r + 1e-8)``, ``<g,y>`` (``y`` the
+    point ``x / (r + 1e-8)`` of Cho & Lee's code) and the clip factor ``k`` such that the
+    clipped tangent gradient is ``h = k (g - <g,y> y)``."""
     if _traced(omega) or omega != 0:
         g = g + _orthogonality_gradient(x, group, omega)
     s = _sums(group, g, m, x)
-    inv_r = geometry.safe_div(1.0, jnp.sqrt(s.xx))
+    inv_r = jnp.where(s.xx > 0, 1.0 / (jnp.sqrt(s.xx) + UNIT_EPS), 0.0)
     gu = s.gx * inv_r
-    hh = jnp.maximum(s.gg - gu * gu, 0)  # ||h||^2, h = g - <g,u> u
+    # ||g - <g,y> y||^2, with ||y||^2 = xx / (r + eps)^2 just below 1
+    hh = jnp.maximum(s.gg - gu * gu * (2 - s.xx * inv_r * inv_r), 0)
     if grad_clip is None:
         k = jnp.ones_like(hh)
     else:
@@ -199,19 +218,29 @@ def _per_group(coefs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     return tuple(stacked[i] for i in range(len(coefs)))
 
 
-def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign):
+def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign, eps_dir, self_transport):
     """One exponential-map step and the exact parallel transport of the direction, as two
     element-wise combinations of ``(x, m, g)`` with per-group coefficients.
 
     The direction is ``D = a_m m + a_g g + a_x x`` (tangent at ``u = x / r``, norm ``norm``);
-    the point moves along ``sign * D / norm`` by ``angle``:
-    ``u' = u cos(angle) + sign (D / norm) sin(angle)`` and
-    ``Gamma(D) = D cos(angle) - sign norm sin(angle) u``. The per-group coefficients are
-    materialised first (:func:`_per_group`). Zero-norm groups: no step, ``m`` kept.
+    the point ``y = x / (r + 1e-8)`` moves along ``sign * D / (norm + eps_dir)`` by ``angle``
+    (``eps_dir``: Cho & Lee's ``1e-8`` in the units of ``D``):
+    ``y' = y cos(angle) + sign D / (norm + eps_dir) sin(angle)``. The direction is moved by
+    their parallel transports with ``rho = norm / (norm + eps_dir)``: along itself
+    (``gpt2``, ``self_transport``), ``Gamma(D) = rho D cos(angle) - sign norm sin(angle) y``;
+    or as another vector (``gpt``), ``Gamma(D) = D (1 - rho^2 (1 - cos(angle))) - sign norm
+    rho sin(angle) y``; both are ``D cos - sign norm sin y`` without the eps. The per-group
+    coefficients are materialised first (:func:`_per_group`). Zero-norm groups: no step,
+    ``m`` kept.
     """
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     ok = s.xx > 0
-    f = sign * geometry.safe_div(sin, norm)  # D coefficient of the new point
+    f = sign * geometry.safe_div(sin, norm + eps_dir)  # D coefficient of the new point
+    rho = geometry.safe_div(norm, norm + eps_dir)
+    if self_transport:
+        d_coef, y_coef = rho * cos, -sign * norm * sin
+    else:
+        d_coef, y_coef = 1 - rho * rho * (1 - cos), -sign * norm * rho * sin
     zero = jnp.zeros_like(cos)
     step_coefs = (
         jnp.where(ok, f * a_m, zero),
@@ -219,9 +248,9 @@ def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign):
         jnp.where(ok, inv_r * cos - 1 + f * a_x, zero),
     )
     move_coefs = (
-        jnp.where(ok, cos * a_m, 1),
-        jnp.where(ok, cos * a_g, zero),
-        jnp.where(ok, cos * a_x - sign * norm * sin * inv_r, zero),
+        jnp.where(ok, d_coef * a_m, 1),
+        jnp.where(ok, d_coef * a_g, zero),
+        jnp.where(ok, d_coef * a_x + y_coef * inv_r, zero),
     )
     sm, sg, sx, mm, mg, mx = _per_group(step_coefs + move_coefs)
     return sm * m + sg * g + sx * x, mm * m + mg * g + mx * x
@@ -236,13 +265,15 @@ class SgdgState(NamedTuple):
 
 
 def sgdg(
-    learning_rate: _utils.Hyper = 0.2,
+    learning_rate: optax.ScalarOrSchedule = 0.2,
     momentum: float = 0.9,
     *,
     grad_clip: float | None = None,
     omega: float = 0.0,
+    ungrouped_learning_rate: optax.ScalarOrSchedule = 0.01,
+    ungrouped_momentum: float = 0.9,
     groups: GroupsLike = "unset",
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""SGD-G of Cho & Lee (2017, alg. 1), as their code does it, per group:
 
     .. math::
@@ -259,13 +290,20 @@ def sgdg(
     groups live on the
     unit sphere from the first step on. ``omega > 0`` adds the gradient of the orthogonality
     regulariser ``(omega/2) ||Y Y^T - I||^2`` (``Y``: rows = unit vectors of the groups of a
-    leaf) before the projection. Ungrouped leaves: ``optax.sgd(learning_rate, momentum)``.
-    Equal, for a constant learning rate, no clipping and unit-norm groups, to
+    leaf) before the projection. Ungrouped leaves (biases, norm scales, a classifier head) get
+    what Cho & Lee give the weights off the sphere (sec. 5): SGD with Nesterov momentum,
+    ``optax.sgd(ungrouped_learning_rate, ungrouped_momentum, nesterov=True)``, with its own
+    learning rate (0.01 there, for a sphere learning rate of 0.2), never the sphere's.
+    Every normalisation is Cho & Lee's ``v / (||v|| + 1e-8)`` (``gutils.unit``: the point,
+    the direction of the exponential map and of the transport), so that the trajectories of
+    their code are reproduced to rounding in float64. Equal, up to that ``1e-8``, for a
+    constant learning rate, no clipping and unit-norm groups, to
     ``transport_momentum(chain(project_tangent(), optax.sgd(lr, momentum),
-    retract_to_sphere("exp")), exact=True)``.
+    retract_to_sphere("exp")), exact=True)`` on the groups.
     """
     _check_sphere_args(learning_rate, grad_clip, omega)
     _utils.check_beta("momentum", momentum)
+    _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
 
     def init_fn(params):
         resolve_groups(groups, params)
@@ -276,13 +314,14 @@ def sgdg(
         params = _utils.require_params(params, "sgdg")
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
+        ulr = _utils.value_at(ungrouped_learning_rate, state.count)
 
         def leaf(group, g, m, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
             g, x32 = g.astype(acc), x.astype(acc)
             if group is None:
-                m = momentum * m + g
-                return (-lr * m).astype(x.dtype), m
+                step, m = _ungrouped_nesterov(g, m, ulr, ungrouped_momentum)
+                return step.astype(x.dtype), m
             g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, grad_clip, omega)
             # B' = mu B - k (g - <g,u> u); its norm from the sums
             mh = s.mg - gu * s.mx * inv_r
@@ -290,9 +329,11 @@ def sgdg(
             norm = jnp.sqrt(mm)
             # B' = a_m B + a_g g + a_x x; the point moves by the angle lr ||B'||
             a_g = -k
+            # Cho & Lee's buffer is lr B: its unit vector's eps is 1e-8 / lr in units of B
             step, transported = _geodesic_step(
-                g, m, x32, s, inv_r, momentum, a_g, -a_g * gu * inv_r, norm, lr * norm, 1.0
-            )
+                g, m, x32, s, inv_r, momentum, a_g, -a_g * gu * inv_r, norm, lr * norm, 1.0,
+                geometry.safe_div(UNIT_EPS, jnp.asarray(lr, acc)), True,
+            )  # fmt: skip
             return step.astype(x.dtype), transported
 
         out = _utils.map_groups(leaf, grp, updates, state.momentum, params)
@@ -312,15 +353,17 @@ class AdamgState(NamedTuple):
 
 
 def adamg(
-    learning_rate: _utils.Hyper = 0.05,
+    learning_rate: optax.ScalarOrSchedule = 0.05,
     b1: float = 0.9,
     b2: float = 0.99,
     eps: float = 1e-8,
     *,
     grad_clip: float | None = None,
     omega: float = 0.0,
+    ungrouped_learning_rate: optax.ScalarOrSchedule = 0.01,
+    ungrouped_momentum: float = 0.9,
     groups: GroupsLike = "unset",
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Adam-G of Cho & Lee (2017, alg. 2), as their code does it, per group:
 
     .. math::
@@ -332,19 +375,24 @@ def adamg(
 
     ``v`` is one scalar per group, a sum of squares (not a mean), with ``eps`` inside the
     root; :math:`\Gamma` is the exact parallel transport along the geodesic followed.
-    ``grad_clip`` and ``omega`` as in :func:`sgdg`. Ungrouped leaves: Adam (``optax.adam``).
+    ``grad_clip``, ``omega`` and the ungrouped leaves (SGD with Nesterov momentum at
+    ``ungrouped_learning_rate``, Cho & Lee sec. 5) as in :func:`sgdg`; ``nu`` holds nothing
+    for them.
     """
     _check_sphere_args(learning_rate, grad_clip, omega)
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)
     _utils.check_rate("eps", eps)
+    _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
 
     def init_fn(params):
         grp = resolve_groups(groups, params)
         mu = jax.tree.map(_utils.zeros_acc, params)
         nu = _utils.map_groups(
-            lambda group, p: _utils.zeros_acc(
-                p, None if group is None else group.scalar_shape(p.shape)
+            lambda group, p: (
+                optax.MaskedNode()
+                if group is None
+                else _utils.zeros_acc(p, group.scalar_shape(p.shape))
             ),
             grp,
             params,
@@ -356,16 +404,16 @@ def adamg(
         params = _utils.require_params(params, "adamg")
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
+        ulr = _utils.value_at(ungrouped_learning_rate, state.count)
         count = optax.safe_increment(state.count)
 
         def leaf(group, g, m, v, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
             g, x32 = g.astype(acc), x.astype(acc)
-            bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
             if group is None:
-                m = b1 * m + (1 - b1) * g
-                v = b2 * v + (1 - b2) * g * g
-                return (-lr * (m / bc1) / (jnp.sqrt(v / bc2) + eps)).astype(x.dtype), m, v
+                step, m = _ungrouped_nesterov(g, m, ulr, ungrouped_momentum)
+                return step.astype(x.dtype), m, v
+            bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
             g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, grad_clip, omega)
             mh = s.mg - gu * s.mx * inv_r
             mm = jnp.maximum(
@@ -373,12 +421,14 @@ def adamg(
             )
             v_new = b2 * v + (1 - b2) * k * k * hh
             norm = jnp.sqrt(mm)
-            angle = lr * jnp.sqrt(bc2) / bc1 * norm / jnp.sqrt(v_new + eps)
+            scale = lr * jnp.sqrt(bc2) / bc1 / jnp.sqrt(v_new + eps)  # step = -scale m'
+            angle = scale * norm
             # m' = a_m m + a_g g + a_x x
             a_g = (1 - b1) * k
             step, transported = _geodesic_step(
-                g, m, x32, s, inv_r, b1, a_g, -a_g * gu * inv_r, norm, angle, -1.0
-            )
+                g, m, x32, s, inv_r, b1, a_g, -a_g * gu * inv_r, norm, angle, -1.0,
+                geometry.safe_div(UNIT_EPS, scale), False,
+            )  # fmt: skip
             return step.astype(x.dtype), transported, jnp.where(s.xx > 0, v_new, v)
 
         out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params)
@@ -397,7 +447,7 @@ class AdagradgState(NamedTuple):
 
 
 def adagradg(
-    learning_rate: _utils.Hyper = 0.7,
+    learning_rate: optax.ScalarOrSchedule = 0.7,
     beta: float = 1.0,
     v0: Any = 1.0,
     *,
@@ -417,7 +467,8 @@ def adagradg(
     :func:`optax_sphere.theory.sgd_to_adagradg`. ``beta`` is in ``(0, 1]`` (1: no decay, as
     AdaGrad). ``v0`` is a number or a pytree like the params whose leaves broadcast to the per-group
     scalar shape (a per-group ``v_0``, as Theorem 4 gives for groups of different radii). Ungrouped
-    leaves get the same recursion element-wise, without the projection.
+    leaves get AdaGrad as ``optax.adagrad`` runs it (the accumulator of the current step, eps
+    ``1e-7``; started at ``v_0``), so that no step there exceeds the learning rate.
     """
     _utils.check_rate("learning_rate", learning_rate)
     if not _traced(beta) and not 0 < beta <= 1:
@@ -458,7 +509,11 @@ def adagradg(
             acc = accumulation_dtype(jnp.result_type(g, x))
             g, x32 = g.astype(acc), x.astype(acc)
             if group is None:
-                return (-lr * g / jnp.sqrt(v)).astype(x.dtype), beta * v + g * g
+                # optax.adagrad's order: the accumulator of this step, so that no step is
+                # longer than the learning rate (the grouped recursion's previous-step
+                # accumulator is what Theorem 4 needs, and the projection bounds it there)
+                v = beta * v + g * g
+                return (-lr * g / (jnp.sqrt(v) + 1e-7)).astype(x.dtype), v
             gg, gx, xx = (
                 group_dot(g, g, group),
                 group_dot(g, x32, group),

@@ -180,12 +180,12 @@ def _rotational_step(
 def rotational_rms_control(
     inner: optax.GradientTransformation,
     *,
-    eta_r: _utils.Hyper,
-    learning_rate: _utils.Hyper,
+    eta_r: optax.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
     beta: float = 0.9,
     center: bool = True,
     eps: float = 1e-8,
-    weight_decay: _utils.Hyper = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rotational RMS control around any inner direction (Kosson et al. app. M, alg. 1).
@@ -294,7 +294,7 @@ def rotational_rms_control(
 # Equilibrium angular updates of Table 1 (Kosson et al.), as functions of the step count.
 
 
-def _hyper_fn(*hypers: _utils.Hyper, formula) -> Any:
+def _hyper_fn(*hypers: optax.ScalarOrSchedule, formula) -> Any:
     """``count -> formula(*values at count)``; a plain number when no hyper is a schedule."""
     if not any(callable(h) for h in hypers):
         return formula(*hypers)
@@ -332,20 +332,23 @@ def _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_deca
 
 
 def rv_adamw(
-    learning_rate: _utils.Hyper = 1e-3,
-    weight_decay: _utils.Hyper = 1e-2,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    *,
+    weight_decay: optax.ScalarOrSchedule = 1e-2,
     beta: float = 0.9,
     center: bool = True,
-    *,
-    eta_r: _utils.Hyper | None = None,
+    eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
-    ungrouped_weight_decay: _utils.Hyper = 0.0,
+    ungrouped_weight_decay: optax.ScalarOrSchedule = 0.0,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-AdamW (Kosson et al. app. M): Adam's direction under rotational RMS control.
+
+    The positional arguments are ``optax.adamw``'s (``learning_rate, b1, b2, eps``); the others
+    are keyword-only, so that a positional call never means something else than in optax.
 
     Rotational groups rotate by :math:`\hat\eta_r = \sqrt{2\eta\lambda(1-b_1)/(1+b_1)}` per
     step on average (Table 1, the AdamW equilibrium for the current, possibly scheduled,
@@ -376,15 +379,15 @@ def rv_adamw(
 
 
 def rv_sgdm(
-    learning_rate: _utils.Hyper = 0.1,
+    learning_rate: optax.ScalarOrSchedule = 0.1,
     momentum: float = 0.9,
-    weight_decay: _utils.Hyper = 5e-4,
+    *,
+    weight_decay: optax.ScalarOrSchedule = 5e-4,
     beta: float = 0.9,
     center: bool = True,
-    *,
-    eta_r: _utils.Hyper | None = None,
+    eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
-    ungrouped_weight_decay: _utils.Hyper = 0.0,
+    ungrouped_weight_decay: optax.ScalarOrSchedule = 0.0,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-SGDM (Kosson et al. app. M): SGD momentum's direction under rotational RMS control.
@@ -440,16 +443,16 @@ def _scale_by_lion_sign(b1: float, b2: float) -> optax.GradientTransformation:
 
 
 def rv_lion(
-    learning_rate: _utils.Hyper = 1e-4,
-    weight_decay: _utils.Hyper = 1.0,
+    learning_rate: optax.ScalarOrSchedule = 1e-4,
     b1: float = 0.9,
     b2: float = 0.99,
+    *,
+    weight_decay: optax.ScalarOrSchedule = 1.0,
     beta: float = 0.9,
     center: bool = True,
-    *,
-    eta_r: _utils.Hyper | None = None,
+    eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
-    ungrouped_weight_decay: _utils.Hyper = 0.0,
+    ungrouped_weight_decay: optax.ScalarOrSchedule = 0.0,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-Lion (Kosson et al. app. M): Lion's sign direction under rotational RMS control.
@@ -489,8 +492,8 @@ def scale_by_adam_l2_direction(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: _utils.Hyper = 0.0,
-    ungrouped_weight_decay: _utils.Hyper = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    ungrouped_weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
@@ -539,17 +542,17 @@ def scale_by_adam_l2_direction(
 
 
 def wrapped_adam_l2(
-    learning_rate: _utils.Hyper = 1e-3,
-    weight_decay: _utils.Hyper = 1e-2,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    *,
+    weight_decay: optax.ScalarOrSchedule = 1e-2,
     beta: float = 0.9,
     center: bool = True,
-    *,
-    eta_r: _utils.Hyper | None = None,
+    eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
-    ungrouped_weight_decay: _utils.Hyper = 0.0,
+    ungrouped_weight_decay: optax.ScalarOrSchedule = 0.0,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""The "wrapped Adam+L2" RV (Kosson et al. sec. 3, Table 2 last column, app. O).

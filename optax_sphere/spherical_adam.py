@@ -144,11 +144,11 @@ def _check_adam(learning_rate, b1, b2, eps, weight_decay) -> None:
 
 
 def adam_s(
-    learning_rate: _utils.Hyper = 1e-3,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: _utils.Hyper = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
@@ -226,11 +226,11 @@ def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, transport: Tr
 
 
 def adam_st(
-    learning_rate: _utils.Hyper = 1e-3,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: _utils.Hyper = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
@@ -246,11 +246,11 @@ def adam_st(
 
 
 def adam_srt(
-    learning_rate: _utils.Hyper = 1e-3,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: _utils.Hyper = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
@@ -271,9 +271,9 @@ def adam_srt(
 
 
 def sgdm_rt(
-    learning_rate: _utils.Hyper = 0.1,
+    learning_rate: optax.ScalarOrSchedule = 0.1,
     momentum: float = 0.9,
-    weight_decay: _utils.Hyper = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:

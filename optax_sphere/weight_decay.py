@@ -21,7 +21,7 @@ __all__ = ["coupled_weight_decay", "decoupled_weight_decay", "DecoupledWeightDec
 
 
 def coupled_weight_decay(
-    weight_decay: _utils.Hyper, mask: Any = None
+    weight_decay: optax.ScalarOrSchedule, mask: Any = None
 ) -> optax.GradientTransformation:
     """``g <- g + wd x`` on the leaves selected by ``mask``: put it first in a chain."""
     _utils.check_rate("weight_decay", weight_decay)
@@ -33,7 +33,7 @@ class DecoupledWeightDecayState(NamedTuple):
 
 
 def decoupled_weight_decay(
-    weight_decay: _utils.Hyper, learning_rate: _utils.Hyper, mask: Any = None
+    weight_decay: optax.ScalarOrSchedule, learning_rate: optax.ScalarOrSchedule, mask: Any = None
 ) -> optax.GradientTransformation:
     """``Delta <- Delta - lr_k wd_k x`` on the leaves selected by ``mask``: put it last in a
     chain, after the learning rate (AdamW's ``x <- x - lr (step + wd x)``). Both

@@ -4,8 +4,7 @@ Each :class:`Case` builds one ``optax.GradientTransformation`` from keyword argu
 (``learning_rate`` and ``groups`` always among them, so that ``optax.inject_hyperparams`` and
 user group specs reach it). A published alias is looked up by name on ``optax_sphere``; a
 primitive is wrapped into a usable optimizer (a direction, a learning rate, and whatever it
-needs around it). A case whose names are not exported by this build is skipped, so that it is
-covered automatically once it exists.
+needs around it). Every name must be exported: a missing one fails the suite at collection.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ Factory = Callable[..., optax.GradientTransformation]
 
 
 def _exported(name: str) -> Any:
-    return getattr(optax_sphere, name, None)
+    # a missing name fails the whole suite at collection: an alias cannot disappear quietly
+    return getattr(optax_sphere, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,11 +243,10 @@ BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
 
 
 def params(cases: list[Case] | None = None) -> list[Any]:
-    """``pytest.param`` per case, skipped when this build does not export its names."""
+    """``pytest.param`` per case."""
     out = []
     for case in CASES if cases is None else cases:
-        marks = () if case.available else (pytest.mark.skip(reason=f"{case.name}: not exported"),)
-        out.append(pytest.param(case, id=case.name, marks=marks))
+        out.append(pytest.param(case, id=case.name))
     return out
 
 

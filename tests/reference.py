@@ -24,22 +24,33 @@ LEAVES = {
     "bn.scale": ("bn", "scale"),
 }
 
-_ARRAYS = np.load(DATA / "reference_trajectories.npz")
-HYPERPARAMETERS: dict[str, dict] = json.loads((DATA / "reference_trajectories.json").read_text())
+# reference_trajectories: the Roburin, Kosson and Heo families (four leaves);
+# sphere_trajectories: Cho & Lee's SGD-G and Adam-G (the two kernels, unit norm per unit)
+_FILES = ("reference_trajectories", "sphere_trajectories")
+_ARRAYS = {k: v for name in _FILES for k, v in np.load(DATA / f"{name}.npz").items()}
+HYPERPARAMETERS: dict[str, dict] = {
+    problem: hyper
+    for name in _FILES
+    for problem, hyper in json.loads((DATA / f"{name}.json").read_text()).items()
+}
 PROBLEMS = sorted(HYPERPARAMETERS)
+#: the alias that a problem drives (``sgdg_clip``: ``sgdg`` with ``grad_clip``)
+ALIAS = {problem: problem.removesuffix("_clip") for problem in PROBLEMS}
 
 
 def field(problem: str, name: str, t: int | None = None) -> dict:
     """The parameter tree of ``PROBLEM/name`` (at step ``t`` for ``a`` and ``traj``)."""
     out: dict = {}
     for key, (module, leaf) in LEAVES.items():
+        if f"{problem}/{name}/{key}" not in _ARRAYS:
+            continue  # the sphere problems have the two kernels only
         value = _ARRAYS[f"{problem}/{name}/{key}"]
         out.setdefault(module, {})[leaf] = jnp.asarray(value if t is None else value[t])
     return out
 
 
 def num_steps(problem: str) -> int:
-    return int(_ARRAYS[f"{problem}/a/dense.bias"].shape[0])
+    return int(_ARRAYS[f"{problem}/a/dense.kernel"].shape[0])
 
 
 def gradient(params: dict, direction: dict) -> dict:

@@ -351,6 +351,9 @@ def test_sharded_group_axis_gives_the_same_stats():
     sharded = jax.tree.map(lambda x: jax.device_put(x, shard), (params, updates))
     _, got = jax.jit(opt.update)(sharded[1], opt.init(sharded[0]), sharded[0])
     for name in osp.GeometryStats._fields:
+        if getattr(ref.stats, name) is None:  # radial_gradient: monitored() only
+            assert getattr(got.stats, name) is None
+            continue
         np.testing.assert_allclose(
             getattr(got.stats, name)["w"], getattr(ref.stats, name)["w"], rtol=1e-5
         )

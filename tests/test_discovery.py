@@ -361,7 +361,9 @@ def test_property_found_groups_are_invariant_and_the_rest_is_not(kinds, width, s
             )
         elif p.ndim >= 2:
             scaled = _replace(params, names, p * 2.0)
-            assert float(jnp.max(jnp.abs(fn(scaled, x) - out))) > 1e-3 * float(jnp.abs(out).max())
+            # well above the float32 rounding and the eps of the normalisations (1e-6)
+            change = float(jnp.max(jnp.abs(fn(scaled, x) - out)))
+            assert change > 1e-5 * float(jnp.abs(out).max())
 
 
 def _replace(params, names, value):
@@ -430,7 +432,7 @@ def test_default_groups_warn_and_reduce_to_the_base_optimizer():
     with pytest.warns(UserWarning, match="find_groups"):
         tx = osp.adam_srt(1e-2, weight_decay=1e-3)
         state = tx.init(params)
-    default, _ = tx.update(grads, state, params)
+        default, _ = tx.update(grads, state, params)
     base = osp.adam_srt(1e-2, weight_decay=1e-3, groups=None)
     expected, _ = base.update(grads, base.init(params), params)
     chex_equal = jax.tree.map(np.testing.assert_array_equal, default, expected)

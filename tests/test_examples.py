@@ -62,6 +62,10 @@ def test_compare_quick(tmp_path):
     results = _check_results(out / "results.json")
     assert {"sgdm", "adam", "adamw", "adam_srt"} <= set(results["optimizers"])
     assert results["protocol"]["splits"] == {"train": 3600, "val": 400, "test": 1000}
+    # the main job prints the groups it found on the model, and records them
+    assert "3 of 11 parameters grouped" in stdout
+    assert results["protocol"]["groups"]["Dense_0/kernel"] is None
+    assert results["protocol"]["groups"]["Conv_2/kernel"] == "unit"
     srt = results["optimizers"]["adam_srt"]
     assert srt["hyperparameters"]["weight_decay"] == pytest.approx(1e-3 / 128)
     # the three convolutions' angular updates were recorded and are positive
@@ -111,7 +115,10 @@ def test_char_transformer_quick(tmp_path):
 
 def test_nnx_example_quick(tmp_path):
     stdout = _run("nnx_example.py", "--quick")
-    assert "groups (per filter): convs/0/kernel, convs/1/kernel, convs/2/kernel\n" in stdout
+    # the groups found on the nnx module: the three conv kernels per filter, not the head
+    rows = {line.split()[0]: line for line in stdout.splitlines() if "/kernel" in line}
+    assert all("per unit (out last)" in rows[f"convs/{i}/kernel"] for i in range(3))
+    assert "not grouped" in rows["head/kernel"]
     accuracies = [
         float(line.split("test accuracy ")[1].split("%")[0])
         for line in stdout.splitlines()

@@ -67,7 +67,7 @@ def test_rv_rotates_kernel_at_fixed_norm_and_learns_gain():
     x = jax.random.normal(jax.random.PRNGKey(2), (32, 8))
     target = 3.0 * x[:, :4]
     params = osp.center_groups(model.init(jax.random.PRNGKey(0), x)["params"], groups="unit")
-    tx = osp.rv_adamw(0.1, 0.1, groups="unit")
+    tx = osp.rv_adamw(0.1, weight_decay=0.1, groups="unit")
 
     @jax.jit
     def step(p, s):
@@ -110,7 +110,9 @@ def test_nnx_fold_and_training():
     params = osp.center_groups(params, groups="unit")
     nnx.update(model, params)
     norm0 = jnp.linalg.norm(model.layer.kernel[...], axis=0)
-    optimizer = nnx.Optimizer(model, osp.rv_adamw(0.1, 0.1, groups="unit"), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(
+        model, osp.rv_adamw(0.1, weight_decay=0.1, groups="unit"), wrt=nnx.Param
+    )
     target = 3.0 * x[:, :4]
 
     @nnx.jit

@@ -61,18 +61,21 @@ def _grads(params, i=0):
 def test_one_compilation_per_train_step(name):
     for label, tx in _controls(name):
         traces = []
-
-        @jax.jit
-        def step(params, state, i):
-            traces.append(1)
-            updates, state = tx.update(_grads(params, i), state, params)
-            return optax.apply_updates(params, updates), state
-
+        step = jax.jit(_train_step(tx, traces))
         params = _params()
         state = tx.init(params)
         for i in range(4):
             params, state = step(params, state, i)
         assert len(traces) == 1, label
+
+
+def _train_step(tx, traces):
+    def step(params, state, i):
+        traces.append(1)
+        updates, state = tx.update(_grads(params, i), state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -86,7 +89,7 @@ def test_state_is_uncommitted_like_optax(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_extra_keyword_arguments_to_update(name):
     params = _params()
-    for label, tx in _controls(name):
+    for _, tx in _controls(name):
         tx = optax.with_extra_args_support(tx)
         state = tx.init(params)
         plain, _ = tx.update(_grads(params), state, params)
@@ -142,7 +145,7 @@ def test_state_from_unsharded_params_works_once_they_are_sharded(name):
     for label, tx in _controls(name):
         state = tx.init(params)  # before the parameters are sharded
         sharded = jax.tree.map(lambda p, s: jax.device_put(p, NamedSharding(mesh, s)), params, spec)
-        step = jax.jit(lambda p, s: tx.update(_grads(p), s, p))
+        step = jax.jit(lambda p, s, tx=tx: tx.update(_grads(p), s, p))
         updates, _ = step(sharded, state)
         expected, _ = tx.update(_grads(params), state, params)
         # a split reduction sums in another order: float32 rounding, amplified by the

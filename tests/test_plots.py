@@ -23,6 +23,7 @@ def _history(steps=12, units=5):
         fields = {name: rad for name in GeometryStats._fields}
         fields["angular_update"] = ang
         fields["effective_lr"] = fields["direction_norm"] = None
+        fields["radial_gradient"] = None  # recorded by monitored() only
         hist.record(k, GeometryStats(**fields))
     return hist
 

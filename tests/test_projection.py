@@ -175,8 +175,8 @@ def test_schedules_and_inject_hyperparams():
         osp.adamp(
             optax.cosine_decay_schedule(1e-2, 10), weight_decay=lambda c: 1e-2, groups="unit"
         ),
-        optax.inject_hyperparams(osp.adamp)(learning_rate=1e-2, weight_decay=1e-2),
-        optax.inject_hyperparams(osp.sgdp)(learning_rate=0.1, weight_decay=1e-3),
+        optax.inject_hyperparams(osp.adamp)(learning_rate=1e-2, weight_decay=1e-2, groups="unit"),
+        optax.inject_hyperparams(osp.sgdp)(learning_rate=0.1, weight_decay=1e-3, groups="unit"),
     ):
         state = tx.init(params)
         u, state = jax.jit(tx.update)(grads, state, params)

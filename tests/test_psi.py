@@ -165,7 +165,7 @@ def test_schedules_and_inject_hyperparams():
     params = _params(7)
     sched = optax.linear_schedule(0.05, 0.0, 10)
     xs, _ = _run(osp.psi_sgdm(sched, 0.9, groups="unit"), params, 3)
-    inj = optax.inject_hyperparams(osp.psi_sgdm)(learning_rate=0.05, momentum=0.9)
+    inj = optax.inject_hyperparams(osp.psi_sgdm)(learning_rate=0.05, momentum=0.9, groups="unit")
     ys, _ = _run(inj, params, 3)
     zs, _ = _run(osp.psi_sgdm(0.05, 0.9, groups="unit"), params, 3)
     _assert_tree_close(ys[-1], zs[-1], 1e-6)
@@ -180,5 +180,5 @@ def test_invalid_hyperparameters_fail_at_build(kwargs):
 
 @pytest.mark.parametrize("alias", [osp.psi_sgd, osp.psi_sgdm])
 def test_trains_a_flax_batchnorm_network_under_jit(alias):
-    losses, _ = bn_training.train(alias(0.05))
+    losses, _ = bn_training.train(alias(0.05, groups="unit"))
     assert losses[-1] < 0.5 * losses[0]

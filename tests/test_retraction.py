@@ -124,8 +124,9 @@ def test_sgdg_momentum_is_tangent_and_keeps_its_norm_through_the_step():
             u, state = tx.update(g, state, x)
             x = optax.apply_updates(x, u)
             after = state.momentum["k"]
-            np.testing.assert_allclose(_norms(after), _norms(m_new), rtol=1e-10)
-            np.testing.assert_allclose(jnp.sum(after * x["k"], axis=(0, 1)), 0.0, atol=1e-12)
+            # kept and tangent up to Cho & Lee's 1e-8 in the unit vectors of the transport
+            np.testing.assert_allclose(_norms(after), _norms(m_new), rtol=1e-6)
+            np.testing.assert_allclose(jnp.sum(after * x["k"], axis=(0, 1)), 0.0, atol=1e-7)
 
 
 # --- the aliases against the published algorithms ---------------------------------------
@@ -135,7 +136,7 @@ def test_sgdg_equals_the_chain_of_primitives_with_exact_transport():
     with jax.enable_x64(True):
         params = _params(4, unit_norm=True)
         fused, _ = _run(osp.sgdg(0.1, 0.9, groups="unit"), params, 12)
-        chain = osp.transport_momentum(
+        sphere = osp.transport_momentum(
             optax.chain(
                 osp.project_tangent(groups="unit"),
                 optax.sgd(0.1, momentum=0.9),
@@ -144,10 +145,41 @@ def test_sgdg_equals_the_chain_of_primitives_with_exact_transport():
             exact=True,
             groups="unit",
         )
+        # the weights off the sphere: SGD with Nesterov momentum at their own learning rate
+        chain = optax.multi_transform(
+            {"on": sphere, "off": optax.sgd(0.01, momentum=0.9, nesterov=True)},
+            {"k": "on", "b": "off"},
+        )
         ref, _ = _run(chain, params, 12)
         for a, b in zip(fused, ref):
-            np.testing.assert_allclose(a["k"], b["k"], rtol=1e-10, atol=1e-12)
+            # the same algorithm up to Cho & Lee's 1e-8 in every normalisation
+            np.testing.assert_allclose(a["k"], b["k"], rtol=1e-5, atol=1e-7)
             np.testing.assert_allclose(a["b"], b["b"], rtol=1e-10, atol=1e-12)
+
+
+# Cho & Lee's code normalises as unit(v) = v / (||v|| + 1e-8) (gutils.unit), per group: the
+# transcriptions below follow it (their exp map and their two parallel transports)
+def _cl_unit(v):
+    return v / (jnp.sqrt(jnp.sum(v * v, axis=(0, 1), keepdims=True)) + 1e-8)
+
+
+def _cl_exp(y, h):
+    """gexp: y cos|h| + unit(h) sin|h|."""
+    t = jnp.sqrt(jnp.sum(h * h, axis=(0, 1), keepdims=True))
+    return y * jnp.cos(t) + _cl_unit(h) * jnp.sin(t)
+
+
+def _cl_transport(y, h, d):
+    """gpt: d moved along the geodesic from y with velocity h."""
+    t = jnp.sqrt(jnp.sum(h * h, axis=(0, 1), keepdims=True))
+    u = _cl_unit(h)
+    return d - jnp.sum(u * d, axis=(0, 1), keepdims=True) * (y * jnp.sin(t) + u * (1 - jnp.cos(t)))
+
+
+def _cl_self_transport(y, h):
+    """gpt2: h moved along its own geodesic."""
+    t = jnp.sqrt(jnp.sum(h * h, axis=(0, 1), keepdims=True))
+    return t * (_cl_unit(h) * jnp.cos(t) - y * jnp.sin(t))
 
 
 def _clip(h, c):
@@ -156,14 +188,14 @@ def _clip(h, c):
 
 
 def _adamg_reference(params, steps, lr, b1, b2, eps, clip, omega):
-    """Cho & Lee's AdamG step by step with the generic geometry functions (unfused)."""
+    """Cho & Lee's AdamG step by step, unfused, as their code does it."""
     x = params["k"]
     m = jnp.zeros_like(x)
     v = jnp.zeros((1, 1, x.shape[-1]))
     xs = []
     for t in range(1, steps + 1):
         g = _grad({"k": x, "b": params["b"]})["k"]
-        u = _unit(x)
+        u = _cl_unit(x)
         if omega:
             y = u.reshape(-1, x.shape[-1]).T  # rows: unit vectors of the groups
             g = g + (2 * omega * (y @ y.T @ y - y)).T.reshape(x.shape)
@@ -173,9 +205,7 @@ def _adamg_reference(params, steps, lr, b1, b2, eps, clip, omega):
         m = b1 * m + (1 - b1) * h
         v = b2 * v + (1 - b2) * jnp.sum(h * h, axis=(0, 1), keepdims=True)
         delta = -lr * np.sqrt(1 - b2**t) / (1 - b1**t) * m / jnp.sqrt(v + eps)
-        x_new = geometry.exp_map(u, delta, UNIT)
-        m = geometry.parallel_transport(m, u, x_new, UNIT)
-        x = x_new
+        x, m = _cl_exp(u, delta), _cl_transport(u, delta, m)
         xs.append(x)
     return xs
 
@@ -189,8 +219,10 @@ def test_adamg_equals_an_unfused_transcription(clip, omega):
             osp.adamg(0.05, 0.9, 0.99, 1e-8, grad_clip=clip, omega=omega, groups="unit"), params, 10
         )
         for a, b in zip(fused, ref):
-            np.testing.assert_allclose(a["k"], b, rtol=1e-9, atol=1e-11)
-            np.testing.assert_allclose(_norms(a["k"]), 1.0, rtol=1e-12)
+            # the regulariser's unit vectors are exact here, Cho & Lee's unit() has 1e-8
+            tol = 1e-7 if omega else 1e-9
+            np.testing.assert_allclose(a["k"], b, rtol=tol, atol=tol / 100)
+            np.testing.assert_allclose(_norms(a["k"]), 1.0, rtol=1e-7)  # their 1e-8
 
 
 def test_sgdg_with_clipping_equals_an_unfused_transcription():
@@ -200,11 +232,9 @@ def test_sgdg_with_clipping_equals_an_unfused_transcription():
         fused, _ = _run(osp.sgdg(0.3, 0.9, grad_clip=0.02, groups="unit"), params, 8)
         for t in range(8):
             g = _grad({"k": x, "b": params["b"]})["k"]
-            u = _unit(x)
+            u = _cl_unit(x)
             mom = 0.9 * mom - 0.3 * _clip(geometry.tangent_part(g, u, UNIT), 0.02)
-            x_new = geometry.exp_map(u, mom, UNIT)
-            mom = geometry.parallel_transport(mom, u, x_new, UNIT)
-            x = x_new
+            x, mom = _cl_exp(u, mom), _cl_self_transport(u, mom)
             np.testing.assert_allclose(fused[t]["k"], x, rtol=1e-9, atol=1e-11)
 
 
@@ -244,8 +274,8 @@ def test_adagradg_equals_the_thesis_equations_and_stays_on_the_sphere():
             x_hat = x - lr * g["k"] / jnp.sqrt(v)
             x = _unit(x_hat)
             v = beta * v + jnp.sum(g["k"] ** 2, axis=(0, 1), keepdims=True)
-            b = b - lr * g["b"] / jnp.sqrt(vb)  # ungrouped: the same recursion element-wise
-            vb = beta * vb + g["b"] ** 2
+            vb = beta * vb + g["b"] ** 2  # ungrouped: optax.adagrad's order, started at v0
+            b = b - lr * g["b"] / (jnp.sqrt(vb) + 1e-7)
             np.testing.assert_allclose(fused[t]["k"], x, rtol=1e-11, atol=1e-13)
             np.testing.assert_allclose(fused[t]["b"], b, rtol=1e-11, atol=1e-13)
         np.testing.assert_allclose(state.nu["k"], v, rtol=1e-11)

@@ -131,7 +131,7 @@ def test_norms_kept_and_means_zero(alias, groups):
 
 def test_first_step_centres_uncentred_params():
     params = _params(2)
-    history, _ = _run(osp.rv_adamw(1e-2, 0.1, groups="unit"), params, 1)
+    history, _ = _run(osp.rv_adamw(1e-2, weight_decay=0.1, groups="unit"), params, 1)
     x0, x1 = params["conv"]["kernel"], history[1]["conv"]["kernel"]
     np.testing.assert_allclose(jnp.mean(x1, (0, 1, 2)), 0, atol=1e-6)
     centred = x0 - jnp.mean(x0, (0, 1, 2), keepdims=True)
@@ -144,7 +144,7 @@ def test_first_step_centres_uncentred_params():
 
 def test_center_false_keeps_norm_not_mean():
     params = _params(3)
-    history, _ = _run(osp.rv_adamw(1e-2, 0.1, center=False, groups="unit"), params, 5)
+    history, _ = _run(osp.rv_adamw(1e-2, weight_decay=0.1, center=False, groups="unit"), params, 5)
     x0, x = params["dense"]["kernel"], history[-1]["dense"]["kernel"]
     np.testing.assert_allclose(jnp.linalg.norm(x, axis=0), jnp.linalg.norm(x0, axis=0), rtol=1e-5)
     assert np.max(np.abs(jnp.mean(x, 0))) > 1e-2
@@ -187,7 +187,7 @@ def test_angular_update_is_eta_r_every_step_with_beta_0():
     """With beta = 0, a = ||U_perp||: every group turns by exactly atan(eta_r) each step."""
     with jax.enable_x64(True):
         params = osp.center_groups(_params(4, jnp.float64), groups="unit")
-        tx = osp.rv_adamw(1e-2, 0.1, beta=0.0, groups="unit")
+        tx = osp.rv_adamw(1e-2, weight_decay=0.1, beta=0.0, groups="unit")
         history, _ = _run(tx, params, 6, grads=_random_grads)
         eta_r = equilibrium("adamw", learning_rate=1e-2, weight_decay=0.1, dim=1).angular_update
         for key in ("conv", "dense"):
@@ -222,7 +222,9 @@ def test_explicit_eta_r_and_schedules():
     # learning rate schedule: eta_r follows it (zero after 3 steps: nothing moves but the
     # renormalisation of rounding errors)
     schedule = optax.piecewise_constant_schedule(1e-2, {3: 0.0})
-    history, _ = _run(osp.rv_adamw(schedule, 0.1, groups="unit"), params, 6, grads=_random_grads)
+    history, _ = _run(
+        osp.rv_adamw(schedule, weight_decay=0.1, groups="unit"), params, 6, grads=_random_grads
+    )
     for t in range(6):
         moved = max(
             np.max(np.abs(np.asarray(a) - np.asarray(b)))
@@ -236,13 +238,17 @@ def test_weight_decay_acts_only_through_eta_r():
     the wrapped Adam+L2 differs from RV-AdamW only through L2 in its second moment."""
     params = osp.center_groups(_params(15), groups="unit")
     runs = {
-        wd: _run(osp.rv_adamw(1e-2, wd, eta_r=0.02, groups="unit"), params, 4)[0][-1]
+        wd: _run(osp.rv_adamw(1e-2, weight_decay=wd, eta_r=0.02, groups="unit"), params, 4)[0][-1]
         for wd in (0.01, 10.0)
     }
     _leaves_close(runs[0.01], runs[10.0], 0)
-    wrapped = _run(osp.wrapped_adam_l2(1e-2, 10.0, eta_r=0.02, groups="unit"), params, 4)[0][-1]
+    wrapped = _run(
+        osp.wrapped_adam_l2(1e-2, weight_decay=10.0, eta_r=0.02, groups="unit"), params, 4
+    )[0][-1]
     assert not np.allclose(wrapped["conv"]["kernel"], runs[0.01]["conv"]["kernel"], atol=1e-4)
-    tiny = _run(osp.wrapped_adam_l2(1e-2, 1e-9, eta_r=0.02, groups="unit"), params, 4)[0][-1]
+    tiny = _run(osp.wrapped_adam_l2(1e-2, weight_decay=1e-9, eta_r=0.02, groups="unit"), params, 4)[
+        0
+    ][-1]
     _leaves_close(tiny, runs[0.01], 1e-5)
 
 
@@ -254,18 +260,25 @@ def _leaves_close(a, b, tol):
 @pytest.mark.parametrize(
     "alias, base",
     [
-        (lambda g: osp.rv_adamw(1e-2, 0.1, groups=g), optax.adam(1e-2)),
+        (lambda g: osp.rv_adamw(1e-2, weight_decay=0.1, groups=g), optax.adam(1e-2)),
         (
-            lambda g: osp.rv_adamw(1e-2, 0.1, ungrouped_weight_decay=0.3, groups=g),
+            lambda g: osp.rv_adamw(1e-2, weight_decay=0.1, ungrouped_weight_decay=0.3, groups=g),
             optax.adamw(1e-2, weight_decay=0.3),
         ),
-        (lambda g: osp.rv_lion(1e-3, 1.0, groups=g), optax.lion(1e-3, weight_decay=0.0)),
         (
-            lambda g: osp.rv_sgdm(0.05, 0.9, 5e-4, ungrouped_weight_decay=0.01, groups=g),
+            lambda g: osp.rv_lion(1e-3, weight_decay=1.0, groups=g),
+            optax.lion(1e-3, weight_decay=0.0),
+        ),
+        (
+            lambda g: osp.rv_sgdm(
+                0.05, 0.9, weight_decay=5e-4, ungrouped_weight_decay=0.01, groups=g
+            ),
             optax.chain(optax.add_decayed_weights(0.01), optax.sgd(0.05, momentum=0.9)),
         ),
         (
-            lambda g: osp.wrapped_adam_l2(1e-2, 0.1, ungrouped_weight_decay=0.01, groups=g),
+            lambda g: osp.wrapped_adam_l2(
+                1e-2, weight_decay=0.1, ungrouped_weight_decay=0.01, groups=g
+            ),
             optax.chain(optax.add_decayed_weights(0.01), optax.adam(1e-2)),
         ),
     ],
@@ -313,7 +326,7 @@ def test_state_overhead_is_two_scalars_per_group():
 
 def test_degenerate_inputs_do_not_make_nans():
     params = {"w": jnp.concatenate([jnp.zeros((6, 1)), jnp.ones((6, 1)), jnp.eye(6)[:, :2]], 1)}
-    tx = osp.rv_adamw(1e-2, 0.1, groups="unit")
+    tx = osp.rv_adamw(1e-2, weight_decay=0.1, groups="unit")
     history, _ = _run(tx, params, 3)
     assert np.all(np.isfinite(history[-1]["w"]))
     np.testing.assert_array_equal(history[-1]["w"][:, 0], 0)  # zero group stays zero
@@ -333,7 +346,7 @@ def test_degenerate_inputs_do_not_make_nans():
 
 def test_composes_with_optax_wrappers():
     params = osp.center_groups(_params(11), groups="unit")
-    plain = _run(osp.rv_adamw(1e-2, 0.1, groups="unit"), params, 4)[0][-1]
+    plain = _run(osp.rv_adamw(1e-2, weight_decay=0.1, groups="unit"), params, 4)[0][-1]
     injected = optax.inject_hyperparams(osp.rv_adamw)(
         learning_rate=1e-2, weight_decay=0.1, groups="unit"
     )
@@ -341,15 +354,17 @@ def test_composes_with_optax_wrappers():
     # a string spec needs nothing; inject_hyperparams would call a callable one
     # as if it were a schedule
     static = optax.inject_hyperparams(osp.rv_adamw, static_args=("groups",))
-    _leaves_close(_run(static(1e-2, 0.1, groups=osp.per_unit), params, 4)[0][-1], plain, 1e-5)
+    _leaves_close(
+        _run(static(1e-2, weight_decay=0.1, groups=osp.per_unit), params, 4)[0][-1], plain, 1e-5
+    )
     # apply_if_finite drops a NaN step and keeps the state
-    tx = optax.apply_if_finite(osp.rv_adamw(1e-2, 0.1, groups="unit"), 3)
+    tx = optax.apply_if_finite(osp.rv_adamw(1e-2, weight_decay=0.1, groups="unit"), 3)
     nan_at_1 = lambda x, t: jax.tree.map(lambda p: p * jnp.where(t == 1, jnp.nan, 1.0), x)
     history, _ = _run(tx, params, 3, grads=nan_at_1)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(history[-1]))
     _leaves_close(history[2], history[1], 0)
     # MultiSteps: accumulates then takes one rotational step
-    ms = optax.MultiSteps(osp.rv_adamw(1e-2, 0.1, groups="unit"), every_k_schedule=2)
+    ms = optax.MultiSteps(osp.rv_adamw(1e-2, weight_decay=0.1, groups="unit"), every_k_schedule=2)
     history, _ = _run(ms, params, 4)
     _leaves_close(history[1], history[0], 0)
     assert not np.allclose(history[2]["conv"]["kernel"], params["conv"]["kernel"])
@@ -359,7 +374,7 @@ def test_multi_transform_and_masked():
     params = osp.center_groups(_params(14), groups="unit")
     labels = {"conv": {"kernel": "rv"}, "dense": {"kernel": "sgd", "bias": "sgd"}}
     tx = optax.multi_transform(
-        {"rv": osp.rv_adamw(1e-2, 0.1, groups="unit"), "sgd": optax.sgd(0.1)}, labels
+        {"rv": osp.rv_adamw(1e-2, weight_decay=0.1, groups="unit"), "sgd": optax.sgd(0.1)}, labels
     )
     got = _run(tx, params, 3)[0][-1]
     _leaves_close(got["dense"], _run(optax.sgd(0.1), params, 3)[0][-1]["dense"], 1e-6)
@@ -372,7 +387,7 @@ def test_multi_transform_and_masked():
     )
     mask = {"conv": {"kernel": True}, "dense": {"kernel": False, "bias": False}}
     tx = optax.chain(
-        optax.masked(osp.rv_adamw(1e-2, 0.1, groups="unit"), mask),
+        optax.masked(osp.rv_adamw(1e-2, weight_decay=0.1, groups="unit"), mask),
         optax.masked(
             optax.sgd(0.1), {"conv": {"kernel": False}, "dense": {"kernel": True, "bias": True}}
         ),
@@ -443,9 +458,7 @@ def _groups_without_head(spec):
 def test_trains_flax_layernorm_model_with_whole_layer_groups(alias):
     model = _LayerNormNet()
     x, y = _data((12,))
-    params = osp.center_groups(
-        model.init(jax.random.PRNGKey(0), x)["params"], osp.per_tensor, groups="unit"
-    )
+    params = osp.center_groups(model.init(jax.random.PRNGKey(0), x)["params"], osp.per_tensor)
     lr, wd = {osp.rv_sgdm: (0.1, 0.1), osp.rv_adamw: (3e-3, 0.1), osp.rv_lion: (1e-3, 1.0)}[alias]
     tx = alias(learning_rate=lr, weight_decay=wd, groups=_groups_without_head(osp.per_tensor))
 
@@ -473,7 +486,7 @@ def test_trains_flax_batchnorm_model_with_per_unit_groups():
     x, y = _data((6, 6, 2))
     variables = model.init(jax.random.PRNGKey(1), x)
     params = osp.center_groups(variables["params"], groups="unit")
-    tx = osp.rv_adamw(1e-2, 0.1, groups=_groups_without_head(osp.per_unit))
+    tx = osp.rv_adamw(1e-2, weight_decay=0.1, groups=_groups_without_head(osp.per_unit))
 
     def loss_fn(p, stats):
         logits, new = model.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
@@ -513,7 +526,7 @@ def test_sharded_params_give_the_same_step(axis):
     params = osp.center_groups(
         {"w": jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.float32)}, groups="unit"
     )
-    tx = osp.rv_adamw(1e-2, 0.1, groups="unit")
+    tx = osp.rv_adamw(1e-2, weight_decay=0.1, groups="unit")
     plain = _run(tx, params, 3)[0][-1]
     sharded_params = jax.device_put(params, sharding)
     sharded = _run(tx, sharded_params, 3)[0][-1]

@@ -130,7 +130,7 @@ def test_state_is_one_momentum_buffer_plus_scalars_per_group():
 def test_learning_rate_schedule_is_followed(alias):
     params = _params(3)
     schedule = optax.piecewise_constant_schedule(1e-2, {3: 0.0})
-    tx = alias(learning_rate=schedule)
+    tx = alias(learning_rate=schedule, groups="unit")
     state, x = tx.init(params), params
     for t in range(6):
         g = jax.tree.map(lambda p, t=t: jnp.sin(p + t), x)
