@@ -257,13 +257,16 @@ def _float_outputs(out: PyTree) -> list[jax.Array]:
 
 def _perturb(leaves: list[np.ndarray], rng: np.random.Generator, scale: float) -> list:
     """Every leaf moved by ``scale`` times its root mean square (``scale`` for a zero leaf) in
-    a random direction: a generic point, where no bias or offset is zero."""
+    a random direction: a generic point, where no bias or offset is zero. In at least float32
+    (bfloat16 / float16 parameters are probed in float32, whose rounding the tolerance is
+    chosen for)."""
     out = []
     for p in leaves:
         p64 = p.astype(np.float64)
         rms = math.sqrt(float(np.mean(p64 * p64))) if p.size else 0.0
         step = scale * (rms if rms > 0 else 1.0)
-        out.append((p64 + step * rng.standard_normal(p.shape)).astype(p.dtype))
+        dtype = np.dtype(jnp.promote_types(p.dtype, jnp.float32))
+        out.append((p64 + step * rng.standard_normal(p.shape)).astype(dtype))
     return out
 
 

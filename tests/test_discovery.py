@@ -487,3 +487,13 @@ def test_monitored_flags_groups_that_are_not_invariant():
     ax = osp.plots.plot_angular_updates(history)
     labels = [line.get_label() for line in ax.get_lines()]
     assert "Dense_0/kernel (NOT radially invariant)" in labels
+
+
+def test_low_precision_parameters_are_probed_in_float32():
+    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
+    variables = ResNet().init(jax.random.key(1), x)
+    half = {
+        **variables,
+        "params": jax.tree.map(lambda p: p.astype(jnp.bfloat16), variables["params"]),
+    }
+    assert _found(ResNet(), half, x) == _found(ResNet(), variables, x)
