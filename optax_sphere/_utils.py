@@ -166,6 +166,21 @@ def unzip(tree_of_tuples: PyTree, like: PyTree, n: int) -> tuple[PyTree, ...]:
     return tuple(jax.tree.map(lambda _, t, i=i: t[i], like, tree_of_tuples) for i in range(n))
 
 
+def masked_rate(rate: Any, mask: Any, params: PyTree) -> PyTree:
+    """``rate`` on the leaves that ``mask`` selects and ``0.0`` elsewhere, as a tree like
+    ``params``: the weight-decay mask of ``optax.adamw`` (``None``: every leaf; a pytree of
+    bools; or a callable of the params returning one)."""
+    if mask is None:
+        return jax.tree.map(lambda _: rate, params)
+    keep = mask(params) if callable(mask) else mask
+    try:
+        return jax.tree.map(lambda _, k: rate if k else 0.0, params, keep)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"the weight-decay `mask` does not match the parameter tree ({err})."
+        ) from None
+
+
 def require_params(params: PyTree | None, name: str) -> PyTree:
     if params is None:
         raise ValueError(f"{name} needs `params` in `update(updates, state, params)`.")

@@ -86,6 +86,7 @@ def scale_invariant_projection(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     eps: float = 1e-8,
     project_momentum: bool = False,
+    mask: Any = None,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Projection of AdamP / SGDP (Heo et al. 2021, alg. 1-2) around an update direction.
@@ -95,7 +96,8 @@ def scale_invariant_projection(
     the raw gradient (module docstring), ``p <- p - <p, x_n> x_n``; then the decoupled decay
     ``p <- p + r \lambda x`` is added, with ``r = wd_ratio`` on projected leaves and 1
     elsewhere. Put ``optax.scale_by_learning_rate(lr)`` after it. ``weight_decay`` may be a
-    schedule.
+    schedule; ``mask`` selects the leaves that get it, as ``optax.adamw``'s (a pytree of
+    bools or a callable of the params; ``None``: every leaf).
 
     ``project_momentum=True`` also projects the momentum buffers of ``inner`` (state fields
     ``mu``, ``trace``, ``momentum``), as SGDP without Nesterov does in the authors' code, where
@@ -123,7 +125,7 @@ def scale_invariant_projection(
             params, updates, state.inner_state, (*MOMENTUM_FIELDS, *SECOND_MOMENT_FIELDS)
         )
         grp = resolve_groups(groups, params)
-        decay = _utils.value_at(weight_decay, state.count)
+        decays = _utils.masked_rate(_utils.value_at(weight_decay, state.count), mask, params)
         # the inner direction and its moments in at least float32 (bf16 / fp16 params)
         direction, inner_state = inner.update(
             _utils.to_accumulation(updates),
@@ -140,7 +142,7 @@ def scale_invariant_projection(
 
         decisions = _utils.map_groups(decide, grp, updates, params)
 
-        def leaf(group, p, x, d, g):
+        def leaf(group, p, x, d, g, decay):
             acc = accumulation_dtype(jnp.result_type(p, x))
             p32, x32 = p.astype(acc), x.astype(acc)
             if group is None:
@@ -151,11 +153,12 @@ def scale_invariant_projection(
 
         # the parameters' tree first: its None leaves (Equinox) are empty subtrees
         new_updates = jax.tree.map(
-            lambda p, x, d, g, group: leaf(group, p, x, d, g),
+            lambda p, x, d, g, decay, group: leaf(group, p, x, d, g, decay),
             direction,
             params,
             decisions,
             updates,
+            decays,
             grp,
         )
         if project_momentum:
@@ -226,6 +229,7 @@ def adamp(
     delta: float = 0.1,
     wd_ratio: float = 0.1,
     nesterov: bool = False,
+    mask: Any = None,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""AdamP (Heo et al. 2021, alg. 2), as in the authors' code.
@@ -238,7 +242,8 @@ def adamp(
     :func:`scale_invariant_projection` and :math:`r_k` = ``wd_ratio`` where it projected, 1
     elsewhere. ``weight_decay`` is AdamW-style (decoupled, multiplied by the learning rate).
     ``nesterov`` uses :math:`b_1 m_k + (1-b_1) g_k` in place of :math:`m_k`.
-    ``learning_rate`` and ``weight_decay`` may be schedules.
+    ``learning_rate`` and ``weight_decay`` may be schedules; ``mask`` selects the leaves that get
+    the decay, as ``optax.adamw``'s.
     """
     _utils.check_rate("learning_rate", learning_rate)
     _utils.check_beta("b1", b1)
@@ -251,6 +256,7 @@ def adamp(
             wd_ratio=wd_ratio,
             weight_decay=weight_decay,
             eps=eps,
+            mask=mask,
             groups=groups,
         ),
         optax.scale_by_learning_rate(learning_rate),
@@ -266,6 +272,7 @@ def sgdp(
     delta: float = 0.1,
     wd_ratio: float = 0.1,
     eps: float = 1e-8,
+    mask: Any = None,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""SGDP (Heo et al. 2021, alg. 1), as in the authors' code.
@@ -279,7 +286,7 @@ def sgdp(
     divided by ``1 - momentum`` as in the authors' code (the stationary size of coupled L2
     through the momentum). Without Nesterov the update is the buffer itself, so the buffer is
     kept projected (``project_momentum=True``), as the in-place projection of the authors' code
-    does. ``learning_rate`` and ``weight_decay`` may be schedules.
+    does. ``learning_rate`` and ``weight_decay`` may be schedules; ``mask`` as in :func:`adamp`.
     """
     _utils.check_rate("learning_rate", learning_rate)
     _utils.check_beta("momentum", momentum)
@@ -296,6 +303,7 @@ def sgdp(
             weight_decay=decay,
             eps=eps,
             project_momentum=not nesterov,
+            mask=mask,
             groups=groups,
         ),
         optax.scale_by_learning_rate(learning_rate),

@@ -150,6 +150,7 @@ def adam_s(
     eps: float = 1e-8,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
+    mask: Any = None,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""Adam-S: Adam with a standardised second moment (Roburin et al. sec. 4.1, eqs. 61-63).
@@ -161,17 +162,18 @@ def adam_s(
 
     per group (``v_k`` a scalar per group); plain Adam with coupled L2 on ungrouped leaves.
     "Adam w/o (a)" of Roburin et al. (ICLR version). ``learning_rate`` and ``weight_decay`` may be
-    schedules.
+    schedules; ``mask`` selects the leaves that get the L2 term, as ``optax.adamw``'s (a pytree
+    of bools or a callable of the params; ``None``: every leaf, as in the paper).
     """
     _check_adam(learning_rate, b1, b2, eps, weight_decay)
     return optax.chain(
-        optax.add_decayed_weights(weight_decay),
+        optax.add_decayed_weights(weight_decay, mask),
         scale_by_standardized_adam(b1, b2, eps, groups=groups),
         optax.scale_by_learning_rate(learning_rate),
     )
 
 
-def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, transport: Transport):
+def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, mask, groups, transport: Transport):
     _check_adam(learning_rate, b1, b2, eps, weight_decay)
 
     def init_fn(params):
@@ -186,10 +188,10 @@ def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, transport: Tr
         params = _utils.require_params(params, f"adam_s{transport}")
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
-        wd = _utils.value_at(weight_decay, state.count)
+        wds = _utils.masked_rate(_utils.value_at(weight_decay, state.count), mask, params)
         count = optax.safe_increment(state.count)
 
-        def leaf(group, g, m, v, sq, x):
+        def leaf(group, g, m, v, sq, x, wd):
             acc = accumulation_dtype(jnp.result_type(g, x))
             bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
             if group is None:  # plain Adam with coupled L2
@@ -218,7 +220,7 @@ def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, transport: Tr
             )
             return step.astype(g.dtype), m, v, sq
 
-        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, state.sq_norm, params)
+        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, state.sq_norm, params, wds)
         new_updates, mu, nu, sq_norm = _utils.unzip(out, updates, 4)
         return new_updates, SphericalAdamState(count, mu, nu, sq_norm)
 
@@ -232,6 +234,7 @@ def adam_st(
     eps: float = 1e-8,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
+    mask: Any = None,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""Adam-ST: Adam-S plus transport of the momentum ("Adam w/o (ab)", Roburin's thesis tab. 3.3).
@@ -240,9 +243,10 @@ def adam_st(
     sphere by the transport of Roburin et al. eq. 72,
     :math:`m_k \leftarrow \langle u_k,u_{k+1}\rangle m_k - \langle m_k,u_{k+1}\rangle u_k`.
     The second moment is not rescaled. Same as ``transport_momentum(adam_s(...))``, fused
-    (see the module docstring; state :class:`SphericalAdamState`).
+    (see the module docstring; state :class:`SphericalAdamState`). ``mask`` as in
+    :func:`adam_s`.
     """
-    return _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, "t")
+    return _adam_sphere(learning_rate, b1, b2, eps, weight_decay, mask, groups, "t")
 
 
 def adam_srt(
@@ -252,6 +256,7 @@ def adam_srt(
     eps: float = 1e-8,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
+    mask: Any = None,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""Adam-SRT (Roburin et al. sec. 4.2, eqs. 19-21 / 78-80, alg. 1): "Adam w/o (abc)".
@@ -265,9 +270,9 @@ def adam_srt(
 
     per group; plain Adam with coupled L2 on ungrouped leaves. Same as
     ``rescale_transport_momentum(adam_s(...))``, fused (see the module docstring; state
-    :class:`SphericalAdamState`).
+    :class:`SphericalAdamState`). ``mask`` as in :func:`adam_s`.
     """
-    return _adam_sphere(learning_rate, b1, b2, eps, weight_decay, groups, "rt")
+    return _adam_sphere(learning_rate, b1, b2, eps, weight_decay, mask, groups, "rt")
 
 
 def sgdm_rt(
@@ -275,6 +280,7 @@ def sgdm_rt(
     momentum: float = 0.9,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
+    mask: Any = None,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformation:
     r"""SGD-MRT (Roburin et al. sec. 4.2 remark, app. E.2): SGD momentum with RT of the momentum.
@@ -285,7 +291,7 @@ def sgdm_rt(
 
     per group (RT of Roburin et al. eq. 75); ``optax.sgd(lr, momentum)`` with coupled L2 on
     ungrouped leaves. Same as ``rescale_transport_momentum(chain(add_decayed_weights(wd),
-    sgd(lr, momentum)))``, fused (see the module docstring).
+    sgd(lr, momentum)))``, fused (see the module docstring). ``mask`` as in :func:`adam_s`.
     """
     _utils.check_rate("learning_rate", learning_rate)
     _utils.check_beta("momentum", momentum)
@@ -302,9 +308,9 @@ def sgdm_rt(
         params = _utils.require_params(params, "sgdm_rt")
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
-        wd = _utils.value_at(weight_decay, state.count)
+        wds = _utils.masked_rate(_utils.value_at(weight_decay, state.count), mask, params)
 
-        def leaf(group, g, b, sq, x):
+        def leaf(group, g, b, sq, x, wd):
             acc = accumulation_dtype(jnp.result_type(g, x))
             if group is None:
                 b = momentum * b + g.astype(acc) + wd * x.astype(acc)
@@ -323,7 +329,7 @@ def sgdm_rt(
             )
             return step.astype(g.dtype), b, sq
 
-        out = _utils.map_groups(leaf, grp, updates, state.trace, state.sq_norm, params)
+        out = _utils.map_groups(leaf, grp, updates, state.trace, state.sq_norm, params, wds)
         new_updates, trace, sq_norm = _utils.unzip(out, updates, 3)
         return new_updates, SgdmRtState(optax.safe_increment(state.count), trace, sq_norm)
 

@@ -7,6 +7,7 @@
 import inspect
 
 import alias_cases
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,15 +42,11 @@ def _run(tx, params, steps, update=None, grads=_grads):
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 def _equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(a, b)
 
 
 @pytest.mark.parametrize("case", alias_cases.params())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import chex
 import equinox as eqx
 import flax.linen as nn
 import haiku as hk
@@ -435,8 +436,7 @@ def test_default_groups_warn_and_reduce_to_the_base_optimizer():
         default, _ = tx.update(grads, state, params)
     base = osp.adam_srt(1e-2, weight_decay=1e-3, groups=None)
     expected, _ = base.update(grads, base.init(params), params)
-    chex_equal = jax.tree.map(np.testing.assert_array_equal, default, expected)
-    assert chex_equal is not None
+    chex.assert_trees_all_equal(default, expected)
 
 
 def test_unit_on_an_out_first_layout_warns():

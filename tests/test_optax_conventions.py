@@ -5,6 +5,7 @@ states built before the parameters are sharded, and finding a monitor inside opt
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,7 +95,7 @@ def test_extra_keyword_arguments_to_update(name):
         state = tx.init(params)
         plain, _ = tx.update(_grads(params), state, params)
         extra, _ = tx.update(_grads(params), state, params, value=jnp.ones(()), grad=None)
-        jax.tree.map(np.testing.assert_array_equal, plain, extra)
+        chex.assert_trees_all_equal(plain, extra)
     assert isinstance(_make(name), optax.GradientTransformationExtraArgs)
 
 
@@ -133,7 +134,7 @@ def test_inject_hyperparams_keeps_the_state_structure(name):
     ours, _ = injected.update(_grads(params), state, params)
     reference, _ = _make(name).update(_grads(params), plain, params)
     # the injected learning rate is a float32 array: equal to its rounding
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4), ours, reference)
+    chex.assert_trees_all_close(ours, reference, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -150,8 +151,7 @@ def test_state_from_unsharded_params_works_once_they_are_sharded(name):
         expected, _ = tx.update(_grads(params), state, params)
         # a split reduction sums in another order: float32 rounding, amplified by the
         # rotational normalisation of a group (rtol 1e-4 measured)
-        close = lambda a, b: np.testing.assert_allclose(a, b, rtol=5e-4, atol=1e-7)
-        jax.tree.map(close, updates, expected)
+        chex.assert_trees_all_close(updates, expected, rtol=5e-4, atol=1e-7)
         assert label
 
 
@@ -172,3 +172,31 @@ def test_monitor_found_inside_multi_transform_and_masked():
     masked = optax.masked(optax.chain(optax.adam(1e-2), osp.monitor(groups="unit")),
                           {"conv": True, "dense": False})  # fmt: skip
     assert isinstance(osp.find_monitor_state(masked.init(params)), osp.MonitorState)
+
+
+WEIGHT_DECAY_ALIASES = ["adam_s", "adam_st", "adam_srt", "sgdm_rt", "adamp", "sgdp"]
+
+
+@pytest.mark.parametrize("name", WEIGHT_DECAY_ALIASES)
+def test_weight_decay_mask_as_optax_adamw(name):
+    """``mask`` keeps the decay off the masked-out leaves: with a mask that selects nothing the
+    alias is the alias without decay; a callable mask and a tree mask agree."""
+    params = _params()
+    grads = _grads(params)
+    none = jax.tree.map(lambda _: False, params)
+    only_kernels = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+    without = _make(name, weight_decay=0.0)
+    off = _make(name, weight_decay=0.1, mask=none)
+    a, _ = without.update(grads, without.init(params), params)
+    b, _ = off.update(grads, off.init(params), params)
+    chex.assert_trees_all_equal(a, b)
+    as_tree = _make(name, weight_decay=0.1, mask=only_kernels(params))
+    as_callable = _make(name, weight_decay=0.1, mask=only_kernels)
+    full = _make(name, weight_decay=0.1)
+    c, _ = as_tree.update(grads, as_tree.init(params), params)
+    d, _ = as_callable.update(grads, as_callable.init(params), params)
+    e, _ = full.update(grads, full.init(params), params)
+    chex.assert_trees_all_equal(c, d)
+    np.testing.assert_array_equal(c["dense"]["bias"], a["dense"]["bias"])  # masked out
+    assert not np.allclose(c["dense"]["kernel"], a["dense"]["kernel"])  # decayed
+    np.testing.assert_array_equal(c["dense"]["kernel"], e["dense"]["kernel"])

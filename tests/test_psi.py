@@ -1,6 +1,7 @@
 """PSI-SGD(M): metric scaling, Theorem 1 of Yi et al., the overflow safeguard, BN training."""
 
 import bn_training
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,8 +54,7 @@ def _run(tx, params, steps):
 
 
 def _assert_tree_close(a, b, rtol, atol=0.0):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 def test_metric_scaling_is_squared_group_norm_times_gradient():

@@ -2,6 +2,7 @@
 equals the algorithm line by line, norms and means are kept, the angular update is eta_r,
 ungrouped leaves get the plain inner optimizer, and Flax LayerNorm / BatchNorm models train."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -253,8 +254,7 @@ def test_weight_decay_acts_only_through_eta_r():
 
 
 def _leaves_close(a, b, tol):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+    chex.assert_trees_all_close(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize(
