@@ -134,11 +134,14 @@ class MonitoredState(NamedTuple):
     monitor: MonitorState
 
 
-def _leaf_stats(group: Group, x0: jax.Array, delta: jax.Array, scale: Any) -> tuple:
+def _leaf_stats(
+    group: Group, x0: jax.Array, delta: jax.Array, scale: Any, grad: Any = None
+) -> tuple:
     """All stats of one leaf from ``x_k`` and ``Delta``: two reduction passes (``<x,x>``,
     ``<x,Delta>``, ``<Delta,Delta>`` in one, ``||Delta_perp||^2`` in the other, so that the
-    tangential part, hence tiny angles, keeps full relative precision), then scalar math.
-    Per-group results are squeezed over the group axes."""
+    tangential part, hence tiny angles, keeps full relative precision), then scalar math;
+    with the gradient ``grad``, its radial part ``|<g,x>| / (||g|| ||x||)`` last (``<x,x>``
+    shared). Per-group results are squeezed over the group axes."""
     acc = accumulation_dtype(jnp.result_type(x0, delta))
     x0, delta = x0.astype(acc), delta.astype(acc)
     xx = group_sq_norm(x0, group)
@@ -163,59 +166,48 @@ def _leaf_stats(group: Group, x0: jax.Array, delta: jax.Array, scale: Any) -> tu
     if scale is not None:
         scale = jnp.asarray(scale, acc)
         out += [geometry.safe_div(scale, cross), geometry.safe_div(rise, scale)]
+    if grad is not None:
+        grad = grad.astype(acc)
+        gx, gg = group_dot(grad, x0, group), group_sq_norm(grad, group)
+        out.append(geometry.safe_div(jnp.abs(gx), jnp.sqrt(gg * xx)))
     return tuple(jnp.squeeze(v, axis=group.axes) for v in out)
 
 
-def _stats_from_step(grp: PyTree, params: PyTree, deltas: PyTree, step_scale: Any) -> GeometryStats:
+def _stats_from_step(
+    grp: PyTree, params: PyTree, deltas: PyTree, step_scale: Any, grads: PyTree = None
+) -> GeometryStats:
     """Stats of the step ``params -> params + deltas``; ``step_scale`` None, a scalar, or a
-    tree like the params (per-group keepdims arrays on grouped leaves)."""
+    tree like the params (per-group keepdims arrays on grouped leaves); with ``grads``, also
+    their radial part."""
     with_scale = step_scale is not None
     n = 8 if with_scale else 6
     if with_scale and _is_scalar(step_scale):
         step_scale = jax.tree.map(lambda _, s=step_scale: s, params)
     if not with_scale:
         step_scale = jax.tree.map(lambda _: None, params)
+    with_grads = grads is not None
+    if not with_grads:
+        grads = jax.tree.map(lambda _: None, params)
 
-    def leaf(group, x0, delta, scale):
+    def leaf(group, x0, delta, scale, grad):
         if group is None:
             return None
         if with_scale and scale is None:
             raise ValueError("`step_scale` has no value for a grouped parameter.")
-        return _leaf_stats(group, x0, delta, scale)
+        return _leaf_stats(group, x0, delta, scale, grad)
 
     out = jax.tree.map(
-        lambda g, x0, d, s: leaf(g, x0, d, s),
+        leaf,
         grp,
         params,
         deltas,
         step_scale,
+        grads,
         is_leaf=lambda v: v is None or isinstance(v, Group),
     )
-    fields = [
-        jax.tree.map(lambda _, t, i=i: None if t is None else t[i], params, out) for i in range(n)
-    ]
-    if not with_scale:
-        fields += [None, None]
-    return GeometryStats(*fields)
-
-
-def _radial_gradient(grp: PyTree, params: PyTree, grads: PyTree) -> PyTree:
-    """Per group, ``|<g, x>| / (||g|| ||x||)`` (0 where ``g`` or ``x`` is 0), squeezed."""
-
-    def leaf(group, x, g):
-        if group is None:
-            return None
-        acc = accumulation_dtype(jnp.result_type(x, g))
-        x, g = x.astype(acc), g.astype(acc)
-        cos = geometry.safe_div(
-            jnp.abs(group_dot(g, x, group)),
-            jnp.sqrt(group_sq_norm(g, group) * group_sq_norm(x, group)),
-        )
-        return jnp.squeeze(cos, axis=group.axes)
-
-    return jax.tree.map(
-        leaf, grp, params, grads, is_leaf=lambda v: v is None or isinstance(v, Group)
-    )
+    field = lambda i: jax.tree.map(lambda _, t: None if t is None else t[i], params, out)
+    fields = [field(i) for i in range(n)] + [None] * (8 - n)
+    return GeometryStats(*fields, field(n) if with_grads else None)
 
 
 def _is_scalar(value: Any) -> bool:
@@ -367,7 +359,8 @@ def monitored(
                 params,
                 updates,
                 None if step_scale is None else step_scale(inner_state, params),
-            )._replace(radial_gradient=_radial_gradient(grp, params, grads)),
+                grads,
+            ),
         )
         mon = MonitorState(optax.safe_increment(state.monitor.count), stats)
         return updates, MonitoredState(inner_state, mon)

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_sphere.groups import key_names, path_str
+from optax_sphere.groups import Group, key_names, named_axes, path_str
 
 __all__ = ["FoundGroups", "GroupReport", "find_groups"]
 
@@ -61,20 +61,12 @@ _LABELS = {
 }
 
 
-def _candidate_axes(kind: str, ndim: int) -> tuple[int, ...]:
-    if kind == _UNIT_LAST:
-        return tuple(range(ndim - 1))
-    if kind == _UNIT_FIRST:
-        return tuple(range(1, ndim))
-    return tuple(range(ndim))
-
-
 def _candidates(shape: tuple[int, ...], layout: str) -> list[str]:
     """The groupings tried for a leaf: per unit in the model's layout first, then the other
     layout, then per tensor; never one whose groups hold fewer than 2 elements."""
     units = [_UNIT_LAST, _UNIT_FIRST] if layout == "out_last" else [_UNIT_FIRST, _UNIT_LAST]
     kinds = (units if len(shape) >= 2 else []) + [_TENSOR]
-    return [k for k in kinds if math.prod(shape[a] for a in _candidate_axes(k, len(shape))) >= 2]
+    return [k for k in kinds if Group(named_axes(k, len(shape))).size(shape) >= 2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +286,7 @@ class _Sums:
             noise = rng.standard_normal(p.shape)
             tangents = {}
             for kind in leaf_kinds:
-                axes = _candidate_axes(kind, p.ndim)
+                axes = named_axes(kind, p.ndim)
                 pp = np.sum(p * p, axis=axes, keepdims=True)
                 safe_pp = np.where(pp > 0, pp, 1)
                 t = noise - np.sum(noise * p, axis=axes, keepdims=True) / safe_pp * p
@@ -310,7 +302,7 @@ class _Sums:
             effect = math.sqrt(float(np.sum(g * g)) * float(np.sum(p * p)))
             self.effect[i] = max(self.effect[i], effect)
             for kind in self.kinds[i]:
-                axes = _candidate_axes(kind, p.ndim)
+                axes = named_axes(kind, p.ndim)
                 self.radial[i][kind] = self.radial[i][kind] + np.sum(g * p, axis=axes) ** 2
                 t = self.tangents[i][kind]
                 self.tangent[i][kind] = self.tangent[i][kind] + np.sum(g * t, axis=axes) ** 2
@@ -458,11 +450,7 @@ def find_groups(
 
     rows = []
     for (path, shape, _, measured, note), choice in zip(reports, specs):
-        size = (
-            None
-            if choice is None
-            else math.prod(shape[a] for a in _candidate_axes(choice, len(shape)))
-        )
+        size = None if choice is None else Group(named_axes(choice, len(shape))).size(shape)
         count = 0 if choice is None else math.prod(shape) // size
         if choice is None and not note:
             note = "failed the scaling check"
@@ -478,9 +466,8 @@ def find_groups(
     return found
 
 
-def _group_shape(kind: str, leaf: Any) -> tuple[int, ...]:
-    axes = _candidate_axes(kind, leaf.ndim)
-    return tuple(1 if a in axes else n for a, n in enumerate(leaf.shape))
+def _scalar_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return Group(named_axes(kind, len(shape))).scalar_shape(shape)
 
 
 def _check_by_scaling(
@@ -492,7 +479,9 @@ def _check_by_scaling(
         return specs
     rng = np.random.default_rng(seed + 1)
     factors = [
-        None if s is None else np.exp(rng.uniform(-math.log(2), math.log(2), _group_shape(s, v)))
+        None
+        if s is None
+        else np.exp(rng.uniform(-math.log(2), math.log(2), _scalar_shape(s, v.shape)))
         for s, v in zip(specs, leaves)
     ]
     jitted = jax.jit(outputs)

@@ -59,8 +59,10 @@ GroupsLike = Union[None, str, Callable[[PyTree], PyTree], PyTree]
 __all__ = [
     "Group",
     "GroupsLike",
+    "NAMED_SPECS",
     "UNSET",
     "key_names",
+    "named_axes",
     "per_unit",
     "per_unit_out_first",
     "per_tensor",
@@ -106,12 +108,24 @@ def _ndim(leaf: Any) -> int:
     return len(getattr(leaf, "shape", ()))  # non-arrays are reported by resolve_groups
 
 
-def _per_unit_spec(
-    params: PyTree, spec: str, group_axes: Callable[[tuple[int, ...]], tuple[int, ...]]
-) -> PyTree:
+#: The named per-leaf specs and the axes one group spans for a leaf of ``ndim`` axes.
+NAMED_SPECS: dict[str, Callable[[int], tuple[int, ...]]] = {
+    "unit": lambda ndim: tuple(range(ndim - 1)),  # (..., out): Flax, Haiku
+    "unit_out_first": lambda ndim: tuple(range(1, ndim)),  # (out, ...): PyTorch, Equinox
+    "tensor": lambda ndim: tuple(range(ndim)),
+}
+
+
+def named_axes(spec: str, ndim: int) -> tuple[int, ...]:
+    """The axes one group of a named spec (``"unit"``, ``"unit_out_first"``, ``"tensor"``)
+    spans in a leaf of ``ndim`` axes."""
+    return NAMED_SPECS[spec](ndim)
+
+
+def _per_unit_spec(params: PyTree, spec: str) -> PyTree:
     def leaf(p):
         shape = tuple(getattr(p, "shape", ()))
-        if len(shape) < 2 or math.prod(shape[a] for a in group_axes(shape)) < 2:
+        if len(shape) < 2 or Group(named_axes(spec, len(shape))).size(shape) < 2:
             return None  # biases, norm scales, (1, ..., 1, C) norm parameters: no group
         return spec
 
@@ -131,7 +145,7 @@ def per_unit(params: PyTree) -> PyTree:
     Which leaves a normalisation follows is not visible in the shapes (a classifier head is
     grouped too): prefer :func:`optax_sphere.find_groups`.
     """
-    spec = _per_unit_spec(params, "unit", lambda shape: tuple(range(len(shape) - 1)))
+    spec = _per_unit_spec(params, "unit")
     named_weight = [
         path_str(p)
         for p, s in jax.tree_util.tree_flatten_with_path(spec)[0]
@@ -155,7 +169,7 @@ def per_unit_out_first(params: PyTree) -> PyTree:
     leaves whose groups would hold one element (an Equinox conv bias ``(out, 1, 1)``), are
     not grouped.
     """
-    return _per_unit_spec(params, "unit_out_first", lambda shape: tuple(range(1, len(shape))))
+    return _per_unit_spec(params, "unit_out_first")
 
 
 def per_tensor(params: PyTree) -> PyTree:
@@ -206,27 +220,17 @@ def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
     axes: Any = spec.axes if isinstance(spec, Group) else spec
     ndim = len(leaf.shape)
     if isinstance(axes, str):
-        if axes == "unit":
-            if ndim < 2:
-                raise ValueError(
-                    f"groups for parameter '{path}': 'unit' needs ndim >= 2 (all axes but "
-                    f"the last), got shape {tuple(leaf.shape)}; use 'tensor' or None."
-                )
-            axes = tuple(range(ndim - 1))
-        elif axes == "unit_out_first":
-            if ndim < 2:
-                raise ValueError(
-                    f"groups for parameter '{path}': 'unit_out_first' needs ndim >= 2 (all "
-                    f"axes but the first), got shape {tuple(leaf.shape)}; use 'tensor' or None."
-                )
-            axes = tuple(range(1, ndim))
-        elif axes == "tensor":
-            axes = tuple(range(ndim))
-        else:
+        if axes not in NAMED_SPECS:
             raise ValueError(
                 f"groups for parameter '{path}': unknown spec {axes!r}; expected None, "
                 "'unit', 'unit_out_first', 'tensor' or a sequence of axes."
             )
+        if axes != "tensor" and ndim < 2:
+            raise ValueError(
+                f"groups for parameter '{path}': {axes!r} needs ndim >= 2 (one axis for the "
+                f"units), got shape {tuple(leaf.shape)}; use 'tensor' or None."
+            )
+        axes = named_axes(axes, ndim)
     elif isinstance(axes, int):
         axes = (axes,)
     try:
