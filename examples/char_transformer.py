@@ -164,16 +164,12 @@ def candidates() -> tuple[list[_common.Candidate], dict[str, str]]:
     ]
     skipped = {}
     rv = presets.get("kosson2024/wikitext_gpt/rv_adamw")
-    if rv.available:
-        make = lambda **kw: rv.build(groups=block_kernels, **kw)
-        chosen.append(
-            _common.Candidate(
-                "rv_adamw", "rv_adamw (per tensor)", dict(rv.hyperparams), f"preset {rv.name}", make
-            )
+    make = lambda **kw: rv.build(groups=block_kernels, **kw)
+    chosen.append(
+        _common.Candidate(
+            "rv_adamw", "rv_adamw (per tensor)", dict(rv.hyperparams), f"preset {rv.name}", make
         )
-    else:
-        _common.lookup("rv_adamw")
-        skipped["rv_adamw"] = "optax_sphere has no `rv_adamw` yet"
+    )
     return chosen, skipped
 
 

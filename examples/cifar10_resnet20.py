@@ -142,10 +142,6 @@ def candidates(names: list[str], groups: Any) -> tuple[list[_common.Candidate], 
     chosen, skipped = [], {}
     for name in names:
         preset = presets.get(PRESET_NAMES[name])
-        if not preset.available:
-            _common.lookup(name)
-            skipped[name] = f"optax_sphere has no `{name}` yet"
-            continue
         extra = {} if name in ("sgdm", "adam", "adamw") else {"groups": groups}
         make = lambda preset=preset, extra=extra, **kw: preset.build(**kw, **extra)
         hp = dict(preset.hyperparams)

@@ -301,13 +301,18 @@ def monitor(
         _utils.check_rate("step_scale", step_scale)
     _check_every(every)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
         return MonitorState(
             jnp.zeros([], jnp.int32), _init_stats(grp, params, step_scale is not None)
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "monitor")
         grp = resolve_groups(groups, params)
@@ -341,12 +346,17 @@ def monitored(
     _check_every(every)
     inner = optax.with_extra_args_support(inner)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
         stats = _init_stats(grp, params, step_scale is not None, with_gradient=True)
         return MonitoredState(inner.init(params), MonitorState(jnp.zeros([], jnp.int32), stats))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         params = _utils.require_params(params, "monitored")
         grp = resolve_groups(groups, params)
         grads = updates

@@ -30,8 +30,7 @@ Sources:
 
 Optimizer names: ``"sgdm"`` (``optax.sgd`` with momentum after coupled L2), ``"adam"`` (Adam
 + L2), ``"adamw"``, ``"lion"`` (``optax.lion``) and this library's aliases (``"adam_srt"``,
-``"rv_adamw"``, ...). An alias that this installation of ``optax_sphere`` does not provide
-makes :meth:`Preset.build` raise a ``LookupError``; :attr:`Preset.available` tells first.
+``"rv_adamw"``, ...).
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ def _warmup_cosine(init_value: float, total_steps: int, warmup_steps: int) -> op
     )
 
 
-def _optimizer_factory(name: str) -> Callable[..., optax.GradientTransformation] | None:
+def _optimizer_factory(name: str) -> Callable[..., optax.GradientTransformation]:
     import optax_sphere
 
     if name == "sgdm":
@@ -84,9 +83,7 @@ def _optimizer_factory(name: str) -> Callable[..., optax.GradientTransformation]
         return optax.adamw
     if name == "lion":
         return optax.lion
-    alias = getattr(optax_sphere, name, None)
-    if alias is None:
-        return None
+    alias = getattr(optax_sphere, name)
     if name in ("adamg", "sgdg"):  # no weight_decay keyword: L2 on the ungrouped leaves
 
         def with_l2(weight_decay=0.0, **kw):
@@ -124,11 +121,6 @@ class Preset:
     warmup_epochs: int = 0
     steps: int | None = None
 
-    @property
-    def available(self) -> bool:
-        """Whether this installation of ``optax_sphere`` provides the optimizer."""
-        return _optimizer_factory(self.optimizer) is not None
-
     def learning_rate_schedule(
         self, total_steps: int, warmup_steps: int | None = None, learning_rate: float | None = None
     ) -> optax.Schedule:
@@ -146,11 +138,6 @@ class Preset:
         """The optimizer with these hyperparameters; ``overrides`` replace or add keywords
         (``learning_rate=schedule``, ``groups=...``)."""
         factory = _optimizer_factory(self.optimizer)
-        if factory is None:
-            raise LookupError(
-                f"preset {self.name!r} needs `optax_sphere.{self.optimizer}`, which this "
-                "version of optax_sphere does not provide."
-            )
         return factory(**{**self.hyperparams, **overrides})
 
 

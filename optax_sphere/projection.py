@@ -113,13 +113,18 @@ def scale_invariant_projection(
     _utils.check_rate("eps", eps)
     inner = optax.with_extra_args_support(inner)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         resolve_groups(groups, params)
         return ScaleInvariantProjectionState(
             jnp.zeros([], jnp.int32), inner.init(_utils.to_accumulation(params))
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         params = _utils.require_params(params, "scale_invariant_projection")
         _utils.check_state_matches(
             params, updates, state.inner_state, (*MOMENTUM_FIELDS, *SECOND_MOMENT_FIELDS)
@@ -193,12 +198,17 @@ def _scale_by_adam_torch(b1, b2, eps, nesterov) -> optax.GradientTransformation:
     if not nesterov:
         return optax.scale_by_adam(b1, b2, eps)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         mu = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
         nu = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
         return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         del params
         count = optax.safe_increment(state.count)

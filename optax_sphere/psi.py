@@ -51,11 +51,16 @@ def scale_by_psi_metric(groups: GroupsLike = "unset") -> optax.GradientTransform
     example before ``optax.sgd``) to move any Euclidean optimizer onto the PSI manifold.
     """
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         resolve_groups(groups, params)
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "scale_by_psi_metric")
         grp = resolve_groups(groups, params)
@@ -113,12 +118,17 @@ def psi_sgdm(
         nesterov or isinstance(momentum, (jax.Array, jax.core.Tracer)) or momentum != 0
     )
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         resolve_groups(groups, params)
         trace = jax.tree.map(lambda p: _utils.zeros_acc(p), params) if keep_trace else ()
         return PsiSgdState(jnp.zeros([], jnp.int32), trace)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "psi_sgdm")
         _utils.check_trees_match(params, updates, *([state.trace] if keep_trace else []))

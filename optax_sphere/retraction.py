@@ -54,11 +54,16 @@ def project_tangent(groups: GroupsLike = "unset") -> optax.GradientTransformatio
     Stateless; needs ``params``. Ungrouped leaves pass through.
     """
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         resolve_groups(groups, params)
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "project_tangent")
         grp = resolve_groups(groups, params)
@@ -98,11 +103,16 @@ def retract_to_sphere(
     if not radius > 0:
         raise ValueError(f"`radius` must be > 0, got {radius!r}.")
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         resolve_groups(groups, params)
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "retract_to_sphere")
         grp = resolve_groups(groups, params)
@@ -305,11 +315,16 @@ def sgdg(
     _utils.check_beta("momentum", momentum)
     _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         resolve_groups(groups, params)
         return SgdgState(jnp.zeros([], jnp.int32), jax.tree.map(_utils.zeros_acc, params))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "sgdg")
         grp = resolve_groups(groups, params)
@@ -385,7 +400,7 @@ def adamg(
     _utils.check_rate("eps", eps)
     _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
         mu = jax.tree.map(_utils.zeros_acc, params)
         nu = _utils.map_groups(
@@ -399,7 +414,12 @@ def adamg(
         )
         return AdamgState(jnp.zeros([], jnp.int32), mu, nu)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "adamg")
         grp = resolve_groups(groups, params)
@@ -480,7 +500,7 @@ def adagradg(
             f"`v0` must be finite and > 0 (the first step divides by sqrt(v0)), got {v0!r}."
         )
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
         single = jax.tree_util.treedef_is_leaf(jax.tree.structure(v0))
         v0_tree = jax.tree.map(lambda _: v0, params) if single else v0
@@ -499,7 +519,12 @@ def adagradg(
             ) from None
         return AdagradgState(jnp.zeros([], jnp.int32), nu)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "adagradg")
         grp = resolve_groups(groups, params)

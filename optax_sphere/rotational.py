@@ -234,7 +234,7 @@ def rotational_rms_control(
     _utils.check_rate("weight_decay", weight_decay)
     inner = optax.with_extra_args_support(inner)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         if any(isinstance(p, jax.ShapeDtypeStruct) for p in jax.tree.leaves(params)):
             # abstract parameters (to build a sharded state without allocating): the initial
             # norms need values, so the state is abstract too, as jax.eval_shape gives it
@@ -256,7 +256,12 @@ def rotational_rms_control(
             inner=inner.init(_utils.to_accumulation(params)),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         params = _utils.require_params(params, "rotational_rms_control")
         _utils.check_trees_match(params, updates, state.norm, state.q)
         _utils.check_state_matches(params, updates, state.inner, _BUFFER_FIELDS)
@@ -423,11 +428,16 @@ def _scale_by_lion_sign(b1: float, b2: float) -> optax.GradientTransformation:
     ``c = b1 m + (1 - b1) g`` is passed on instead of its sign: ``sign(inf) = 1`` would turn an
     Inf gradient, and the Inf it leaves in ``m`` for good, into ordinary steps."""
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         mu = jax.tree.map(jnp.zeros_like, params)
         return optax.ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=mu)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         del params
 
@@ -512,12 +522,17 @@ def scale_by_adam_l2_direction(
     _utils.check_rate("weight_decay", weight_decay)
     _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         resolve_groups(groups, params)
         zeros = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
         return ScaleByAdamL2DirectionState(jnp.zeros([], jnp.int32), zeros, zeros)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "scale_by_adam_l2_direction")
         grp = resolve_groups(groups, params)

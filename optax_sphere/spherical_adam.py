@@ -176,14 +176,19 @@ def adam_s(
 def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, mask, groups, transport: Transport):
     _check_adam(learning_rate, b1, b2, eps, weight_decay)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
         mu = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
         nu = _utils.map_groups(init_second_moment, grp, params)
         sq_norm = _utils.map_groups(_init_sq_norm, grp, params)
         return SphericalAdamState(jnp.zeros([], jnp.int32), mu, nu, sq_norm)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, f"adam_s{transport}")
         grp = resolve_groups(groups, params)
@@ -297,13 +302,18 @@ def sgdm_rt(
     _utils.check_beta("momentum", momentum)
     _utils.check_rate("weight_decay", weight_decay)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
         trace = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
         sq_norm = _utils.map_groups(_init_sq_norm, grp, params)
         return SgdmRtState(jnp.zeros([], jnp.int32), trace, sq_norm)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "sgdm_rt")
         grp = resolve_groups(groups, params)

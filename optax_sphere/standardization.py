@@ -88,13 +88,18 @@ def scale_by_standardized_adam(
     _utils.check_beta("b2", b2)
     _utils.check_rate("eps", eps)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
         mu = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
         nu = _utils.map_groups(init_second_moment, grp, params)
         return ScaleByStandardizedAdamState(jnp.zeros([], jnp.int32), mu, nu)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         del params
         grp = resolve_groups(groups, updates)

@@ -81,7 +81,7 @@ def _momentum_geometry(
     inner = optax.with_extra_args_support(inner)
     momentum_fields = tuple(momentum_fields)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         resolve_groups(groups, params)  # validate the spec against the params now
         state = inner.init(params)
         _, found = _map_state_fields(
@@ -95,7 +95,12 @@ def _momentum_geometry(
             )
         return state
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         params = _utils.require_params(params, name)
         _utils.check_state_matches(params, updates, state, momentum_fields)
         grp = resolve_groups(groups, params)

@@ -41,11 +41,16 @@ def decoupled_weight_decay(
     _utils.check_rate("weight_decay", weight_decay)
     _utils.check_rate("learning_rate", learning_rate)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         del params
         return DecoupledWeightDecayState(jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "decoupled_weight_decay")
         _utils.check_trees_match(updates, params)

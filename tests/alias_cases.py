@@ -33,7 +33,6 @@ class Case:
     name: str
     factory: Factory
     kwargs: dict[str, Any]
-    requires: tuple[str, ...]
     kind: str  # "alias" or "primitive"
     # Documented behaviour (docs/reliability.md), asserted by the tests:
     # a group at the origin with a nonzero gradient "moves", or "stays" there (its norm or its
@@ -54,37 +53,25 @@ class Case:
     # the library in front of an optax optimizer, whose own error is raised.
     changed_tree: str = "raises"
 
-    @property
-    def available(self) -> bool:
-        return all(_exported(n) is not None for n in self.requires)
-
     def make(self, **overrides: Any) -> optax.GradientTransformation:
         return self.factory(**{**self.kwargs, **overrides})
 
 
-def _missing(name: str) -> Factory:
-    def factory(**kw: Any) -> optax.GradientTransformation:
-        raise NotImplementedError(f"optax_sphere.{name} is not exported by this build")
-
-    return factory
-
-
 def _alias(name: str, behaviour: dict[str, Any] | None = None, **kwargs: Any) -> Case:
     # the exported function itself, so that optax.inject_hyperparams sees its signature
-    factory = _exported(name) or _missing(name)
+    factory = _exported(name)
     kwargs = {"groups": "unit", **kwargs}
-    return Case(name, factory, kwargs, (name,), "alias", **(behaviour or {}))
+    return Case(name, factory, kwargs, "alias", **(behaviour or {}))
 
 
 def _primitive(
     name: str,
-    requires: tuple[str, ...],
     build: Factory,
     behaviour: dict[str, Any] | None = None,
     learning_rate: float = 1e-2,
 ) -> Case:
     kwargs = {"learning_rate": learning_rate, "groups": "unit"}
-    return Case(name, build, kwargs, requires, "primitive", **(behaviour or {}))
+    return Case(name, build, kwargs, "primitive", **(behaviour or {}))
 
 
 # the step of a group is proportional to its norm: a group at the origin stays there
@@ -115,10 +102,6 @@ ALIASES = [
 ]
 
 
-def _osp(name: str) -> Any:
-    return _exported(name)
-
-
 ADAM_INNER = {
     "state_dtype": "params",
     "float16_limitation": "optax.adam keeps float16 moments for float16 params, where its "
@@ -130,43 +113,38 @@ ADAM_INNER = {
 PRIMITIVES = [
     _primitive(
         "chain(coupled_weight_decay,scale_by_standardized_adam)",
-        ("coupled_weight_decay", "scale_by_standardized_adam"),
         lambda learning_rate, groups="unit": optax.chain(
-            _osp("coupled_weight_decay")(1e-3),
-            _osp("scale_by_standardized_adam")(0.9, 0.99, groups=groups),
+            optax_sphere.coupled_weight_decay(1e-3),
+            optax_sphere.scale_by_standardized_adam(0.9, 0.99, groups=groups),
             optax.scale_by_learning_rate(learning_rate),
         ),
     ),
     _primitive(
         "rescale_momentum(sgd)",
-        ("rescale_momentum",),
-        lambda learning_rate, groups="unit": _osp("rescale_momentum")(
+        lambda learning_rate, groups="unit": optax_sphere.rescale_momentum(
             optax.sgd(learning_rate, momentum=0.9), groups=groups
         ),
         {"state_dtype": "params"},
     ),
     _primitive(
         "transport_momentum(adam)",
-        ("transport_momentum",),
-        lambda learning_rate, groups="unit": _osp("transport_momentum")(
+        lambda learning_rate, groups="unit": optax_sphere.transport_momentum(
             optax.adam(learning_rate), groups=groups
         ),
         ADAM_INNER,
     ),
     _primitive(
         "transport_momentum(adam,exact=True)",
-        ("transport_momentum",),
-        lambda learning_rate, groups="unit": _osp("transport_momentum")(
+        lambda learning_rate, groups="unit": optax_sphere.transport_momentum(
             optax.adam(learning_rate), groups=groups, exact=True
         ),
         ADAM_INNER,
     ),
     _primitive(
         "rescale_transport_momentum(scale_by_standardized_adam)",
-        ("rescale_transport_momentum", "scale_by_standardized_adam"),
-        lambda learning_rate, groups="unit": _osp("rescale_transport_momentum")(
+        lambda learning_rate, groups="unit": optax_sphere.rescale_transport_momentum(
             optax.chain(
-                _osp("scale_by_standardized_adam")(groups=groups),
+                optax_sphere.scale_by_standardized_adam(groups=groups),
                 optax.scale_by_learning_rate(learning_rate),
             ),
             groups=groups,
@@ -174,18 +152,16 @@ PRIMITIVES = [
     ),
     _primitive(
         "chain(scale_by_standardized_adam,decoupled_weight_decay)",
-        ("scale_by_standardized_adam", "decoupled_weight_decay"),
         lambda learning_rate, groups="unit": optax.chain(
-            _osp("scale_by_standardized_adam")(groups=groups),
+            optax_sphere.scale_by_standardized_adam(groups=groups),
             optax.scale_by_learning_rate(learning_rate),
-            _osp("decoupled_weight_decay")(1e-2, learning_rate),
+            optax_sphere.decoupled_weight_decay(1e-2, learning_rate),
         ),
     ),
     _primitive(
         "scale_invariant_projection(adam)",
-        ("scale_invariant_projection",),
         lambda learning_rate, groups="unit": optax.chain(
-            _osp("scale_invariant_projection")(
+            optax_sphere.scale_invariant_projection(
                 optax.scale_by_adam(), weight_decay=1e-2, groups=groups
             ),
             optax.scale_by_learning_rate(learning_rate),
@@ -197,10 +173,9 @@ PRIMITIVES = [
 PRIMITIVES += [
     _primitive(
         "rotational_rms_control(scale_by_adam)",
-        ("rotational_rms_control",),
         # rotational groups move by eta_r alone: tie it to the learning rate (as the rv_*
         # aliases do), so that a learning-rate schedule or injected value reaches them
-        lambda learning_rate, groups="unit": _osp("rotational_rms_control")(
+        lambda learning_rate, groups="unit": optax_sphere.rotational_rms_control(
             optax.scale_by_adam(),
             eta_r=learning_rate,
             learning_rate=learning_rate,
@@ -211,29 +186,26 @@ PRIMITIVES += [
     ),
     _primitive(
         "chain(scale_by_psi_metric,sgd)",
-        ("scale_by_psi_metric",),
         lambda learning_rate, groups="unit": optax.chain(
-            _osp("scale_by_psi_metric")(groups=groups), optax.sgd(learning_rate, momentum=0.9)
+            optax_sphere.scale_by_psi_metric(groups=groups), optax.sgd(learning_rate, momentum=0.9)
         ),
         # the state is optax.sgd's
         {**STAYS, "state_dtype": "params", "changed_tree": "optax_inner"},
     ),
     _primitive(
         "chain(project_tangent,sgd,retract_to_sphere)",
-        ("project_tangent", "retract_to_sphere"),
         lambda learning_rate, groups="unit": optax.chain(
-            _osp("project_tangent")(groups=groups),
+            optax_sphere.project_tangent(groups=groups),
             optax.sgd(learning_rate, momentum=0.9),
-            _osp("retract_to_sphere")("exp", groups=groups),
+            optax_sphere.retract_to_sphere("exp", groups=groups),
         ),
         # the exponential map steps by the angle Delta_perp / ||x||: none at the origin
         {**STAYS, "state_dtype": "params", "changed_tree": "optax_inner"},
     ),
     _primitive(
         "monitored(adam_srt)",
-        ("monitored", "adam_srt"),
-        lambda learning_rate, groups="unit": _osp("monitored")(
-            _osp("adam_srt")(learning_rate, groups=groups), groups=groups
+        lambda learning_rate, groups="unit": optax_sphere.monitored(
+            optax_sphere.adam_srt(learning_rate, groups=groups), groups=groups
         ),
     ),
 ]
@@ -248,7 +220,3 @@ def params(cases: list[Case] | None = None) -> list[Any]:
     for case in CASES if cases is None else cases:
         out.append(pytest.param(case, id=case.name))
     return out
-
-
-def available() -> list[Case]:
-    return [c for c in CASES if c.available]
