@@ -25,87 +25,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # benchmark the checkout this script lives in
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import optax_sphere  # noqa: E402
+import optax_sphere
+from optax_sphere.experiments.trees import (
+    kernels_per_tensor,
+    make_tree,
+    many_small_shapes,
+    resnet18_shapes,
+    transformer_shapes,
+)
 
 PyTree = Any
 
 # --------------------------------------------------------------------------------------------
-# Parameter trees (Flax layouts: Conv kernel (kh, kw, in, out), Dense kernel (in, out)).
+# Parameter trees (optax_sphere.experiments.trees).
 # --------------------------------------------------------------------------------------------
-
-
-def resnet18_shapes(num_classes: int = 1000) -> dict:
-    """ResNet-18 (ImageNet head), as ``flax`` would lay it out: 11,689,512 parameters."""
-
-    def conv_bn(kh, cin, cout):
-        return {"kernel": (kh, kh, cin, cout)}, {"scale": (cout,), "bias": (cout,)}
-
-    tree: dict = {}
-    tree["conv_init"], tree["bn_init"] = conv_bn(7, 3, 64)
-    cin = 64
-    for stage, width in enumerate((64, 128, 256, 512)):
-        for block in range(2):
-            b: dict = {}
-            b["Conv_0"], b["BatchNorm_0"] = conv_bn(3, cin, width)
-            b["Conv_1"], b["BatchNorm_1"] = conv_bn(3, width, width)
-            if cin != width:
-                b["conv_proj"], b["norm_proj"] = conv_bn(1, cin, width)
-            tree[f"ResNetBlock_{2 * stage + block}"] = b
-            cin = width
-    tree["Dense_0"] = {"kernel": (512, num_classes), "bias": (num_classes,)}
-    return tree
-
-
-def transformer_shapes(depth: int = 12, dim: int = 256, heads: int = 4, mlp: int = 1024) -> dict:
-    """A ViT-like tree (Flax ``MultiHeadDotProductAttention`` layout): LayerNorms, attention
-    kernels ``(dim, heads, head_dim)``, MLPs; about 10M parameters in ~200 leaves."""
-    hd = dim // heads
-    ln = {"scale": (dim,), "bias": (dim,)}
-    tree: dict = {
-        "embedding": {"kernel": (16, 16, 3, dim), "bias": (dim,)},
-        "cls": (1, 1, dim),
-        "pos_embedding": (1, 197, dim),
-    }
-    for i in range(depth):
-        attn = {n: {"kernel": (dim, heads, hd), "bias": (heads, hd)} for n in ("query", "key")}
-        attn["value"] = {"kernel": (dim, heads, hd), "bias": (heads, hd)}
-        attn["out"] = {"kernel": (heads, hd, dim), "bias": (dim,)}
-        tree[f"encoderblock_{i}"] = {
-            "LayerNorm_0": dict(ln),
-            "MultiHeadDotProductAttention_0": attn,
-            "LayerNorm_1": dict(ln),
-            "MlpBlock_0": {
-                "Dense_0": {"kernel": (dim, mlp), "bias": (mlp,)},
-                "Dense_1": {"kernel": (mlp, dim), "bias": (dim,)},
-            },
-        }
-    tree["encoder_norm"] = dict(ln)
-    tree["head"] = {"kernel": (dim, 1000), "bias": (1000,)}
-    return tree
-
-
-def many_small_shapes(layers: int = 256, width: int = 16) -> dict:
-    """Many small Dense layers: 512 leaves of at most 256 elements (per-leaf overheads)."""
-    return {f"Dense_{i}": {"kernel": (width, width), "bias": (width,)} for i in range(layers)}
-
-
-def kernels_per_tensor(params: PyTree) -> PyTree:
-    """Groups for a LayerNorm model: every ``kernel`` is one group, nothing else is grouped."""
-
-    def spec(path, leaf):
-        name = getattr(path[-1], "key", None)
-        return "tensor" if name == "kernel" else None
-
-    return jax.tree_util.tree_map_with_path(spec, params)
-
 
 TREES: dict[str, tuple[Callable[[], dict], Any]] = {
     # name: (shapes, groups given to every alias). Shape rules, not optax_sphere.find_groups:
@@ -114,17 +52,6 @@ TREES: dict[str, tuple[Callable[[], dict], Any]] = {
     "transformer": (transformer_shapes, kernels_per_tensor),
     "many_small": (many_small_shapes, "unit"),
 }
-
-
-def _is_shape(x: Any) -> bool:
-    return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
-
-
-def make_tree(shapes: dict, seed: int, scale: float, dtype=jnp.float32) -> PyTree:
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
-    rng = np.random.default_rng(seed)
-    arrays = [jnp.asarray(scale * rng.standard_normal(s, dtype=np.float32), dtype) for s in leaves]
-    return jax.tree.unflatten(treedef, arrays)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +136,28 @@ def count_kernels(hlo: str) -> int:
     return count
 
 
+def _bytes_accessed(compiled: Any) -> float | None:
+    """XLA's own estimate of the bytes one step reads and writes (``cost_analysis``)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return None if not cost else float(cost.get("bytes accessed", 0.0)) or None
+
+
+def environment() -> dict:
+    """What moves the numbers besides the code: the malloc settings and the machine load."""
+    malloc = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "malloc_settings": malloc or "glibc defaults",
+        "load_average_1_5_15_min": list(load) if load else None,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
 class Stepper:
     """One optimizer on one tree: a compiled, donating ``update`` + ``apply_updates`` step."""
 
@@ -227,6 +176,7 @@ class Stepper:
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - t0
         self.kernels = count_kernels(self.compiled.as_text())
+        self.xla_bytes = _bytes_accessed(self.compiled)
         # Floor of the traffic: read params, grads and state once, write params and state once.
         self.min_bytes = 2 * tree_bytes(params) + tree_bytes(grads) + 2 * self.state_bytes
         self.times: list[float] = []
@@ -328,6 +278,11 @@ def compare(
         "baseline_GBps": b.min_bytes / tb / 1e9,
         "alias_bandwidth_fraction": a.min_bytes / ta / 1e9 / copy_GBps,
         "baseline_bandwidth_fraction": b.min_bytes / tb / 1e9 / copy_GBps,
+        # the floor: the minimum bytes at the measured streaming bandwidth
+        "alias_over_floor": ta / (a.min_bytes / (copy_GBps * 1e9)),
+        "baseline_over_floor": tb / (b.min_bytes / (copy_GBps * 1e9)),
+        "alias_xla_bytes": a.xla_bytes,
+        "baseline_xla_bytes": b.xla_bytes,
         "finite": a.finite() and b.finite(),
         "steps": steps,
     }
@@ -370,7 +325,7 @@ def target_check(row: dict) -> str:
 def table(rows: list[dict]) -> str:
     head = (
         f"{'tree':<12}{'alias':<10}{'baseline':<30}{'time':>7}{'IQR of A/B':>14}"
-        f"{'A ms':>9}{'B ms':>9}{'state':>7}{'A GB/s':>8}{'B GB/s':>8}{'A cmp s':>8}"
+        f"{'A ms':>9}{'B ms':>9}{'state':>7}{'A/floor':>8}{'B/floor':>8}{'A cmp s':>8}"
         f"{'B cmp s':>8}{'A krn':>6}{'B krn':>6}  target"
     )
     lines = [head, "-" * len(head)]
@@ -379,7 +334,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{r['tree']:<12}{r['alias']:<10}{r['baseline']:<30}{r['time_ratio']:>7.3f}"
             f"{f'{q1:.2f}-{q3:.2f}':>14}{r['alias_ms']:>9.3f}{r['baseline_ms']:>9.3f}"
-            f"{_fmt(r['state_bytes_ratio']):>7}{r['alias_GBps']:>8.2f}{r['baseline_GBps']:>8.2f}"
+            f"{_fmt(r['state_bytes_ratio']):>7}{r['alias_over_floor']:>8.2f}"
+            f"{r['baseline_over_floor']:>8.2f}"
             f"{r['alias_compile_s']:>8.2f}{r['baseline_compile_s']:>8.2f}"
             f"{r['alias_kernels']:>6}{r['baseline_kernels']:>6}  {target_check(r)}"
         )
@@ -390,15 +346,19 @@ def markdown_table(rows: list[dict]) -> str:
     """The main columns as a Markdown table."""
     lines = [
         "| tree | alias | baseline | time ratio | IQR of A/B | ms (alias / baseline) "
-        "| state ratio | GB/s (alias / baseline) | compile s (alias / baseline) | target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| state ratio | time over floor (alias / baseline) | XLA kernels (alias / baseline) "
+        "| compile s (alias / baseline) | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q1, _, q3 = r["pair_ratio_quartiles"]
         lines.append(
             f"| {r['tree']} | `{r['alias']}` | `{r['baseline']}` | {r['time_ratio']:.3f} "
             f"| {q1:.2f}-{q3:.2f} | {r['alias_ms']:.2f} / {r['baseline_ms']:.2f} "
-            f"| {_fmt(r['state_bytes_ratio'])} | {r['alias_GBps']:.1f} / {r['baseline_GBps']:.1f} "
+            f"| {_fmt(r['state_bytes_ratio'])} "
+            f"| {r.get('alias_over_floor', float('nan')):.1f} / "
+            f"{r.get('baseline_over_floor', float('nan')):.1f} "
+            f"| {r['alias_kernels']} / {r['baseline_kernels']} "
             f"| {r['alias_compile_s']:.1f} / {r['baseline_compile_s']:.1f} | {target_check(r)} |"
         )
     return "\n".join(lines)
@@ -425,6 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(markdown_table(saved["rows"]))
         return saved
 
+    env = environment()
+    print(f"malloc: {env['malloc_settings']}; load average: {env['load_average_1_5_15_min']}")
     copy = measure_copy_bandwidth(repeats=3 if args.quick else 15)
     copy_GBps = copy["xla_stream_GBps"]
     print(
@@ -468,7 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             print(
                 f"  {alias:<10} {row['time_ratio']:.3f}x {row['baseline']} "
-                f"({row['alias_ms']:.2f} ms vs {row['baseline_ms']:.2f} ms), "
+                f"({row['alias_ms']:.2f} ms vs {row['baseline_ms']:.2f} ms; "
+                f"{row['alias_over_floor']:.1f}x vs {row['baseline_over_floor']:.1f}x the floor), "
                 f"state {_fmt(row['state_bytes_ratio'])}  {target_check(row)}",
                 flush=True,
             )
@@ -497,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "copy_bandwidth": copy,
+        "environment": {**env, "load_average_at_end": environment()["load_average_1_5_15_min"]},
         "trees": trees_info,
         "targets": {k: {"time": t, "state": s} for k, (t, s) in TARGETS.items()},
         "rows": rows,

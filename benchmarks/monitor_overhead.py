@@ -17,9 +17,9 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-from bench import make_tree, resnet18_shapes
 
 import optax_sphere as osp
+from optax_sphere.experiments.trees import make_tree, resnet18_shapes
 
 
 def resnet18_params(seed: int = 0) -> dict:

@@ -21,23 +21,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from bench import make_tree, resnet18_shapes  # noqa: E402
-from jax import lax  # noqa: E402
-
-import optax_sphere as osp  # noqa: E402
-from optax_sphere import rotational  # noqa: E402
-from optax_sphere.groups import resolve_groups  # noqa: E402
+import optax_sphere as osp
+from optax_sphere.experiments.trees import make_tree, resnet18_shapes
 
 
 def _median_ms(fn, args, steps: int) -> float:
@@ -86,30 +78,14 @@ def main(argv: list[str] | None = None) -> None:
 
     params = make_tree(resnet18_shapes(), seed=0, scale=0.05)
     direction = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
-    grp = resolve_groups("unit", params)
-    is_none = lambda n: n is None  # noqa: E731
-    norms = jax.tree.map(
-        lambda g, x: None if g is None else jnp.sqrt(jnp.sum(x * x, g.axes, keepdims=True)),
-        grp,
-        params,
-        is_leaf=is_none,
-    )
-    q0 = jax.tree.map(lambda n: None if n is None else jnp.zeros_like(n), norms, is_leaf=is_none)
 
     def step_fn(center):
-        def fn(u, x):
-            def leaf(g, u, x, n, q):
-                if g is None:
-                    return u
-                update, _ = rotational._rotational_step(
-                    g, u, x, n, q, eta_r=0.01, beta=0.9, eps=1e-8, center=center,
-                    count=jnp.int32(1),
-                )  # fmt: skip
-                return update
-
-            return jax.tree.map(leaf, grp, u, x, norms, q0, is_leaf=is_none)
-
-        return jax.jit(fn)
+        # the rotational step alone: the wrapper around the identity direction
+        tx = osp.rotational_rms_control(
+            optax.identity(), eta_r=0.01, learning_rate=0.01, center=center, groups="unit"
+        )
+        state = tx.init(params)
+        return jax.jit(lambda u, x: tx.update(u, state, x)[0])
 
     def optimizer_fn(tx):
         @jax.jit

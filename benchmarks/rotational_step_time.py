@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from bench import make_tree, resnet18_shapes
 
 import optax_sphere as osp
+from optax_sphere.experiments.trees import make_tree, resnet18_shapes
 
 
 def resnet18_params(seed: int = 0) -> dict:

@@ -61,6 +61,8 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(int|float|str|bool|tuple|list|dict|None|object|type|Ellipsis)"),
     (r"py:.*", r"(Hyper|GroupsLike|LeafSpec|Transport|Op|ArrayLike|Array|Shape|DType)"),
     (r"py:.*", r"(_utils|optax_sphere\._utils)\..*"),
+    (r"py:.*", r"(argparse|pathlib)(\..*)?"),
+    (r"py:.*", r"(dict|list|tuple)\[.*"),  # a generic in a string annotation, split by Sphinx
 ]
 
 html_theme = "sphinx_book_theme"

@@ -35,12 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _common  # noqa: E402
-
-import optax_sphere  # noqa: E402
-from optax_sphere import presets  # noqa: E402
+import optax_sphere
+from optax_sphere import presets
+from optax_sphere.experiments import harness
 
 
 def stdlib_text(max_bytes: int) -> bytes:
@@ -120,7 +117,7 @@ def block_kernels(params):
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def lm_task(model: CharTransformer) -> _common.Task:
+def lm_task(model: CharTransformer) -> harness.Task:
     def init(key):
         return model.init(key, jnp.zeros((1, model.context), jnp.int32))["params"], {}
 
@@ -136,7 +133,7 @@ def lm_task(model: CharTransformer) -> _common.Task:
         correct = (jnp.argmax(logits, -1) == batch[1]).astype(jnp.float32)
         return {"loss": losses.mean(-1).sum(), "accuracy": correct.mean(-1).sum()}
 
-    return _common.Task(init, loss, evaluate, groups=block_kernels)
+    return harness.Task(init, loss, evaluate, groups=block_kernels)
 
 
 def warmup_cosine(lr: Any, total_steps: int):
@@ -150,27 +147,29 @@ def warmup_cosine(lr: Any, total_steps: int):
     return schedule
 
 
-def candidates() -> tuple[list[_common.Candidate], dict[str, str]]:
+def candidates() -> list[harness.Candidate]:
     matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     adamw = presets.get("kosson2024/wikitext_gpt/adamw")
-    chosen = [
-        _common.Candidate(
+    rv = presets.get("kosson2024/wikitext_gpt/rv_adamw")
+    return [
+        harness.Candidate(
             "adamw",
             "optax.adamw",
             dict(adamw.hyperparams),
             f"preset {adamw.name}",
             lambda **kw: adamw.build(mask=matrices, **kw),
-        )
+            family="AdamW",
+        ),
+        harness.Candidate(
+            "rv_adamw",
+            "rv_adamw (per tensor)",
+            dict(rv.hyperparams),
+            f"preset {rv.name}",
+            lambda **kw: rv.build(groups=block_kernels, **kw),
+            base="adamw",
+            family="AdamW",
+        ),
     ]
-    skipped = {}
-    rv = presets.get("kosson2024/wikitext_gpt/rv_adamw")
-    make = lambda **kw: rv.build(groups=block_kernels, **kw)
-    chosen.append(
-        _common.Candidate(
-            "rv_adamw", "rv_adamw (per tensor)", dict(rv.hyperparams), f"preset {rv.name}", make
-        )
-    )
-    return chosen, skipped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,19 +179,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr-factors", default="0.3,1", help="grid around the preset")
+    parser.add_argument(
+        "--lr-exponents", default="-1,0", help="grid: preset x 10^(k/2) for these k"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny text, 1 epoch, 1 seed")
     args = parser.parse_args(argv)
     eval_windows = 512
     if args.quick:
-        args.bytes, args.epochs, args.seeds, args.lr_factors = 40_000, 1, 1, "1"
+        args.bytes, args.epochs, args.seeds, args.lr_exponents = 40_000, 1, 1, "0"
         eval_windows = 32
     model = CharTransformer()
     data = load_text(args.bytes, model.context, eval_windows)
     task = lm_task(model)
-    chosen, skipped = candidates()
-    seeds = list(range(args.seeds))
-    factors = [float(f) for f in args.lr_factors.split(",")]
+    chosen = candidates()
+    protocol = harness.Protocol(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seeds=args.seeds,
+        selection_seeds=args.seeds,
+        exponents=tuple(int(k) for k in args.lr_exponents.split(",")),
+        extensions=0,
+        metric="loss",
+        higher_is_better=False,
+        eval_batch=64,
+        schedule=warmup_cosine,
+    )
     results: dict[str, Any] = {
         "benchmark": f"bytes of the Python {sys.version_info.major}.{sys.version_info.minor} "
         "standard library sources",
@@ -200,38 +211,27 @@ def main(argv: list[str] | None = None) -> None:
         "protocol": {
             "epochs": args.epochs,
             "batch_size": args.batch_size,
-            "seeds": seeds,
-            "learning_rate_factors": factors,
+            "seeds": protocol.seeds,
+            "selection_seeds": protocol.selection_seeds,
+            "learning_rate_exponents": list(protocol.exponents),
             "schedule": "linear warm-up (5%) then cosine decay",
             "selection": "learning rate with the best mean final validation loss",
             "splits": {k: len(v[1]) for k, v in data.items()},
-            "metric": "loss = cross-entropy per byte (nats); accuracy = next-byte accuracy",
+            "metric": "loss",
+            "metrics": "loss = cross-entropy per byte (nats); accuracy = next-byte accuracy",
         },
         "environment": {"jax": jax.__version__, "backend": jax.default_backend()},
         "optax_sphere": optax_sphere.__version__,
-        "skipped": skipped,
         "optimizers": {},
     }
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    with tqdm(total=len(chosen) * args.epochs, unit="epoch") as progress:
-        results["optimizers"], curves, angles = _common.run_all(
-            task,
-            chosen,
-            data,
-            factors=factors,
-            seeds=seeds,
-            progress=progress,
-            metric="loss",
-            higher_is_better=False,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            schedule=warmup_cosine,
-            eval_batch=64,
-        )
-    _common.write_outputs(args.out, results, curves, angles, "byte-level transformer")
-    print(_common.format_table(results, metric="loss"))
+    runs = len(protocol.exponents) * args.seeds
+    with tqdm(total=len(chosen) * runs * args.epochs, unit="epoch") as progress:
+        results["optimizers"] = harness.compare(task, chosen, data, protocol, progress)
+    harness.write_outputs(args.out, results, "byte-level transformer")
+    print(harness.format_table(results, metric="loss"))
     print(f"\nwrote {args.out} in {time.perf_counter() - start:.0f} s")
 
 

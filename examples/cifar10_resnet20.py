@@ -12,7 +12,9 @@ benchmark (``optax_sphere.presets``: Roburin et al. tables 3-4, Kosson et al. ta
 rotational variants), trains with Roburin et al.'s step decay (x0.1 at 1/3, 5/9, 7/9 of training)
 and standard augmentation (4-pixel padded random crops, horizontal flips). The papers train
 405 epochs (Roburin et al.) or 200 (Kosson et al.) on a GPU; the default here is a 30-epoch budget.
-Outputs as ``compare.py``: ``results.json``, ``curves.png``, ``angular_updates.png``.
+The protocol and outputs are the main job's (:mod:`optax_sphere.experiments.harness`):
+``results.json``, ``curves.png``, ``angular_updates.png``, each optimizer compared seed by seed
+with its base.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import sys
 import time
 from typing import Any
 
@@ -29,13 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _common  # noqa: E402
-from compare import classification_task  # noqa: E402
-
-import optax_sphere  # noqa: E402
-from optax_sphere import presets  # noqa: E402
+import optax_sphere
+from optax_sphere import presets
+from optax_sphere.experiments import harness
+from optax_sphere.experiments.compare import classification_task
 
 PRESET_NAMES = {
     "sgdm": "roburin2022/cifar10_resnet20/sgdm",
@@ -48,6 +46,15 @@ PRESET_NAMES = {
     "sgdm_rt": "roburin2022/cifar10_resnet20/sgdm_rt",
     "rv_sgdm": "kosson2024/cifar10_resnet20/rv_sgdm",
     "rv_adamw": "kosson2024/cifar10_resnet20/rv_adamw",
+}
+BASES = {
+    "adam_s": "adam",
+    "adam_st": "adam",
+    "adam_srt": "adam",
+    "adamg": "adam",
+    "sgdm_rt": "sgdm",
+    "rv_sgdm": "sgdm",
+    "rv_adamw": "adamw",
 }
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.2023, 0.1994, 0.2010], np.float32)
@@ -128,25 +135,29 @@ def augment(key: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.where(flip, x[:, :, ::-1], x)
 
 
-def augmented(task: _common.Task) -> _common.Task:
+def augmented(task: harness.Task) -> harness.Task:
     base_loss = task.loss
 
     def loss(params, stats, batch, key):
         x, y = batch
         return base_loss(params, stats, (augment(key, x), y), key)
 
-    return _common.Task(task.init, loss, task.evaluate, task.groups)
+    return harness.Task(task.init, loss, task.evaluate, task.groups)
 
 
-def candidates(names: list[str], groups: Any) -> tuple[list[_common.Candidate], dict[str, str]]:
-    chosen, skipped = [], {}
+def candidates(names: list[str], groups: Any) -> list[harness.Candidate]:
+    chosen = []
     for name in names:
         preset = presets.get(PRESET_NAMES[name])
         extra = {} if name in ("sgdm", "adam", "adamw") else {"groups": groups}
         make = lambda preset=preset, extra=extra, **kw: preset.build(**kw, **extra)
         hp = dict(preset.hyperparams)
-        chosen.append(_common.Candidate(name, name, hp, f"preset {preset.name}", make))
-    return chosen, skipped
+        base = BASES.get(name)
+        family = {"adam": "Adam + L2", "sgdm": "SGD with momentum + L2"}.get(base or name, "AdamW")
+        chosen.append(
+            harness.Candidate(name, name, hp, f"preset {preset.name}", make, base, family)
+        )
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr-factors", default="1", help="grid around the preset, e.g. 0.3,1,3")
+    parser.add_argument(
+        "--lr-exponents", default="0", help="grid: preset x 10^(k/2) for these k, e.g. -1,0,1"
+    )
     parser.add_argument("--limit", type=int, default=None, help="use the first N train images")
     parser.add_argument(
         "--quick", action="store_true", help="2 optimizers, 1 epoch, tiny data, ResNet-8"
@@ -178,42 +191,42 @@ def main(argv: list[str] | None = None) -> None:
     model = ResNet20(blocks=1 if args.quick else 3)  # quick: ResNet-8, same code, fast compile
     task = augmented(classification_task(model, jnp.asarray(data["train"][0][:32])))
     print(task.groups, end="\n\n")
-    chosen, skipped = candidates(names, task.groups)
-    seeds = list(range(args.seeds))
-    factors = [float(f) for f in args.lr_factors.split(",")]
+    chosen = candidates(names, task.groups)
+    protocol = harness.Protocol(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seeds=args.seeds,
+        selection_seeds=min(2, args.seeds),
+        exponents=tuple(int(k) for k in args.lr_exponents.split(",")),
+        extensions=0,
+    )
     results: dict[str, Any] = {
         "benchmark": "CIFAR-10 (python archive)",
         "model": f"ResNet-{6 * model.blocks + 2}, BatchNorm after every convolution",
         "protocol": {
             "epochs": args.epochs,
             "batch_size": args.batch_size,
-            "seeds": seeds,
-            "learning_rate_factors": factors,
+            "seeds": protocol.seeds,
+            "selection_seeds": protocol.selection_seeds,
+            "learning_rate_exponents": list(protocol.exponents),
             "schedule": "x0.1 at 1/3, 5/9 and 7/9 of training (Roburin et al. app. E.1)",
             "augmentation": "4-pixel padded random crop, horizontal flip",
             "splits": {k: len(v[1]) for k, v in data.items()},
         },
         "environment": {"jax": jax.__version__, "backend": jax.default_backend()},
         "optax_sphere": optax_sphere.__version__,
-        "skipped": skipped,
         "optimizers": {},
     }
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    with tqdm(total=len(chosen) * args.epochs, unit="epoch") as progress:
-        results["optimizers"], curves, angles = _common.run_all(
-            task,
-            chosen,
-            data,
-            factors=factors,
-            seeds=seeds,
-            progress=progress,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-        )
-    _common.write_outputs(args.out, results, curves, angles, "CIFAR-10, ResNet-20")
-    print(_common.format_table(results))
+    runs = (
+        len(protocol.exponents) * protocol.selection_seeds + args.seeds - protocol.selection_seeds
+    )
+    with tqdm(total=len(chosen) * runs * args.epochs, unit="epoch") as progress:
+        results["optimizers"] = harness.compare(task, chosen, data, protocol, progress)
+    harness.write_outputs(args.out, results, f"CIFAR-10, {results['model'].split(',')[0]}")
+    print(harness.format_table(results))
     print(f"\nwrote {args.out} in {time.perf_counter() - start:.0f} s")
 
 

@@ -3,7 +3,7 @@
     python examples/nnx_example.py            # about a minute on CPU
     python examples/nnx_example.py --quick
 
-The same BatchNorm 1-D CNN as ``compare.py`` on MNIST-1D, written as an ``nnx.Module``, and
+A BatchNorm 1-D CNN on MNIST-1D (the data of the main job), written as an ``nnx.Module``, and
 trained two ways:
 
 1. ``adam_srt`` with the ``groups`` that ``optax_sphere.find_groups`` measures on the nnx
@@ -17,8 +17,6 @@ trained two ways:
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import jax
@@ -27,11 +25,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from compare import load_mnist1d  # noqa: E402
-
-import optax_sphere  # noqa: E402
+import optax_sphere
+from optax_sphere.experiments.compare import load_mnist1d
 
 
 class CNN1D(nnx.Module):

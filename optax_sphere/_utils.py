@@ -243,3 +243,24 @@ def bias_corrections(
     """Adam's ``1 - b1^k`` and ``1 - b2^k`` in ``dtype`` (float64 stays float64)."""
     k = count.astype(dtype)
     return 1 - jnp.asarray(b1, dtype) ** k, 1 - jnp.asarray(b2, dtype) ** k
+
+
+def map_state_fields(
+    state: Any, names: tuple[str, ...] | list[str], treedef: Any, fn: Callable
+) -> tuple[Any, int]:
+    """Applies ``fn`` to every NamedTuple field of ``state`` named in ``names`` and shaped
+    like the params (same treedef). Returns the new state and how many fields matched."""
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        new, found = {}, 0
+        for name in state._fields:
+            value = getattr(state, name)
+            if name in names and jax.tree.structure(value) == treedef:
+                new[name], n = fn(value), 1
+            else:
+                new[name], n = map_state_fields(value, names, treedef, fn)
+            found += n
+        return state._replace(**new), found
+    if isinstance(state, (tuple, list)):
+        items = [map_state_fields(s, names, treedef, fn) for s in state]
+        return type(state)(s for s, _ in items), sum(n for _, n in items)
+    return state, 0

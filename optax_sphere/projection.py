@@ -33,7 +33,7 @@ from optax_sphere.groups import (
     group_dot,
     resolve_groups,
 )
-from optax_sphere.transport import MOMENTUM_FIELDS, SECOND_MOMENT_FIELDS, _map_state_fields
+from optax_sphere.transport import MOMENTUM_FIELDS, SECOND_MOMENT_FIELDS
 
 __all__ = ["ScaleInvariantProjectionState", "scale_invariant_projection", "adamp", "sgdp"]
 
@@ -182,7 +182,7 @@ def scale_invariant_projection(
                     is_leaf=lambda t: t is None,
                 )
 
-            inner_state, _ = _map_state_fields(
+            inner_state, _ = _utils.map_state_fields(
                 inner_state, MOMENTUM_FIELDS, jax.tree.structure(params), project_tree
             )
         return new_updates, ScaleInvariantProjectionState(

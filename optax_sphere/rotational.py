@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sphere import _utils
+from optax_sphere.geometry import safe_div
 from optax_sphere.groups import (
     Group,
     GroupsLike,
@@ -41,6 +42,7 @@ from optax_sphere.groups import (
     group_sum,
     resolve_groups,
 )
+from optax_sphere.theory.equilibrium import angular_update
 from optax_sphere.transport import MOMENTUM_FIELDS, SECOND_MOMENT_FIELDS
 
 __all__ = [
@@ -75,11 +77,6 @@ class RotationalRmsControlState(NamedTuple):
 _BUFFER_FIELDS = (*MOMENTUM_FIELDS, *SECOND_MOMENT_FIELDS)
 
 
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-    ok = den != 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
-
-
 def _centred_norm(x: jax.Array, group: Group, center: bool) -> jax.Array:
     x = x.astype(accumulation_dtype(x.dtype))
     s_xx = group_sq_norm(x, group)
@@ -106,7 +103,7 @@ def center_groups(params: Any, groups: GroupsLike = "unset") -> Any:
         acc = accumulation_dtype(x.dtype)
         xa = x.astype(acc)
         centred = xa - group_sum(xa, group) / group.size(x.shape)
-        scale = _safe_div(
+        scale = safe_div(
             jnp.sqrt(group_sq_norm(xa, group)), jnp.sqrt(group_sq_norm(centred, group))
         )
         return jnp.where(scale > 0, scale * centred, xa).astype(x.dtype)
@@ -143,11 +140,11 @@ def _rotational_step(
     # The radial coefficient k = <u, x> / N^2 (line 10, with the stored norm N) enters only as
     # kn = k N = <u, x> / N and c k = eta_r kn / a: no 1 / N^2 that a small group would turn
     # into an overflow.
-    kn = _safe_div(s_ux, norm)
-    xn = _safe_div(jnp.sqrt(s_xx), norm)  # ||x|| / N (1 on the sphere)
+    kn = safe_div(s_ux, norm)
+    xn = safe_div(jnp.sqrt(s_xx), norm)  # ||x|| / N (1 on the sphere)
     if center:
         s_u, s_x = group_sum(u, group), group_sum(x, group)
-        mu = (s_u - kn * _safe_div(s_x, norm)) / d  # mean of u - k x
+        mu = (s_u - kn * safe_div(s_x, norm)) / d  # mean of u - k x
         x_mean = s_x / d
     else:
         mu = x_mean = jnp.zeros_like(s_uu)
@@ -299,27 +296,22 @@ def rotational_rms_control(
 # Equilibrium angular updates of Table 1 (Kosson et al.), as functions of the step count.
 
 
-def _hyper_fn(*hypers: optax.ScalarOrSchedule, formula) -> Any:
-    """``count -> formula(*values at count)``; a plain number when no hyper is a schedule."""
-    if not any(callable(h) for h in hypers):
-        return formula(*hypers)
-    return lambda count: formula(*(_utils.value_at(h, count) for h in hypers))
-
-
-def _sqrt(v):
-    return jnp.sqrt(v) if isinstance(v, jax.Array) else v**0.5
-
-
-def _adamw_eta_r(lr, wd, b1):
-    return _sqrt(2 * lr * wd * (1 - b1) / (1 + b1))
-
-
-def _sgdm_eta_r(lr, wd, momentum):
-    return _sqrt(2 * lr * wd / (1 + momentum))
-
-
-def _lion_eta_r(lr, wd, b1, b2):
-    return _sqrt(jnp.pi * lr * wd) * _sqrt((1 - b1) ** 2 + b1**2 * (1 - b2) / (1 + b2))
+def _equilibrium_eta_r(
+    kind: str,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    **coefficients: float,
+) -> optax.ScalarOrSchedule:
+    """Table 1's angular update (:func:`~optax_sphere.theory.equilibrium.angular_update`) at
+    the current learning rate and weight decay: a number, or a schedule if either is one."""
+    if not callable(learning_rate) and not callable(weight_decay):
+        return angular_update(kind, learning_rate, weight_decay, **coefficients)
+    return lambda count: angular_update(
+        kind,
+        _utils.value_at(learning_rate, count),
+        _utils.value_at(weight_decay, count),
+        **coefficients,
+    )
 
 
 def _ungrouped_mask(groups: GroupsLike):
@@ -328,12 +320,63 @@ def _ungrouped_mask(groups: GroupsLike):
     )
 
 
+_RV_KEYWORDS = (
+    "learning_rate",
+    "weight_decay",
+    "eta_r",
+    "beta",
+    "center",
+    "rotational_eps",
+    "ungrouped_weight_decay",
+    "groups",
+)
+
+
+def _rv_keywords(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The RV aliases' shared keywords, from an alias's ``locals()``."""
+    return {k: arguments[k] for k in _RV_KEYWORDS}
+
+
 def _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay) -> None:
     """Build-time checks shared by the RV aliases, under the names the user passed."""
     _utils.check_rate("learning_rate", learning_rate)
     _utils.check_rate("weight_decay", weight_decay)
     _utils.check_rate("rotational_eps", rotational_eps)
     _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
+
+
+def _rotational_variant(
+    direction: optax.GradientTransformation,
+    kind: str,
+    coefficients: dict[str, float],
+    *,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    eta_r: optax.ScalarOrSchedule | None,
+    beta: float,
+    center: bool,
+    rotational_eps: float,
+    ungrouped_weight_decay: optax.ScalarOrSchedule,
+    decoupled_ungrouped_decay: bool,
+    groups: GroupsLike,
+) -> optax.GradientTransformationExtraArgs:
+    """The body shared by the RV aliases: checks, Table 1's ``eta_r`` of ``kind`` for the
+    current learning rate and weight decay unless given, and :func:`rotational_rms_control`
+    around ``direction``. ``decoupled_ungrouped_decay``: the ungrouped leaves' weight decay is
+    applied after the direction (AdamW, Lion), else it is already inside ``direction``."""
+    _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
+    if eta_r is None:
+        eta_r = _equilibrium_eta_r(kind, learning_rate, weight_decay, **coefficients)
+    return rotational_rms_control(
+        direction,
+        eta_r=eta_r,
+        learning_rate=learning_rate,
+        beta=beta,
+        center=center,
+        eps=rotational_eps,
+        weight_decay=ungrouped_weight_decay if decoupled_ungrouped_decay else 0.0,
+        groups=groups,
+    )
 
 
 def rv_adamw(
@@ -363,23 +406,15 @@ def rv_adamw(
     for ``beta``, ``center``, ``rotational_eps`` and ``groups``. State: ``optax.scale_by_adam``'s
     (moments in at least float32) plus two float32 scalars per group and a step count.
     """
-    _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)
     _utils.check_rate("eps", eps)
-    if eta_r is None:
-        eta_r = _hyper_fn(
-            learning_rate, weight_decay, formula=lambda lr, wd: _adamw_eta_r(lr, wd, b1)
-        )
-    return rotational_rms_control(
+    return _rotational_variant(
         optax.scale_by_adam(b1, b2, eps),
-        eta_r=eta_r,
-        learning_rate=learning_rate,
-        beta=beta,
-        center=center,
-        eps=rotational_eps,
-        weight_decay=ungrouped_weight_decay,
-        groups=groups,
+        "adamw",
+        {"b1": b1},
+        **_rv_keywords(locals()),
+        decoupled_ungrouped_decay=True,
     )
 
 
@@ -402,24 +437,18 @@ def rv_sgdm(
     Ungrouped leaves get SGD momentum with coupled L2 ``ungrouped_weight_decay`` (0: plain
     SGD momentum), as the authors' code.
     """
-    _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     _utils.check_beta("momentum", momentum)
-    if eta_r is None:
-        eta_r = _hyper_fn(
-            learning_rate, weight_decay, formula=lambda lr, wd: _sgdm_eta_r(lr, wd, momentum)
-        )
+    _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     # the coupled decay is always in the chain (adding 0 is exact), so that the state has one
     # structure whatever the value, also under inject_hyperparams (checkpoints restore)
     coupled = optax.add_decayed_weights(ungrouped_weight_decay)
     inner = optax.chain(optax.masked(coupled, _ungrouped_mask(groups)), optax.trace(momentum))
-    return rotational_rms_control(
+    return _rotational_variant(
         inner,
-        eta_r=eta_r,
-        learning_rate=learning_rate,
-        beta=beta,
-        center=center,
-        eps=rotational_eps,
-        groups=groups,
+        "sgdm",
+        {"momentum": momentum},
+        **_rv_keywords(locals()),
+        decoupled_ungrouped_decay=False,
     )
 
 
@@ -471,22 +500,14 @@ def rv_lion(
     \sqrt{(1-b_1)^2 + b_1^2(1-b_2)/(1+b_2)}` per step on average (Table 1, eq. 72).
     Ungrouped leaves get Lion with decoupled ``ungrouped_weight_decay`` (0 by default).
     """
-    _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)
-    if eta_r is None:
-        eta_r = _hyper_fn(
-            learning_rate, weight_decay, formula=lambda lr, wd: _lion_eta_r(lr, wd, b1, b2)
-        )
-    return rotational_rms_control(
+    return _rotational_variant(
         _scale_by_lion_sign(b1, b2),
-        eta_r=eta_r,
-        learning_rate=learning_rate,
-        beta=beta,
-        center=center,
-        eps=rotational_eps,
-        weight_decay=ungrouped_weight_decay,
-        groups=groups,
+        "lion",
+        {"b1": b1, "b2": b2},
+        **_rv_keywords(locals()),
+        decoupled_ungrouped_decay=True,
     )
 
 
@@ -579,18 +600,12 @@ def wrapped_adam_l2(
     with coupled L2 ``ungrouped_weight_decay`` (0: plain Adam).
     """
     _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
-    if eta_r is None:
-        eta_r = _hyper_fn(
-            learning_rate, weight_decay, formula=lambda lr, wd: _adamw_eta_r(lr, wd, b1)
-        )
-    return rotational_rms_control(
+    return _rotational_variant(
         scale_by_adam_l2_direction(
             b1, b2, eps, weight_decay, ungrouped_weight_decay, groups=groups
         ),
-        eta_r=eta_r,
-        learning_rate=learning_rate,
-        beta=beta,
-        center=center,
-        eps=rotational_eps,
-        groups=groups,
+        "adamw",
+        {"b1": b1},
+        **_rv_keywords(locals()),
+        decoupled_ungrouped_decay=False,
     )

@@ -49,27 +49,6 @@ SECOND_MOMENT_FIELDS: tuple[str, ...] = ("nu",)
 Op = Callable[[Any, Any, Any, Any], Any]
 
 
-def _map_state_fields(
-    state: Any, names: Sequence[str], treedef: Any, fn: Callable
-) -> tuple[Any, int]:
-    """Applies ``fn`` to every NamedTuple field of ``state`` named in ``names`` and shaped
-    like the params (same treedef). Returns the new state and how many fields matched."""
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        new, found = {}, 0
-        for name in state._fields:
-            value = getattr(state, name)
-            if name in names and jax.tree.structure(value) == treedef:
-                new[name], n = fn(value), 1
-            else:
-                new[name], n = _map_state_fields(value, names, treedef, fn)
-            found += n
-        return state._replace(**new), found
-    if isinstance(state, (tuple, list)):
-        items = [_map_state_fields(s, names, treedef, fn) for s in state]
-        return type(state)(s for s, _ in items), sum(n for _, n in items)
-    return state, 0
-
-
 def _momentum_geometry(
     inner: optax.GradientTransformation,
     op: Op,
@@ -84,7 +63,7 @@ def _momentum_geometry(
     def init_fn(params: optax.Params) -> optax.OptState:
         resolve_groups(groups, params)  # validate the spec against the params now
         state = inner.init(params)
-        _, found = _map_state_fields(
+        _, found = _utils.map_state_fields(
             state, momentum_fields, jax.tree.structure(params), lambda t: t
         )
         if not found:
@@ -126,9 +105,9 @@ def _momentum_geometry(
 
             return _utils.map_groups(leaf, grp, tree, params, new_params)
 
-        state, _ = _map_state_fields(state, momentum_fields, treedef, move)
+        state, _ = _utils.map_state_fields(state, momentum_fields, treedef, move)
         if rescale_second_moment:
-            state, _ = _map_state_fields(state, SECOND_MOMENT_FIELDS, treedef, rescale_sq)
+            state, _ = _utils.map_state_fields(state, SECOND_MOMENT_FIELDS, treedef, rescale_sq)
         return new_updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -118,30 +118,55 @@ def test_results_table_missing_json_names_the_command(monkeypatch, tmp_path):
 
 def test_results_renderers_of_the_scripts_layouts(monkeypatch):
     rt = _results_tables(monkeypatch)
+
+    def entry(family, base, acc, vs=None):
+        out = {
+            "label": "",
+            "family": family,
+            "base": base,
+            "selected_learning_rate": 1e-3,
+            "selected_at_grid_end": False,
+            "summary": {
+                "test_accuracy_mean": acc,
+                "test_accuracy_std": 0.01,
+                "train_loss_mean": 0.5,
+                "diverged_seeds": 0,
+            },
+        }
+        if vs is not None:
+            out["versus_base"] = vs
+        return out
+
+    vs = {"mean_difference": 0.1, "low": 0.05, "high": 0.15, "verdict": "better"}
     compare = {
         "benchmark": "MNIST-1D",
         "model": "1-D CNN",
-        "protocol": {"epochs": 2, "seeds": [0, 1]},
+        "protocol": {"epochs": 2, "seeds": 2},
         "environment": {"jax": "0.10"},
-        "skipped": ["adamg"],
+        "seconds": 120.0,
         "optimizers": {
-            name: {
-                "label": name,
-                "selected_learning_rate": 1e-3,
-                "summary": {
-                    "test_accuracy_mean": acc,
-                    "test_accuracy_std": 0.01,
-                    "val_accuracy_mean": acc,
-                    "final_train_loss_mean": 0.5,
-                    "seconds_per_run": 3.0,
-                },
-            }
-            for name, acc in (("adam", 0.8), ("adam_srt", 0.9))
+            "adam": {**entry("Adam", None, 0.8), "label": "adam"},
+            "adam_srt": {**entry("Adam", "adam", 0.9, vs), "label": "adam_srt"},
         },
+        "claims": [
+            {
+                "claim": "Adam-SRT beats Adam",
+                "source": "Roburin et al. 2022, table 2",
+                "optimizer": "adam_srt",
+                "compared_with": "adam",
+                **vs,
+                "reproduced": True,
+            }
+        ],
+        "equilibrium_ratio": {"adamw": {"epoch_2": {"Conv_0/kernel": 2.5}}},
     }
     text = rt.SOURCES["compare"].render(compare)
-    assert text.index("`adam_srt`") < text.index("`adam`")  # best first
-    assert "90.00 ± 1.00" in text and "2 seeds" in text and "adamg" in text
+    assert text.index("`adam`") < text.index("`adam_srt`")  # the base first, then its family
+    assert "90.00 ± 1.00" in text and "2 seeds" in text and "2.0 minutes" in text
+    assert "+10.00 [+5.00, +15.00]" in text and "better" in text
+    claims = rt.SOURCES["claims"].render(compare)
+    assert "Adam-SRT beats Adam" in claims and "| yes |" in claims
+    assert "Conv_0/kernel" in claims and "2.5" in claims
     row = {
         "tree": "resnet18",
         "alias": "adam_s",

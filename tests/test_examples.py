@@ -14,13 +14,15 @@ EXAMPLES = os.path.join(ROOT, "examples")
 
 
 def _run(script: str, *args: str, timeout: int = 600) -> str:
+    """``script``: a file of ``examples/``, or ``-m module``."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user has
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["MPLBACKEND"] = "Agg"
+    command = script.split() if script.startswith("-m ") else [os.path.join(EXAMPLES, script)]
     proc = subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, script), *args],
+        [sys.executable, *command, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -34,49 +36,72 @@ def _run(script: str, *args: str, timeout: int = 600) -> str:
 def _check_results(path: str, splits=("val", "test"), metric="accuracy") -> dict:
     with open(path) as f:
         results = json.load(f)
-    assert results["optimizers"], results.get("skipped")
+    assert results["optimizers"]
+    protocol = results["protocol"]
     for name, entry in results["optimizers"].items():
         assert entry["selected_learning_rate"] in entry["learning_rate_grid"], name
-        assert entry["runs"], name
         selected = [r for r in entry["runs"] if r["selected"]]
-        assert len(selected) == len(results["protocol"]["seeds"]), name
+        # every seed ran at the selected learning rate, once
+        assert sorted(r["seed"] for r in selected) == list(range(protocol["seeds"])), name
+        searched = {r["learning_rate"] for r in entry["runs"]}
+        assert searched == set(entry["learning_rate_grid"]), name
         for run in entry["runs"]:
-            assert set(run["hyperparameters"]) >= {"learning_rate"}
-            assert run["seconds"] > 0
+            assert run["seconds"] > 0 and run["diverged_epoch"] is None
             assert isinstance(run["final_train_loss"], float) and run["final_train_loss"] > 0
             for split in splits:
                 value = run[f"{split}_{metric}"]
                 if metric == "accuracy":
                     assert 0.0 <= value <= 1.0
-            epochs = results["protocol"]["epochs"]
-            assert len(run["curves"]["train_loss"]) == epochs
+            assert len(run["curves"]["train_loss"]) == protocol["epochs"]
         summary = entry["summary"]
-        values = [r[f"test_{metric}"] for r in selected]
+        values = [r[f"test_{metric}"] for r in sorted(selected, key=lambda r: r["seed"])]
         assert summary[f"test_{metric}_mean"] == pytest.approx(np.mean(values))
+        if entry["base"] is not None and entry["base"] in results["optimizers"]:
+            # the paired difference to the base, seed by seed
+            base = results["optimizers"][entry["base"]]
+            theirs = [
+                r[f"test_{metric}"]
+                for r in sorted(base["runs"], key=lambda r: r["seed"])
+                if r["selected"]
+            ]
+            vs = entry["versus_base"]
+            assert vs["n"] == len(values)
+            assert vs["mean_difference"] == pytest.approx(np.mean(np.subtract(values, theirs)))
     return results
 
 
 def test_compare_quick(tmp_path):
     out = tmp_path / "results"
-    stdout = _run("compare.py", "--quick", "--out", str(out), "--no-progress")
+    stdout = _run(
+        "-m optax_sphere.experiments.compare", "--quick", "--out", str(out), "--no-progress"
+    )
     results = _check_results(out / "results.json")
-    assert {"sgdm", "adam", "adamw", "adam_srt"} <= set(results["optimizers"])
-    assert results["protocol"]["splits"] == {"train": 3600, "val": 400, "test": 1000}
+    assert set(results["optimizers"]) == {
+        "sgdm", "adam", "adamw", "adam_s", "adam_st", "adam_srt", "adamg",
+        "sgdm_rt", "psi_sgdm", "rv_sgdm", "rv_adamw", "adamp",
+    }  # fmt: skip
+    assert results["protocol"]["splits"] == {"train": 4000, "val": 1000, "test": 10000}
     # the main job prints the groups it found on the model, and records them
     assert "3 of 11 parameters grouped" in stdout
     assert results["protocol"]["groups"]["Dense_0/kernel"] is None
     assert results["protocol"]["groups"]["Conv_2/kernel"] == "unit"
     srt = results["optimizers"]["adam_srt"]
     assert srt["hyperparameters"]["weight_decay"] == pytest.approx(1e-3 / 128)
+    assert srt["versus_base"]["base"] == "adam"
+    assert srt["versus_base"]["verdict"] in ("better", "worse", "no detectable difference")
     # the three convolutions' angular updates were recorded and are positive
     assert len(srt["angular_updates"]) == 3
     assert all(v > 0 for curve in srt["angular_updates"].values() for v in curve)
     for png in ("curves.png", "angular_updates.png"):
         assert (out / png).stat().st_size > 10_000
-    for name in results["optimizers"]:
-        assert name in stdout or results["optimizers"][name]["label"] in stdout
-    for name, why in results["skipped"].items():
-        assert name in stdout and why
+    for entry in results["optimizers"].values():
+        assert entry["label"] in stdout
+    # each checked claim names its two optimizers and its verdict, also in the table
+    claims = {(c["optimizer"], c["compared_with"]): c for c in results["claims"]}
+    assert {("adam_srt", "adam"), ("adam_srt", "sgdm"), ("rv_adamw", "adamw")} <= set(claims)
+    assert all(isinstance(c["reproduced"], bool) for c in claims.values())
+    assert set(results["equilibrium_ratio"]) == {"adamw", "rv_adamw", "sgdm", "rv_sgdm"}
+    assert "verdict" in stdout and "(base)" in stdout
 
 
 def _tiny_cifar(path, n_per_batch=48, n_test=40):
@@ -106,10 +131,10 @@ def test_cifar10_resnet20_quick(tmp_path):
 
 def test_char_transformer_quick(tmp_path):
     out = tmp_path / "results"
-    stdout = _run("char_transformer.py", "--quick", "--out", str(out))
+    _run("char_transformer.py", "--quick", "--out", str(out))
     results = _check_results(out / "results.json", metric="loss")
     assert "adamw" in results["optimizers"]
-    assert "rv_adamw" in results["optimizers"] or "rv_adamw" in stdout
+    assert results["optimizers"]["rv_adamw"]["versus_base"]["base"] == "adamw"
     assert (out / "curves.png").exists()
 
 

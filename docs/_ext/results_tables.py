@@ -89,37 +89,51 @@ def _pct(mean: Any, std: Any = None) -> str:
 
 
 def render_compare(data: dict[str, Any]) -> str:
-    """``examples/compare.py``'s ``results.json``: one row per optimizer, best test accuracy
-    first, then the protocol and the environment it ran in."""
+    """The main job's ``results.json``: per family, the base optimizer first, then each
+    optimizer with its paired difference to the base (95% interval) and the verdict; then the
+    protocol and the environment it ran in."""
     rows = data["optimizers"]
-    seeds = len(data["protocol"]["seeds"])
-
-    def order(name: str) -> float:
-        v = rows[name]["summary"].get("test_accuracy_mean")
-        return math.inf if v is None else -v
-
+    seeds = data["protocol"]["seeds"]
     table = []
-    for rank, name in enumerate(sorted(rows, key=order), 1):
-        r, s = rows[name], rows[name]["summary"]
-        table.append(
-            [
-                rank,
-                f"`{name}`" if r.get("label", name) == name else r["label"],
-                r.get("selected_learning_rate"),
-                s.get("final_train_loss_mean"),
-                _pct(s.get("val_accuracy_mean")),
-                _pct(s.get("test_accuracy_mean"), s.get("test_accuracy_std")),
-                s.get("seconds_per_run"),
-            ]
-        )
+    for family in dict.fromkeys(r["family"] for r in rows.values()):
+        for name, r in rows.items():
+            if r["family"] != family:
+                continue
+            s = r["summary"]
+            test = _pct(s.get("test_accuracy_mean"), s.get("test_accuracy_std"))
+            if s.get("diverged_seeds"):
+                test += f" ({s['diverged_seeds']} diverged)"
+            vs = r.get("versus_base")
+            if vs is None:
+                diff, verdict = ("base" if r.get("base") is None else ""), ""
+            elif vs.get("low") is None:
+                diff, verdict = f"{100 * vs['mean_difference']:+.2f}", vs["verdict"]
+            else:
+                diff = (
+                    f"{100 * vs['mean_difference']:+.2f} "
+                    f"[{100 * vs['low']:+.2f}, {100 * vs['high']:+.2f}]"
+                )
+                verdict = vs["verdict"]
+            lr = r.get("selected_learning_rate")
+            table.append(
+                [
+                    family,
+                    f"`{name}`" if r.get("label", name) == name else r["label"],
+                    "diverged" if lr is None else lr,
+                    s.get("train_loss_mean"),
+                    test,
+                    diff,
+                    verdict,
+                ]
+            )
     header = [
-        "rank",
+        "family",
         "optimizer",
         "learning rate",
         "final train loss",
-        "validation accuracy %",
-        f"test accuracy % (mean ± std, {seeds} seed{'s' if seeds != 1 else ''})",
-        "seconds per run",
+        f"test accuracy % (mean ± std, {seeds} seeds)",
+        "difference to the base, points [95% CI]",
+        "verdict",
     ]
     out = [markdown_table(header, table), ""]
     proto, env = data.get("protocol", {}), data.get("environment", {})
@@ -128,9 +142,55 @@ def render_compare(data: dict[str, Any]) -> str:
         ", ".join(f"{k}: {fmt(v)}" for k, v in proto.items() if not isinstance(v, dict)) + "."
     )
     facts.append("Environment: " + ", ".join(f"{k} {fmt(v)}" for k, v in env.items()) + ".")
-    if data.get("skipped"):
-        facts.append("Not run (not in this version of the library): " + fmt(data["skipped"]))
+    if "seconds" in data:
+        facts.append(f"Wall time of the whole run: {data['seconds'] / 60:.1f} minutes.")
     out += [f for f in facts if f]
+    return "\n\n".join(out)
+
+
+def render_claims(data: dict[str, Any]) -> str:
+    """The papers' claims beside the main job's paired comparisons (``results["claims"]``),
+    then the measured angular update over Kosson et al.'s equilibrium prediction."""
+    table = []
+    for c in data.get("claims", []):
+        if c.get("low") is None:
+            measured = f"{100 * c['mean_difference']:+.2f}"
+        else:
+            measured = (
+                f"{100 * c['mean_difference']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
+            )
+        table.append(
+            [
+                c["claim"],
+                c["source"],
+                f"`{c['optimizer']}` − `{c['compared_with']}`",
+                measured,
+                c["verdict"],
+                "yes" if c["reproduced"] else "**not at this scale**",
+            ]
+        )
+    header = [
+        "claim",
+        "where",
+        "test accuracy difference",
+        "points, mean [95% CI] over paired seeds",
+        "verdict",
+        "reproduced",
+    ]
+    out = [markdown_table(header, table)]
+    ratios = data.get("equilibrium_ratio", {})
+    if ratios:
+        rows = []
+        for name, by_when in ratios.items():
+            for when, layers in by_when.items():
+                rows.append([f"`{name}`", when.replace("_", " ")] + list(layers.values()))
+        layers = list(next(iter(next(iter(ratios.values())).values())))
+        out.append(
+            "Measured angular update per step over the equilibrium that Kosson et al. (table 1)"
+            " predict at the same learning rate and weight decay, per convolution (1 is"
+            " equilibrium):"
+        )
+        out.append(markdown_table(["optimizer", "when"] + layers, rows))
     return "\n\n".join(out)
 
 
@@ -232,10 +292,14 @@ class Source:
 
 SOURCES: dict[str, Source] = {
     "compare": Source(
-        "docs/results/compare.json",
-        "python examples/compare.py --out runs/compare && "
-        "cp runs/compare/results.json docs/results/compare.json",
+        "docs/results/compare/results.json",
+        "python -m optax_sphere.experiments.compare --out docs/results/compare",
         specific_or_generic(render_compare),
+    ),
+    "claims": Source(
+        "docs/results/compare/results.json",
+        "python -m optax_sphere.experiments.compare --out docs/results/compare",
+        specific_or_generic(render_claims),
     ),
     "benchmarks": Source(
         "benchmarks/results/cpu.json",

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Equilibrium", "equilibrium"]
+__all__ = ["Equilibrium", "equilibrium", "angular_update"]
 
 Optimizer = Literal["adamw", "sgdm", "lion", "adam_l2"]
 
@@ -55,6 +55,40 @@ def _xp(*values: Any):
 
 def _out(v: Any) -> Any:
     return float(v) if isinstance(v, (np.ndarray, np.generic)) and np.ndim(v) == 0 else v
+
+
+def angular_update(
+    optimizer: Literal["adamw", "sgdm", "lion"],
+    learning_rate: Any,
+    weight_decay: Any,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    momentum: float = 0.9,
+) -> Any:
+    r"""Table 1's expected equilibrium angular update, radians per step (Kosson et al.).
+
+    :math:`\sqrt{2\eta\lambda(1-b_1)/(1+b_1)}` (AdamW, eq. 37-40),
+    :math:`\sqrt{2\eta\lambda/(1+\alpha)}` (SGDM, eq. 47-51),
+    :math:`\sqrt{\pi\eta\lambda K}` with :math:`K = (1-b_1)^2 + b_1^2(1-b_2)/(1+b_2)`
+    (Lion, eq. 72). Unlike :func:`equilibrium` it does not check its inputs, so traced values
+    and a weight decay of 0 (no rotation) pass; the rotational variants use it for their
+    ``eta_r``.
+
+    Example:
+      >>> round(angular_update("adamw", 1e-3, 0.1, b1=0.9), 6)
+      0.003244
+    """
+    xp = _xp(learning_rate, weight_decay)
+    lr, wd = learning_rate, weight_decay
+    if optimizer == "adamw":
+        return xp.sqrt(2 * lr * wd * (1 - b1) / (1 + b1))
+    if optimizer == "sgdm":
+        return xp.sqrt(2 * lr * wd / (1 + momentum))
+    if optimizer == "lion":
+        k = (1 - b1) ** 2 + b1**2 * (1 - b2) / (1 + b2)
+        return xp.sqrt(math.pi * lr * wd * k)
+    raise ValueError(f"unknown optimizer {optimizer!r}; expected 'adamw', 'sgdm' or 'lion'.")
 
 
 def _adam_l2_sq_norm(lr, wd, dim, g2, xp):
@@ -139,20 +173,20 @@ def equilibrium(
 
     if optimizer == "adamw":
         ratio = (1 - b1) / (1 + b1)
-        angular = xp.sqrt(2 * lr * wd * ratio)
+        angular = angular_update("adamw", lr, wd, b1=b1)
         norm = xp.sqrt(lr * c / (2 * wd - lr * wd**2))
         rms = lr * xp.sqrt(c * ratio) * xp.ones_like(angular)
         return Equilibrium(_out(angular), _out(norm), _out(rms))
 
     if optimizer == "lion":
         k = (1 - b1) ** 2 + b1**2 * (1 - b2) / (1 + b2)
-        angular = xp.sqrt(math.pi * lr * wd * k)
+        angular = angular_update("lion", lr, wd, b1=b1, b2=b2)
         norm = xp.sqrt(2 * lr * c / (math.pi * (2 * wd - lr * wd**2) * k))
         rms = lr * math.sqrt(c) * xp.ones_like(angular)
         return Equilibrium(_out(angular), _out(norm), _out(rms))
 
     if optimizer == "sgdm":
-        angular = xp.sqrt(2 * lr * wd / (1 + momentum))
+        angular = angular_update("sgdm", lr, wd, momentum=momentum)
         if grad_norm is None:
             return Equilibrium(_out(angular), None, None)
         norm = (lr * grad_norm**2 / (2 * wd * (1 - momentum) - lr * wd**2)) ** 0.25
