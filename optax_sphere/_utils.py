@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_sphere.groups import accumulation_dtype, path_str
+from optax_sphere.groups import accumulation_dtype, path_str, resolve_groups
 
 PyTree = Any
 Hyper = Any  # a number, a scalar array, or a schedule ``count -> value``
@@ -264,3 +264,31 @@ def map_state_fields(
         items = [map_state_fields(s, names, treedef, fn) for s in state]
         return type(state)(s for s, _ in items), sum(n for _, n in items)
     return state, 0
+
+
+def stateless_per_group(
+    name: str, groups: Any, leaf: Callable[[Any, jax.Array, jax.Array], jax.Array]
+) -> optax.GradientTransformationExtraArgs:
+    """A stateless transformation that needs ``params``: ``leaf(group, update, param)`` maps
+    the update of every grouped leaf; ungrouped leaves pass through. ``init`` checks the
+    groups against the parameters (errors name the paths); ``name`` is the transformation's,
+    for the error raised when ``params`` is missing."""
+
+    def init_fn(params: optax.Params) -> optax.OptState:
+        resolve_groups(groups, params)
+        return optax.EmptyState()
+
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
+        params = require_params(params, name)
+        grp = resolve_groups(groups, params)
+        return map_groups(
+            lambda group, u, x: u if group is None else leaf(group, u, x), grp, updates, params
+        ), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

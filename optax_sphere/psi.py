@@ -51,29 +51,11 @@ def scale_by_psi_metric(groups: GroupsLike = "unset") -> optax.GradientTransform
     example before ``optax.sgd``) to move any Euclidean optimizer onto the PSI manifold.
     """
 
-    def init_fn(params: optax.Params) -> optax.OptState:
-        resolve_groups(groups, params)
-        return optax.EmptyState()
+    def leaf(group, g, x):
+        scaled = _metric_scaled(group_sq_norm(x, group), g.astype(accumulation_dtype(g.dtype)))
+        return scaled.astype(g.dtype)
 
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, optax.OptState]:
-        del extra_args  # accepted as by optax's aliases; nothing here uses them
-        params = _utils.require_params(params, "scale_by_psi_metric")
-        grp = resolve_groups(groups, params)
-
-        def leaf(group, g, x):
-            if group is None:
-                return g
-            scaled = _metric_scaled(group_sq_norm(x, group), g.astype(accumulation_dtype(g.dtype)))
-            return scaled.astype(g.dtype)
-
-        return _utils.map_groups(leaf, grp, updates, params), state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _utils.stateless_per_group("scale_by_psi_metric", groups, leaf)
 
 
 class PsiSgdState(NamedTuple):
@@ -103,6 +85,28 @@ def psi_sgdm(
     reduction pass (the group norms) and one element-wise pass. With ``max_norm``, a group
     whose norm ``||w_k||`` exceeds it is scaled, with its momentum, by ``1 / ||w_k||`` after
     the step (module docstring). ``learning_rate`` may be a schedule.
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule of the step count.
+      momentum: the momentum coefficient :math:`\mu`.
+      nesterov: Nesterov momentum, as ``optax.sgd``'s.
+      max_norm: a group whose norm exceeds it is scaled back by ``1 / ||w||`` (``None``: off).
+      groups: the radially invariant groups; ungrouped leaves get ``optax.sgd``.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.psi_sgdm(0.1, 0.9, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> sorted(optax.apply_updates(params, updates))
+      ['b', 'w']
+
+    References:
+      Yi, "Accelerating Training of Batch Normalization: A Manifold Perspective", alg. 1 and eq. 11.
     """
     _utils.check_rate("learning_rate", learning_rate)
     if momentum is not None:
@@ -185,5 +189,25 @@ def psi_sgd(
     :func:`psi_sgdm` without momentum by default (``momentum=None``, as ``optax.sgd``: no
     momentum buffer is kept, also under ``optax.inject_hyperparams``); plain SGD on ungrouped
     leaves. ``max_norm`` as in :func:`psi_sgdm`.
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule of the step count.
+      momentum: ``None`` (no momentum buffer) or a coefficient, as ``optax.sgd``'s.
+      max_norm: a group whose norm exceeds it is scaled back by ``1 / ||w||`` (``None``: off).
+      groups: the radially invariant groups; ungrouped leaves get plain SGD.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.psi_sgd(0.1, groups={"w": "unit", "b": None})
+      >>> updates, _ = tx.update(params, tx.init(params), params)
+      >>> updates["w"][0]  # ||w||^2 g per unit: 3 x 1 for a unit of three ones
+      Array([-0.3, -0.3], dtype=float32)
+
+    References:
+      Yi, "Accelerating Training of Batch Normalization: A Manifold Perspective", eq. 10.
     """
     return psi_sgdm(learning_rate, momentum, max_norm=max_norm, groups=groups)

@@ -53,30 +53,11 @@ def project_tangent(groups: GroupsLike = "unset") -> optax.GradientTransformatio
 
     Stateless; needs ``params``. Ungrouped leaves pass through.
     """
-
-    def init_fn(params: optax.Params) -> optax.OptState:
-        resolve_groups(groups, params)
-        return optax.EmptyState()
-
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, optax.OptState]:
-        del extra_args  # accepted as by optax's aliases; nothing here uses them
-        params = _utils.require_params(params, "project_tangent")
-        grp = resolve_groups(groups, params)
-        return _utils.map_groups(
-            lambda group, g, x: (
-                g if group is None else geometry.tangent_part(g, x, group).astype(g.dtype)
-            ),
-            grp,
-            updates,
-            params,
-        ), state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _utils.stateless_per_group(
+        "project_tangent",
+        groups,
+        lambda group, g, x: geometry.tangent_part(g, x, group).astype(g.dtype),
+    )
 
 
 def retract_to_sphere(
@@ -103,37 +84,19 @@ def retract_to_sphere(
     if not radius > 0:
         raise ValueError(f"`radius` must be > 0, got {radius!r}.")
 
-    def init_fn(params: optax.Params) -> optax.OptState:
-        resolve_groups(groups, params)
-        return optax.EmptyState()
+    def leaf(group, delta, x):
+        acc = accumulation_dtype(jnp.result_type(delta, x))
+        d, x32 = delta.astype(acc), x.astype(acc)
+        if method == "projection":
+            new = geometry.project_to_sphere(x32 + d, group, radius)
+        else:
+            r = jnp.sqrt(group_dot(x32, x32, group))
+            u = geometry.safe_div(x32, r)
+            v = geometry.safe_div(geometry.tangent_part(d, x32, group), r)
+            new = radius * geometry.exp_map(u, v, group)
+        return (new - x32).astype(delta.dtype)
 
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, optax.OptState]:
-        del extra_args  # accepted as by optax's aliases; nothing here uses them
-        params = _utils.require_params(params, "retract_to_sphere")
-        grp = resolve_groups(groups, params)
-
-        def leaf(group, delta, x):
-            if group is None:
-                return delta
-            acc = accumulation_dtype(jnp.result_type(delta, x))
-            d, x32 = delta.astype(acc), x.astype(acc)
-            if method == "projection":
-                new = geometry.project_to_sphere(x32 + d, group, radius)
-            else:
-                r = jnp.sqrt(group_dot(x32, x32, group))
-                u = geometry.safe_div(x32, r)
-                v = geometry.safe_div(geometry.tangent_part(d, x32, group), r)
-                new = radius * geometry.exp_map(u, v, group)
-            return (new - x32).astype(delta.dtype)
-
-        return _utils.map_groups(leaf, grp, updates, params), state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _utils.stateless_per_group("retract_to_sphere", groups, leaf)
 
 
 class _Sums(NamedTuple):

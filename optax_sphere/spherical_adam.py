@@ -164,6 +164,34 @@ def adam_s(
     "Adam w/o (a)" of Roburin et al. (ICLR version). ``learning_rate`` and ``weight_decay`` may be
     schedules; ``mask`` selects the leaves that get the L2 term, as ``optax.adamw``'s (a pytree
     of bools or a callable of the params; ``None``: every leaf, as in the paper).
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule of the step count.
+      b1: decay of the first moment.
+      b2: decay of the second moment (one scalar per group, a tensor per ungrouped leaf).
+      eps: added to the root of the second moment.
+      weight_decay: coupled L2 :math:`\lambda` (a number or a schedule).
+      mask: the leaves that get the L2 term, as ``optax.adamw``'s (a pytree of bools or a
+        callable of the params; ``None``: every leaf, as in the paper).
+      groups: the radially invariant groups (:func:`optax_sphere.find_groups`, a spec rule
+        such as ``"unit"``, or a pytree of per-leaf specs); ungrouped leaves get plain Adam.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.adam_s(1e-3, weight_decay=1e-4, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> sorted(params)
+      ['b', 'w']
+
+    References:
+      Roburin, de Mont-Marin, Bursuc, Marlet, Pérez and Aubry, "Spherical Perspective on
+      Learning with Batch Norm", sec. 4.1, eqs. 61-63.
     """
     _check_adam(learning_rate, b1, b2, eps, weight_decay)
     return optax.chain(
@@ -250,6 +278,34 @@ def adam_st(
     The second moment is not rescaled. Same as ``transport_momentum(adam_s(...))``, fused
     (see the module docstring; state :class:`SphericalAdamState`). ``mask`` as in
     :func:`adam_s`.
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule of the step count.
+      b1: decay of the first moment.
+      b2: decay of the second moment (one scalar per group, a tensor per ungrouped leaf).
+      eps: added to the root of the second moment.
+      weight_decay: coupled L2 :math:`\lambda` (a number or a schedule).
+      mask: the leaves that get the L2 term, as ``optax.adamw``'s (a pytree of bools or a
+        callable of the params; ``None``: every leaf, as in the paper).
+      groups: the radially invariant groups (:func:`optax_sphere.find_groups`, a spec rule
+        such as ``"unit"``, or a pytree of per-leaf specs); ungrouped leaves get plain Adam.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.adam_st(1e-3, weight_decay=1e-4, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> sorted(params)
+      ['b', 'w']
+
+    References:
+      Roburin, de Mont-Marin, Bursuc, Marlet, Pérez and Aubry, "Spherical Perspective on
+      Learning with Batch Norm", sec. 4.2 and eq. 72; Roburin's thesis, tab. 3.3.
     """
     return _adam_sphere(learning_rate, b1, b2, eps, weight_decay, mask, groups, "t")
 
@@ -276,6 +332,34 @@ def adam_srt(
     per group; plain Adam with coupled L2 on ungrouped leaves. Same as
     ``rescale_transport_momentum(adam_s(...))``, fused (see the module docstring; state
     :class:`SphericalAdamState`). ``mask`` as in :func:`adam_s`.
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule of the step count.
+      b1: decay of the first moment.
+      b2: decay of the second moment (one scalar per group, a tensor per ungrouped leaf).
+      eps: added to the root of the second moment.
+      weight_decay: coupled L2 :math:`\lambda` (a number or a schedule).
+      mask: the leaves that get the L2 term, as ``optax.adamw``'s (a pytree of bools or a
+        callable of the params; ``None``: every leaf, as in the paper).
+      groups: the radially invariant groups (:func:`optax_sphere.find_groups`, a spec rule
+        such as ``"unit"``, or a pytree of per-leaf specs); ungrouped leaves get plain Adam.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.adam_srt(1e-3, weight_decay=1e-4, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> sorted(params)
+      ['b', 'w']
+
+    References:
+      Roburin, de Mont-Marin, Bursuc, Marlet, Pérez and Aubry, "Spherical Perspective on
+      Learning with Batch Norm", sec. 4.2, eqs. 19-21 and 78-80, alg. 1.
     """
     return _adam_sphere(learning_rate, b1, b2, eps, weight_decay, mask, groups, "rt")
 
@@ -297,6 +381,32 @@ def sgdm_rt(
     per group (RT of Roburin et al. eq. 75); ``optax.sgd(lr, momentum)`` with coupled L2 on
     ungrouped leaves. Same as ``rescale_transport_momentum(chain(add_decayed_weights(wd),
     sgd(lr, momentum)))``, fused (see the module docstring). ``mask`` as in :func:`adam_s`.
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule of the step count.
+      momentum: the momentum coefficient :math:`\mu`.
+      weight_decay: coupled L2 :math:`\lambda` (a number or a schedule).
+      mask: the leaves that get the L2 term, as in :func:`adam_s`.
+      groups: the radially invariant groups; ungrouped leaves get ``optax.sgd(lr, momentum)``
+        with coupled L2.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> groups = {"w": "unit", "b": None}
+      >>> tx = optax_sphere.sgdm_rt(0.1, momentum=0.9, weight_decay=5e-4, groups=groups)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> sorted(params)
+      ['b', 'w']
+
+    References:
+      Roburin, de Mont-Marin, Bursuc, Marlet, Pérez and Aubry, "Spherical Perspective on
+      Learning with Batch Norm", sec. 4.2 and app. E.2.
     """
     _utils.check_rate("learning_rate", learning_rate)
     _utils.check_beta("momentum", momentum)

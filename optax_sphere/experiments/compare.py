@@ -117,7 +117,7 @@ CLAIMS = [
         "sgdm",
         "matches",
     ),
-    ("PSI-SGDM beats SGD-M", "Yi 2022, table 1", "psi_sgdm", "sgdm", "better"),
+    ("PSI-SGDM beats SGD-M", "Yi, PSI manifold, table 1", "psi_sgdm", "sgdm", "better"),
     ("AdamP beats AdamW", "Heo et al. 2021", "adamp", "adamw", "better"),
 ]
 

@@ -73,7 +73,7 @@ def angular_update(
     :math:`\sqrt{\pi\eta\lambda K}` with :math:`K = (1-b_1)^2 + b_1^2(1-b_2)/(1+b_2)`
     (Lion, eq. 72). Unlike :func:`equilibrium` it does not check its inputs, so traced values
     and a weight decay of 0 (no rotation) pass; the rotational variants use it for their
-    ``eta_r``.
+    ``eta_r``. Python floats for number inputs, arrays for array inputs.
 
     Example:
       >>> round(angular_update("adamw", 1e-3, 0.1, b1=0.9), 6)
@@ -82,12 +82,12 @@ def angular_update(
     xp = _xp(learning_rate, weight_decay)
     lr, wd = learning_rate, weight_decay
     if optimizer == "adamw":
-        return xp.sqrt(2 * lr * wd * (1 - b1) / (1 + b1))
+        return _out(xp.sqrt(2 * lr * wd * (1 - b1) / (1 + b1)))
     if optimizer == "sgdm":
-        return xp.sqrt(2 * lr * wd / (1 + momentum))
+        return _out(xp.sqrt(2 * lr * wd / (1 + momentum)))
     if optimizer == "lion":
         k = (1 - b1) ** 2 + b1**2 * (1 - b2) / (1 + b2)
-        return xp.sqrt(math.pi * lr * wd * k)
+        return _out(xp.sqrt(math.pi * lr * wd * k))
     raise ValueError(f"unknown optimizer {optimizer!r}; expected 'adamw', 'sgdm' or 'lion'.")
 
 
