@@ -254,6 +254,33 @@ def adamp(
     ``nesterov`` uses :math:`b_1 m_k + (1-b_1) g_k` in place of :math:`m_k`.
     ``learning_rate`` and ``weight_decay`` may be schedules; ``mask`` selects the leaves that get
     the decay, as ``optax.adamw``'s.
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule of the step count.
+      b1, b2, eps: Adam's moment decays and denominator term, as ``optax.adamw``'s.
+      weight_decay: decoupled weight decay :math:`\lambda` (a number or a schedule).
+      delta: a leaf is projected when the cosine between its gradient and its weights is below
+        ``delta / sqrt(dim)`` (the authors' test of scale invariance).
+      wd_ratio: the factor :math:`r_k` of the weight decay where the update was projected.
+      nesterov: Nesterov momentum.
+      mask: the leaves that get the weight decay, as ``optax.adamw``'s.
+      groups: the groups the projection acts on; ungrouped leaves get AdamW.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.adamp(1e-3, weight_decay=1e-2, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> sorted(optax.apply_updates(params, updates))
+      ['b', 'w']
+
+    References:
+      Heo, Chun, Oh, Han, Yun, Kim, Uh and Ha, "AdamP: Slowing Down the Slowdown for Momentum
+      Optimizers on Scale-invariant Weights", ICLR 2021, alg. 2.
     """
     _utils.check_rate("learning_rate", learning_rate)
     _utils.check_beta("b1", b1)
@@ -297,6 +324,32 @@ def sgdp(
     through the momentum). Without Nesterov the update is the buffer itself, so the buffer is
     kept projected (``project_momentum=True``), as the in-place projection of the authors' code
     does. ``learning_rate`` and ``weight_decay`` may be schedules; ``mask`` as in :func:`adamp`.
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule of the step count.
+      momentum: the momentum coefficient :math:`\mu`.
+      nesterov: Nesterov momentum, as ``optax.sgd``'s.
+      weight_decay: decoupled weight decay :math:`\lambda` (a number or a schedule).
+      delta, wd_ratio: as in :func:`adamp`.
+      eps: guards the cosine of the projection test.
+      mask: the leaves that get the weight decay, as ``optax.adamw``'s.
+      groups: the groups the projection acts on; ungrouped leaves get SGD with momentum.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.sgdp(0.1, 0.9, weight_decay=1e-4, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> sorted(optax.apply_updates(params, updates))
+      ['b', 'w']
+
+    References:
+      Heo, Chun, Oh, Han, Yun, Kim, Uh and Ha, "AdamP: Slowing Down the Slowdown for Momentum
+      Optimizers on Scale-invariant Weights", ICLR 2021, alg. 1.
     """
     _utils.check_rate("learning_rate", learning_rate)
     _utils.check_beta("momentum", momentum)

@@ -273,6 +273,30 @@ def sgdg(
     constant learning rate, no clipping and unit-norm groups, to
     ``transport_momentum(chain(project_tangent(), optax.sgd(lr, momentum),
     retract_to_sphere("exp")), exact=True)`` on the groups.
+
+    Args:
+      learning_rate: the sphere's learning rate (a number or an ``optax`` schedule).
+      momentum: the momentum coefficient, transported along the geodesic.
+      grad_clip: clip the norm of each group's tangent gradient to it (``None``: off).
+      omega: weight of Cho & Lee's orthogonality regulariser (0: off).
+      ungrouped_learning_rate, ungrouped_momentum: SGD with Nesterov momentum for the leaves
+        off the sphere (Cho & Lee's treatment of the other parameters).
+      groups: the groups kept on the sphere.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.sgdg(0.2, 0.9, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> sorted(optax.apply_updates(params, updates))
+      ['b', 'w']
+
+    References:
+      Cho and Lee, "Riemannian approach to batch normalization", NeurIPS 2017 (SGD-G).
     """
     _check_sphere_args(learning_rate, grad_clip, omega)
     _utils.check_beta("momentum", momentum)
@@ -356,6 +380,31 @@ def adamg(
     ``grad_clip``, ``omega`` and the ungrouped leaves (SGD with Nesterov momentum at
     ``ungrouped_learning_rate``, Cho & Lee sec. 5) as in :func:`sgdg`; ``nu`` holds nothing
     for them.
+
+    Args:
+      learning_rate: the sphere's learning rate (a number or an ``optax`` schedule).
+      b1, b2: decays of the first moment and of the per-group scalar second moment.
+      eps: inside the root of the second moment, as Cho & Lee's code.
+      grad_clip: clip the norm of each group's tangent gradient to it (``None``: off).
+      omega: weight of Cho & Lee's orthogonality regulariser (0: off).
+      ungrouped_learning_rate, ungrouped_momentum: SGD with Nesterov momentum for the leaves
+        off the sphere (Cho & Lee's treatment of the other parameters).
+      groups: the groups kept on the sphere.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.adamg(0.05, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> sorted(optax.apply_updates(params, updates))
+      ['b', 'w']
+
+    References:
+      Cho and Lee, "Riemannian approach to batch normalization", NeurIPS 2017 (Adam-G).
     """
     _check_sphere_args(learning_rate, grad_clip, omega)
     _utils.check_beta("b1", b1)
@@ -452,6 +501,28 @@ def adagradg(
     scalar shape (a per-group ``v_0``, as Theorem 4 gives for groups of different radii). Ungrouped
     leaves get AdaGrad as ``optax.adagrad`` runs it (the accumulator of the current step, eps
     ``1e-7``; started at ``v_0``), so that no step there exceeds the learning rate.
+
+    Args:
+      learning_rate: the step (a number or an ``optax`` schedule).
+      beta: decay of the per-group accumulator of squared tangent-gradient norms (1: AdaGrad).
+      v0: the accumulator's initial value (a number, or per group).
+      groups: the groups kept on the sphere; ungrouped leaves follow ``optax.adagrad``.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.adagradg(0.7, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> sorted(optax.apply_updates(params, updates))
+      ['b', 'w']
+
+    References:
+      Roburin, de Mont-Marin, Bursuc, Marlet, Pérez and Aubry, "Spherical Perspective on
+      Learning with Batch Norm", Theorem 4; Roburin, PhD thesis, sec. 3.4.2.
     """
     _utils.check_rate("learning_rate", learning_rate)
     if not _traced(beta) and not 0 < beta <= 1:

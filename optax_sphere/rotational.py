@@ -405,6 +405,35 @@ def rv_adamw(
     (0: plain Adam). ``eta_r`` overrides the Table 1 value. See :func:`rotational_rms_control`
     for ``beta``, ``center``, ``rotational_eps`` and ``groups``. State: ``optax.scale_by_adam``'s
     (moments in at least float32) plus two float32 scalars per group and a step count.
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
+        :math:`\hat\eta_r` and the ungrouped leaves' step.
+      b1, b2, eps: Adam's moment decays and denominator term, as ``optax.adamw``'s.
+      weight_decay: :math:`\lambda` of the equilibrium the rotational groups are held at.
+      beta: decay of the tracker of :math:`\|U_\perp\|^2` (:func:`rotational_rms_control`).
+      center: remove each group's mean from its direction and its weights.
+      eta_r: overrides Table 1's angular update (a number or a schedule).
+      rotational_eps: added to the RMS of :math:`U_\perp`.
+      ungrouped_weight_decay: the ungrouped leaves' weight decay (decoupled, as AdamW's).
+      groups: the rotational groups (a kernel per tensor in a transformer, per unit after
+        BatchNorm); ungrouped leaves get the base optimizer.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.rv_adamw(1e-3, weight_decay=1e-2, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> sorted(optax.apply_updates(params, updates))
+      ['b', 'w']
+
+    References:
+      Kosson, Messmer and Jaggi, "Rotational Equilibrium: How Weight Decay Balances Learning
+      Across Neural Networks", app. M, alg. 1 and Table 1.
     """
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)
@@ -436,6 +465,35 @@ def rv_sgdm(
     :math:`\hat\eta_r = \sqrt{2\eta\lambda/(1+\alpha)}` per step on average (Table 1).
     Ungrouped leaves get SGD momentum with coupled L2 ``ungrouped_weight_decay`` (0: plain
     SGD momentum), as the authors' code.
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
+        :math:`\hat\eta_r` and the ungrouped leaves' step.
+      momentum: SGD's momentum coefficient :math:`\alpha`.
+      weight_decay: :math:`\lambda` of the equilibrium the rotational groups are held at.
+      beta: decay of the tracker of :math:`\|U_\perp\|^2` (:func:`rotational_rms_control`).
+      center: remove each group's mean from its direction and its weights.
+      eta_r: overrides Table 1's angular update (a number or a schedule).
+      rotational_eps: added to the RMS of :math:`U_\perp`.
+      ungrouped_weight_decay: the ungrouped leaves' weight decay (coupled L2, as the authors' code).
+      groups: the rotational groups (a kernel per tensor in a transformer, per unit after
+        BatchNorm); ungrouped leaves get the base optimizer.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.rv_sgdm(0.1, 0.9, weight_decay=5e-4, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> sorted(optax.apply_updates(params, updates))
+      ['b', 'w']
+
+    References:
+      Kosson, Messmer and Jaggi, "Rotational Equilibrium: How Weight Decay Balances Learning
+      Across Neural Networks", app. M, alg. 1 and Table 1.
     """
     _utils.check_beta("momentum", momentum)
     _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
@@ -499,6 +557,35 @@ def rv_lion(
     Rotational groups rotate by :math:`\hat\eta_r = \sqrt{\pi\eta\lambda}
     \sqrt{(1-b_1)^2 + b_1^2(1-b_2)/(1+b_2)}` per step on average (Table 1, eq. 72).
     Ungrouped leaves get Lion with decoupled ``ungrouped_weight_decay`` (0 by default).
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
+        :math:`\hat\eta_r` and the ungrouped leaves' step.
+      b1, b2: Lion's interpolation and momentum decays, as ``optax.lion``'s.
+      weight_decay: :math:`\lambda` of the equilibrium the rotational groups are held at.
+      beta: decay of the tracker of :math:`\|U_\perp\|^2` (:func:`rotational_rms_control`).
+      center: remove each group's mean from its direction and its weights.
+      eta_r: overrides Table 1's angular update (a number or a schedule).
+      rotational_eps: added to the RMS of :math:`U_\perp`.
+      ungrouped_weight_decay: the ungrouped leaves' weight decay (decoupled, as Lion's).
+      groups: the rotational groups (a kernel per tensor in a transformer, per unit after
+        BatchNorm); ungrouped leaves get the base optimizer.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.rv_lion(1e-4, weight_decay=1.0, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> sorted(optax.apply_updates(params, updates))
+      ['b', 'w']
+
+    References:
+      Kosson, Messmer and Jaggi, "Rotational Equilibrium: How Weight Decay Balances Learning
+      Across Neural Networks", app. M, alg. 1 and eq. 72.
     """
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)
@@ -598,6 +685,36 @@ def wrapped_adam_l2(
     :math:`\hat\eta_r = \sqrt{2\eta\lambda(1-b_1)/(1+b_1)}`, instead of Adam+L2's own
     equilibrium, which depends on the gradient norm (eq. 84, 87). Ungrouped leaves get Adam
     with coupled L2 ``ungrouped_weight_decay`` (0: plain Adam).
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
+        :math:`\hat\eta_r` and the ungrouped leaves' step.
+      b1, b2, eps: Adam's moment decays and denominator term.
+      weight_decay: :math:`\lambda` of the equilibrium the rotational groups are held at.
+      beta: decay of the tracker of :math:`\|U_\perp\|^2` (:func:`rotational_rms_control`).
+      center: remove each group's mean from its direction and its weights.
+      eta_r: overrides Table 1's angular update (a number or a schedule).
+      rotational_eps: added to the RMS of :math:`U_\perp`.
+      ungrouped_weight_decay: the ungrouped leaves' weight decay (coupled L2).
+      groups: the rotational groups (a kernel per tensor in a transformer, per unit after
+        BatchNorm); ungrouped leaves get the base optimizer.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> groups = {"w": "unit", "b": None}
+      >>> tx = optax_sphere.wrapped_adam_l2(1e-3, weight_decay=1e-2, groups=groups)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> sorted(optax.apply_updates(params, updates))
+      ['b', 'w']
+
+    References:
+      Kosson, Messmer and Jaggi, "Rotational Equilibrium: How Weight Decay Balances Learning
+      Across Neural Networks", sec. 3, Table 2 and app. O.
     """
     _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     return _rotational_variant(
