@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 import optax_sphere
+from optax_sphere.experiments.environment import environment
 from optax_sphere.experiments.trees import (
     kernels_per_tensor,
     make_tree,
@@ -145,17 +146,6 @@ def _bytes_accessed(compiled: Any) -> float | None:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     return None if not cost else float(cost.get("bytes accessed", 0.0)) or None
-
-
-def environment() -> dict:
-    """What moves the numbers besides the code: the malloc settings and the machine load."""
-    malloc = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "malloc_settings": malloc or "glibc defaults",
-        "load_average_1_5_15_min": list(load) if load else None,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
 
 
 class Stepper:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +31,7 @@ import numpy as np
 import optax
 
 import optax_sphere
+from optax_sphere.experiments.environment import environment
 
 
 class ResNet20(nn.Module):
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     steps, warmup = (3, 1) if args.quick else (args.steps, 3)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env = environment()
     rows, cache = [], {}
     for model_name in args.models:
         for alias in args.aliases:
@@ -194,15 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "command": "python benchmarks/train_step.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "backend": jax.default_backend(),
-            "load_average_at_start": list(load) if load else None,
-            "malloc_settings": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-            or "glibc defaults",
-        },
-        "versions": {"jax": jax.__version__, "optax": optax.__version__},
+        "environment": {**env, "load_average_at_end": environment()["load_average_1_5_15_min"]},
         "rows": rows,
     }
     if args.out:

@@ -470,11 +470,7 @@ def rv_sgdm(
       learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       momentum: SGD's momentum coefficient :math:`\alpha`.
-      weight_decay: :math:`\lambda` of the equilibrium the rotational groups are held at.
-      beta: decay of the tracker of :math:`\|U_\perp\|^2` (:func:`rotational_rms_control`).
-      center: remove each group's mean from its direction and its weights.
-      eta_r: overrides Table 1's angular update (a number or a schedule).
-      rotational_eps: added to the RMS of :math:`U_\perp`.
+      weight_decay, beta, center, eta_r, rotational_eps: as :func:`rv_adamw`.
       ungrouped_weight_decay: the ungrouped leaves' weight decay (coupled L2, as the authors' code).
       groups: the rotational groups (a kernel per tensor in a transformer, per unit after
         BatchNorm); ungrouped leaves get the base optimizer.
@@ -562,11 +558,7 @@ def rv_lion(
       learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       b1, b2: Lion's interpolation and momentum decays, as ``optax.lion``'s.
-      weight_decay: :math:`\lambda` of the equilibrium the rotational groups are held at.
-      beta: decay of the tracker of :math:`\|U_\perp\|^2` (:func:`rotational_rms_control`).
-      center: remove each group's mean from its direction and its weights.
-      eta_r: overrides Table 1's angular update (a number or a schedule).
-      rotational_eps: added to the RMS of :math:`U_\perp`.
+      weight_decay, beta, center, eta_r, rotational_eps: as :func:`rv_adamw`.
       ungrouped_weight_decay: the ungrouped leaves' weight decay (decoupled, as Lion's).
       groups: the rotational groups (a kernel per tensor in a transformer, per unit after
         BatchNorm); ungrouped leaves get the base optimizer.
@@ -690,11 +682,7 @@ def wrapped_adam_l2(
       learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       b1, b2, eps: Adam's moment decays and denominator term.
-      weight_decay: :math:`\lambda` of the equilibrium the rotational groups are held at.
-      beta: decay of the tracker of :math:`\|U_\perp\|^2` (:func:`rotational_rms_control`).
-      center: remove each group's mean from its direction and its weights.
-      eta_r: overrides Table 1's angular update (a number or a schedule).
-      rotational_eps: added to the RMS of :math:`U_\perp`.
+      weight_decay, beta, center, eta_r, rotational_eps: as :func:`rv_adamw`.
       ungrouped_weight_decay: the ungrouped leaves' weight decay (coupled L2).
       groups: the rotational groups (a kernel per tensor in a transformer, per unit after
         BatchNorm); ungrouped leaves get the base optimizer.

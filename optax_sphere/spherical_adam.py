@@ -280,15 +280,7 @@ def adam_st(
     :func:`adam_s`.
 
     Args:
-      learning_rate: a number or an ``optax`` schedule of the step count.
-      b1: decay of the first moment.
-      b2: decay of the second moment (one scalar per group, a tensor per ungrouped leaf).
-      eps: added to the root of the second moment.
-      weight_decay: coupled L2 :math:`\lambda` (a number or a schedule).
-      mask: the leaves that get the L2 term, as ``optax.adamw``'s (a pytree of bools or a
-        callable of the params; ``None``: every leaf, as in the paper).
-      groups: the radially invariant groups (:func:`optax_sphere.find_groups`, a spec rule
-        such as ``"unit"``, or a pytree of per-leaf specs); ungrouped leaves get plain Adam.
+      learning_rate, b1, b2, eps, weight_decay, mask, groups: as :func:`adam_s`.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.
@@ -334,15 +326,7 @@ def adam_srt(
     :class:`SphericalAdamState`). ``mask`` as in :func:`adam_s`.
 
     Args:
-      learning_rate: a number or an ``optax`` schedule of the step count.
-      b1: decay of the first moment.
-      b2: decay of the second moment (one scalar per group, a tensor per ungrouped leaf).
-      eps: added to the root of the second moment.
-      weight_decay: coupled L2 :math:`\lambda` (a number or a schedule).
-      mask: the leaves that get the L2 term, as ``optax.adamw``'s (a pytree of bools or a
-        callable of the params; ``None``: every leaf, as in the paper).
-      groups: the radially invariant groups (:func:`optax_sphere.find_groups`, a spec rule
-        such as ``"unit"``, or a pytree of per-leaf specs); ungrouped leaves get plain Adam.
+      learning_rate, b1, b2, eps, weight_decay, mask, groups: as :func:`adam_s`.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.
