@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sphere import _utils
+from optax_sphere import _base, _utils
 from optax_sphere.groups import (
     Group,
     GroupsLike,
@@ -214,13 +214,11 @@ def _scale_by_adam_torch(b1, b2, eps, nesterov) -> optax.GradientTransformation:
         count = optax.safe_increment(state.count)
 
         def leaf(g, m, v):
-            acc = accumulation_dtype(g.dtype)
-            g32 = g.astype(acc)
-            bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
-            m = b1 * m + (1 - b1) * g32
-            v = b2 * v + (1 - b2) * g32 * g32
-            look_ahead = b1 * m + (1 - b1) * g32
-            return (look_ahead / (jnp.sqrt(v / bc2) + eps) / bc1).astype(g.dtype), m, v
+            g32 = g.astype(accumulation_dtype(g.dtype))
+            m, v = _base.adam_moments(g32, g32, m, v, b1, b2)
+            look_ahead = _base.bias_corrected(optax.tree.update_moment(g32, m, b1, 1), b1, count)
+            step = look_ahead / (jnp.sqrt(_base.bias_corrected(v, b2, count)) + eps)
+            return step.astype(g.dtype), m, v
 
         out = jax.tree.map(leaf, updates, state.mu, state.nu)
         new_updates, mu, nu = _utils.unzip(out, updates, 3)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sphere import _utils
+from optax_sphere import _base, _utils
 from optax_sphere.groups import (
     GroupsLike,
     accumulation_dtype,
@@ -156,10 +156,9 @@ def psi_sgdm(
             # the step reads the *new* trace, as optax.sgd does, so that the trace is
             # updated in place and read once
             if keep_trace:
-                if scale is not None:
-                    t = scale * t
-                t = momentum * t + g
-                direction = g + momentum * t if nesterov else t
+                direction, t = _base.momentum(
+                    g, t if scale is None else scale * t, momentum, nesterov
+                )
             else:
                 direction = g
             step = -lr * direction

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sphere import _utils, geometry
+from optax_sphere import _base, _utils, geometry
 from optax_sphere.groups import (
     Group,
     GroupsLike,
@@ -147,12 +147,8 @@ def _check_sphere_args(learning_rate, grad_clip, omega) -> None:
     _utils.check_rate("omega", omega)
 
 
-def _ungrouped_nesterov(g, m, lr, momentum):
-    """Cho & Lee's optimizer of the weights off the sphere: SGD with Nesterov momentum (the
-    form of ``optax.sgd(lr, momentum, nesterov=True)``); returns the update and the trace."""
-    m = momentum * m + g
-    return -lr * (g + momentum * m), m
-
+#: ``optax.adagrad``'s default ``eps`` (inside the root), for the leaves off the sphere.
+_ADAGRAD_EPS = 1e-7
 
 #: Cho & Lee normalise every vector as ``v / (||v|| + 1e-8)`` (``gutils.unit``): the point
 #: ``y = unit(x)``, the direction of the exponential map and of the parallel transport.
@@ -322,7 +318,9 @@ def sgdg(
             acc = accumulation_dtype(jnp.result_type(g, x))
             g, x32 = g.astype(acc), x.astype(acc)
             if group is None:
-                step, m = _ungrouped_nesterov(g, m, ulr, ungrouped_momentum)
+                # off the sphere: SGD with Nesterov momentum (Cho & Lee), optax.sgd's
+                direction, m = _base.momentum(g, m, ungrouped_momentum, nesterov=True)
+                step = -ulr * direction
                 return step.astype(x.dtype), m
             g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, grad_clip, omega)
             # B' = mu B - k (g - <g,u> u); its norm from the sums
@@ -443,7 +441,9 @@ def adamg(
             acc = accumulation_dtype(jnp.result_type(g, x))
             g, x32 = g.astype(acc), x.astype(acc)
             if group is None:
-                step, m = _ungrouped_nesterov(g, m, ulr, ungrouped_momentum)
+                # off the sphere: SGD with Nesterov momentum (Cho & Lee), optax.sgd's
+                direction, m = _base.momentum(g, m, ungrouped_momentum, nesterov=True)
+                step = -ulr * direction
                 return step.astype(x.dtype), m, v
             bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
             g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, grad_clip, omega)
@@ -499,8 +499,9 @@ def adagradg(
     :func:`optax_sphere.theory.sgd_to_adagradg`. ``beta`` is in ``(0, 1]`` (1: no decay, as
     AdaGrad). ``v0`` is a number or a pytree like the params whose leaves broadcast to the per-group
     scalar shape (a per-group ``v_0``, as Theorem 4 gives for groups of different radii). Ungrouped
-    leaves get AdaGrad as ``optax.adagrad`` runs it (the accumulator of the current step, eps
-    ``1e-7``; started at ``v_0``), so that no step there exceeds the learning rate.
+    leaves get ``optax.adagrad``'s step (the accumulator of the current step, ``eps = 1e-7`` inside
+    the root; started at ``v_0``, decayed by ``beta``), so that no step there exceeds the
+    learning rate.
 
     Args:
       learning_rate: the step (a number or an ``optax`` schedule).
@@ -568,11 +569,12 @@ def adagradg(
             acc = accumulation_dtype(jnp.result_type(g, x))
             g, x32 = g.astype(acc), x.astype(acc)
             if group is None:
-                # optax.adagrad's order: the accumulator of this step, so that no step is
-                # longer than the learning rate (the grouped recursion's previous-step
-                # accumulator is what Theorem 4 needs, and the projection bounds it there)
-                v = beta * v + g * g
-                return (-lr * g / (jnp.sqrt(v) + 1e-7)).astype(x.dtype), v
+                # optax.adagrad: the accumulator of this step, so that no step is longer than
+                # the learning rate (the grouped recursion's previous-step accumulator is what
+                # Theorem 4 needs, and the projection bounds it there)
+                rss = optax.ScaleByRssState(sum_of_squares=beta * v)
+                direction, rss = optax.scale_by_rss(eps=_ADAGRAD_EPS).update(g, rss)
+                return (-lr * direction).astype(x.dtype), rss.sum_of_squares
             gg, gx, xx = (
                 group_dot(g, g, group),
                 group_dot(g, x32, group),

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sphere import _utils
+from optax_sphere import _base, _utils
 from optax_sphere.geometry import safe_div
 from optax_sphere.groups import (
     Group,
@@ -529,7 +529,7 @@ def _scale_by_lion_sign(b1: float, b2: float) -> optax.GradientTransformation:
             return jnp.where(jnp.isfinite(c), jnp.sign(c), c)
 
         new_updates = jax.tree.map(direction, updates, state.mu)
-        mu = jax.tree.map(lambda g, m: (1.0 - b2) * g + b2 * m, updates, state.mu)
+        mu = optax.tree.update_moment(updates, state.mu, b2, 1)
         return new_updates, optax.ScaleByLionState(optax.safe_increment(state.count), mu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -642,12 +642,13 @@ def scale_by_adam_l2_direction(
 
         def leaf(group, g, m, v, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
-            bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
             dtype, g, x = g.dtype, g.astype(acc), x.astype(acc)
-            total = g + (wd if group is not None else wd_ungrouped) * x
-            m = b1 * m + (1 - b1) * (g if group is not None else total)
-            v = b2 * v + (1 - b2) * total * total
-            return ((m / bc1) / (jnp.sqrt(v / bc2) + eps)).astype(dtype), m, v
+            if group is None:  # Adam with coupled L2
+                direction, m, v = _base.adam(g + wd_ungrouped * x, m, v, state.count, b1, b2, eps)
+                return direction.astype(dtype), m, v
+            m, v = _base.adam_moments(g, g + wd * x, m, v, b1, b2)
+            m_hat, v_hat = _base.bias_corrected(m, b1, count), _base.bias_corrected(v, b2, count)
+            return (m_hat / (jnp.sqrt(v_hat) + eps)).astype(dtype), m, v
 
         out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params)
         direction, mu, nu = _utils.unzip(out, updates, 3)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sphere import _utils
+from optax_sphere import _base, _utils
 from optax_sphere.groups import (
     GroupsLike,
     accumulation_dtype,
@@ -229,10 +229,8 @@ def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, mask, groups, transpo
             bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
             if group is None:  # plain Adam with coupled L2
                 gt = g.astype(acc) + wd * x.astype(acc)
-                m = b1 * m + (1 - b1) * gt
-                v = b2 * v + (1 - b2) * gt * gt
-                step = -lr * (m / bc1) / (jnp.sqrt(v / bc2) + eps)
-                return step.astype(g.dtype), m, v, sq
+                direction, m, v = _base.adam(gt, m, v, state.count, b1, b2, eps)
+                return (-lr * direction).astype(g.dtype), m, v, sq
 
             def coefficient(gt_gt, ratio):
                 v_prev = v * ratio if transport == "rt" else v  # R of the second moment, eq. 21
@@ -416,9 +414,9 @@ def sgdm_rt(
 
         def leaf(group, g, b, sq, x, wd):
             acc = accumulation_dtype(jnp.result_type(g, x))
-            if group is None:
-                b = momentum * b + g.astype(acc) + wd * x.astype(acc)
-                return (-lr * b).astype(g.dtype), b, sq
+            if group is None:  # optax.sgd's momentum with coupled L2
+                direction, b = _base.momentum(g.astype(acc) + wd * x.astype(acc), b, momentum)
+                return (-lr * direction).astype(g.dtype), b, sq
             step, b, _, sq = _transported_momentum_step(
                 group,
                 g,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sphere import _utils
+from optax_sphere import _base, _utils
 from optax_sphere.groups import (
     GroupsLike,
     accumulation_dtype,
@@ -106,12 +106,14 @@ def scale_by_standardized_adam(
         count = optax.safe_increment(state.count)
 
         def leaf(group, g, m, v):
-            acc = accumulation_dtype(g.dtype)
-            bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
-            m = b1 * m + (1 - b1) * g.astype(acc)
-            v = b2 * v + (1 - b2) * standardized_second_moment(g, group)
-            step = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
-            return step.astype(g.dtype), m, v
+            g_acc = g.astype(accumulation_dtype(g.dtype))
+            if group is None:  # plain Adam
+                step, m, v = _base.adam(g_acc, m, v, state.count, b1, b2, eps)
+                return step.astype(g.dtype), m, v
+            m = optax.tree.update_moment(g_acc, m, b1, 1)
+            v = optax.tree.update_moment(standardized_second_moment(g, group), v, b2, 1)
+            m_hat, v_hat = _base.bias_corrected(m, b1, count), _base.bias_corrected(v, b2, count)
+            return (m_hat / (jnp.sqrt(v_hat) + eps)).astype(g.dtype), m, v
 
         out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu)
         new_updates, mu, nu = _utils.unzip(out, updates, 3)

@@ -275,7 +275,7 @@ def test_adagradg_equals_the_thesis_equations_and_stays_on_the_sphere():
             x = _unit(x_hat)
             v = beta * v + jnp.sum(g["k"] ** 2, axis=(0, 1), keepdims=True)
             vb = beta * vb + g["b"] ** 2  # ungrouped: optax.adagrad's order, started at v0
-            b = b - lr * g["b"] / (jnp.sqrt(vb) + 1e-7)
+            b = b - lr * g["b"] / jnp.sqrt(vb + 1e-7)
             np.testing.assert_allclose(fused[t]["k"], x, rtol=1e-11, atol=1e-13)
             np.testing.assert_allclose(fused[t]["b"], b, rtol=1e-11, atol=1e-13)
         np.testing.assert_allclose(state.nu["k"], v, rtol=1e-11)

@@ -1,0 +1,51 @@
+"""The base optimizers' steps on single leaves, by optax's own transformations.
+
+The leaves outside every group get the optimizer an alias extends (Adam, SGD with momentum,
+AdaGrad) unchanged; its mathematics lives in optax. These helpers run optax's transformation
+on one leaf with the alias's own state arrays, so that each family's module keeps only its
+per-group mathematics. ``count`` is the state's count *before* the step, as optax's states
+hold it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+
+def adam(
+    g: jax.Array, mu: jax.Array, nu: jax.Array, count: jax.Array, b1: Any, b2: Any, eps: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``optax.scale_by_adam(b1, b2, eps)`` on one leaf: ``(direction, mu, nu)``."""
+    direction, state = optax.scale_by_adam(b1, b2, eps).update(
+        g, optax.ScaleByAdamState(count, mu, nu)
+    )
+    return direction, state.mu, state.nu
+
+
+def adam_moments(
+    g_first: jax.Array, g_second: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, b2: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Adam's moving moments with optax's helpers, the first of ``g_first`` and the second
+    of ``g_second``: ``(mu, nu)``, not bias-corrected."""
+    return (
+        optax.tree.update_moment(g_first, mu, b1, 1),
+        optax.tree.update_moment_per_elem_norm(g_second, nu, b2, 2),
+    )
+
+
+def bias_corrected(moment: jax.Array, decay: Any, count: jax.Array) -> jax.Array:
+    """``moment / (1 - decay^count)`` (``optax.tree.bias_correction``), ``count`` after the
+    step's increment."""
+    return optax.tree.bias_correction(moment, decay, count)
+
+
+def momentum(
+    g: jax.Array, trace: jax.Array, decay: Any, nesterov: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """``optax.trace(decay, nesterov)`` on one leaf: ``(direction, trace)``; the direction is
+    the new trace (``g + decay trace'`` with Nesterov), as in ``optax.sgd``."""
+    direction, state = optax.trace(decay, nesterov).update(g, optax.TraceState(trace))
+    return direction, state.trace
