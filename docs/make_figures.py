@@ -30,8 +30,11 @@ import optax  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import optax_sphere as osp  # noqa: E402
-from optax_sphere import plots, theory  # noqa: E402
-from optax_sphere.groups import path_str  # noqa: E402
+from optax_sphere import (  # noqa: E402
+    path_str,  # noqa: E402
+    plots,
+    theory,
+)
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_static", "figures")
 

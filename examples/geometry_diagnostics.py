@@ -139,7 +139,7 @@ def train(tx, data, *, seed: int, steps: int, batch: int, record_every: int):
     logits = model.apply({"params": params, "batch_stats": stats}, xte, train=False)
     accuracy = float(jnp.mean(jnp.argmax(logits, -1) == yte))
     gsq_mean = {
-        osp.groups.path_str(path): float(v) / gsq_n
+        osp.path_str(path): float(v) / gsq_n
         for path, v in jax.tree_util.tree_flatten_with_path(gsq_sum)[0]
     }
     return history, accuracy, float(loss), gsq_mean, params

@@ -6,6 +6,7 @@ over pytrees; the published optimizers are chains of them.
 """
 
 from optax_sphere import diagnostics, discovery, geometry, groups, plots, presets, theory
+from optax_sphere._paths import path_str
 from optax_sphere.diagnostics import (
     GeometryStats,
     History,
@@ -20,7 +21,7 @@ from optax_sphere.diagnostics import (
 )
 from optax_sphere.discovery import FoundGroups, GroupReport, find_groups
 from optax_sphere.groups import Group, per_tensor, per_unit, per_unit_out_first, resolve_groups
-from optax_sphere.projection import (
+from optax_sphere.norm_growth import (
     ScaleInvariantProjectionState,
     adamp,
     scale_invariant_projection,
@@ -48,21 +49,19 @@ from optax_sphere.rotational import (
     scale_by_adam_l2_direction,
     wrapped_adam_l2,
 )
-from optax_sphere.spherical_adam import (
-    SgdmRtState,
-    SphericalAdamState,
-    adam_s,
-    adam_srt,
-    adam_st,
-    sgdm_rt,
-)
 from optax_sphere.standardization import (
     ScaleByStandardizedAdamState,
+    adam_s,
     scale_by_standardized_adam,
 )
 from optax_sphere.transport import (
+    SgdmRtState,
+    SphericalAdamState,
+    adam_srt,
+    adam_st,
     rescale_momentum,
     rescale_transport_momentum,
+    sgdm_rt,
     transport_momentum,
 )
 from optax_sphere.weight_decay import coupled_weight_decay, decoupled_weight_decay
@@ -99,6 +98,7 @@ __all__ = [
     "per_unit",
     "per_unit_out_first",
     "resolve_groups",
+    "path_str",
     # primitives: spherical Adam family (Roburin et al.)
     "ScaleByStandardizedAdamState",
     "coupled_weight_decay",

@@ -12,7 +12,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_sphere.groups import accumulation_dtype, path_str, resolve_groups
+from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere._paths import path_str
+from optax_sphere.groups import resolve_groups
 
 PyTree = Any
 Hyper = Any  # a number, a scalar array, or a schedule ``count -> value``
@@ -21,6 +23,7 @@ __all__ = [
     "value_at",
     "check_rate",
     "check_beta",
+    "check_adam",
     "map_groups",
     "check_trees_match",
     "check_state_matches",
@@ -53,6 +56,15 @@ def check_rate(name: str, value: Hyper) -> None:
 def check_beta(name: str, value: Hyper) -> None:
     """A decay rate in [0, 1)."""
     _check_scalar(name, value, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def check_adam(learning_rate: Hyper, b1: Hyper, b2: Hyper, eps: Hyper, weight_decay: Hyper) -> None:
+    """The hyperparameters of an Adam-family alias."""
+    check_rate("learning_rate", learning_rate)
+    check_beta("b1", b1)
+    check_beta("b2", b2)
+    check_rate("eps", eps)
+    check_rate("weight_decay", weight_decay)
 
 
 def value_at(h: Hyper, count: jax.Array) -> Any:

@@ -56,14 +56,14 @@ import numpy as np
 import optax
 
 from optax_sphere import _utils, geometry
+from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere._paths import path_str
 from optax_sphere.groups import (
     Group,
     GroupsLike,
-    accumulation_dtype,
     group_dot,
     group_mean,
     group_sq_norm,
-    path_str,
     per_unit,
     resolve_groups,
 )

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_sphere.groups import Group, key_names, named_axes, path_str
+from optax_sphere._paths import path_str
+from optax_sphere.groups import Group, key_names, named_axes
 
 __all__ = ["FoundGroups", "GroupReport", "find_groups"]
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from optax_sphere.groups import Group, accumulation_dtype, group_dot, group_sq_norm
+from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere.groups import Group, group_dot, group_sq_norm
 
 __all__ = [
     "safe_div",

@@ -50,6 +50,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere._paths import path_str
+
 PyTree = Any
 LeafSpec = Union[None, str, int, Sequence[int]]
 #: What ``groups=`` accepts: ``None``, ``"unit"`` / ``"tensor"``, a callable of the params, or a
@@ -67,13 +70,11 @@ __all__ = [
     "per_unit_out_first",
     "per_tensor",
     "resolve_groups",
-    "path_str",
     "group_sum",
     "group_dot",
     "group_sq_norm",
     "group_mean",
     "group_size",
-    "accumulation_dtype",
 ]
 
 
@@ -202,11 +203,6 @@ def key_names(path: Sequence[Any]) -> tuple[Any, ...]:
     if names and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
         names.pop()
     return tuple(names)
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """Readable ``a/b/0`` form of a ``jax.tree_util`` key path."""
-    return "/".join(str(n) for n in key_names(path)) or "<root>"
 
 
 def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
@@ -340,11 +336,6 @@ def _raise_tree_mismatch(spec: PyTree, leaves_with_path: list, err: Exception) -
         f"parameters without a spec: {missing or 'none'}; specs without a parameter: "
         f"{extra or 'none'} ({err})."
     ) from None
-
-
-def accumulation_dtype(dtype: Any) -> Any:
-    """Dtype for reductions and moments: at least float32 (bf16/fp16 params accumulate in f32)."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def group_sum(x: jax.Array, group: Group) -> jax.Array:

@@ -27,12 +27,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_sphere import _base, _utils
-from optax_sphere.groups import (
-    GroupsLike,
-    accumulation_dtype,
-    group_sq_norm,
-    resolve_groups,
-)
+from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere.groups import GroupsLike, group_sq_norm, resolve_groups
 
 __all__ = ["PsiSgdState", "scale_by_psi_metric", "psi_sgd", "psi_sgdm"]
 

@@ -26,13 +26,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_sphere import _base, _utils, geometry
-from optax_sphere.groups import (
-    Group,
-    GroupsLike,
-    accumulation_dtype,
-    group_dot,
-    resolve_groups,
-)
+from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere.groups import Group, GroupsLike, group_dot, resolve_groups
 
 __all__ = [
     "project_tangent",

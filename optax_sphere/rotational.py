@@ -33,15 +33,9 @@ import jax.numpy as jnp
 import optax
 
 from optax_sphere import _base, _utils
+from optax_sphere._dtypes import accumulation_dtype
 from optax_sphere.geometry import safe_div
-from optax_sphere.groups import (
-    Group,
-    GroupsLike,
-    accumulation_dtype,
-    group_sq_norm,
-    group_sum,
-    resolve_groups,
-)
+from optax_sphere.groups import Group, GroupsLike, group_sq_norm, group_sum, resolve_groups
 from optax_sphere.theory.equilibrium import angular_update
 from optax_sphere.transport import MOMENTUM_FIELDS, SECOND_MOMENT_FIELDS
 
@@ -204,7 +198,7 @@ def rotational_rms_control(
     constant gradient of 1e15) is not rotated that step, only recentred and renormalised.
 
     The inner optimizer runs on the gradients and parameters cast to
-    :func:`~optax_sphere.groups.accumulation_dtype` (at least float32), so its moments are
+    their accumulation dtype (at least float32), so its moments are
     float32 for bf16 / fp16 parameters; the update comes back in the gradients' dtype.
 
     Args:

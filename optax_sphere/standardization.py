@@ -10,6 +10,8 @@ second moment by one scalar per group, the second moment of the gradient norm,
 which keeps Adam's scheduling effect (``sqrt(v_k) = d^-1/2 ||sqrt(v_vector)||``, eq. 60)
 without the deformation. Ungrouped leaves keep Adam's element-wise moment (a group of one
 element is exactly Adam), so with ``groups=None`` this is ``optax.scale_by_adam``.
+
+:func:`adam_s` is Adam-S, the published optimizer that is this fix alone ("Adam w/o (a)").
 """
 
 from __future__ import annotations
@@ -21,14 +23,11 @@ import jax.numpy as jnp
 import optax
 
 from optax_sphere import _base, _utils
-from optax_sphere.groups import (
-    GroupsLike,
-    accumulation_dtype,
-    group_sq_norm,
-    resolve_groups,
-)
+from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere.groups import GroupsLike, group_sq_norm, resolve_groups
 
 __all__ = [
+    "adam_s",
     "ScaleByStandardizedAdamState",
     "scale_by_standardized_adam",
     "standardized_second_moment",
@@ -120,3 +119,61 @@ def scale_by_standardized_adam(
         return new_updates, ScaleByStandardizedAdamState(count, mu, nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adam_s(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    *,
+    mask: Any = None,
+    groups: GroupsLike = "unset",
+) -> optax.GradientTransformation:
+    r"""Adam-S: Adam with a standardised second moment (Roburin et al. sec. 4.1, eqs. 61-63).
+
+    .. math::
+        g_k = \nabla L(x_k) + \lambda x_k,\quad m_k = b_1 m_{k-1} + (1-b_1) g_k,\quad
+        v_k = b_2 v_{k-1} + (1-b_2) d^{-1}\|g_k\|^2,\\
+        x_{k+1} = x_k - \eta_k \frac{m_k/(1-b_1^{k+1})}{\sqrt{v_k/(1-b_2^{k+1})}+\epsilon}
+
+    per group (``v_k`` a scalar per group); plain Adam with coupled L2 on ungrouped leaves.
+    "Adam w/o (a)" of Roburin et al. (ICLR version). ``learning_rate`` and ``weight_decay`` may be
+    schedules; ``mask`` selects the leaves that get the L2 term, as ``optax.adamw``'s (a pytree
+    of bools or a callable of the params; ``None``: every leaf, as in the paper).
+
+    Args:
+      learning_rate: a number or an ``optax`` schedule of the step count.
+      b1: decay of the first moment.
+      b2: decay of the second moment (one scalar per group, a tensor per ungrouped leaf).
+      eps: added to the root of the second moment.
+      weight_decay: coupled L2 :math:`\lambda` (a number or a schedule).
+      mask: the leaves that get the L2 term, as ``optax.adamw``'s (a pytree of bools or a
+        callable of the params; ``None``: every leaf, as in the paper).
+      groups: the radially invariant groups (:func:`optax_sphere.find_groups`, a spec rule
+        such as ``"unit"``, or a pytree of per-leaf specs); ungrouped leaves get plain Adam.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.adam_s(1e-3, weight_decay=1e-4, groups={"w": "unit", "b": None})
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> sorted(params)
+      ['b', 'w']
+
+    References:
+      Roburin, de Mont-Marin, Bursuc, Marlet, Pérez and Aubry, "Spherical Perspective on
+      Learning with Batch Norm", sec. 4.1, eqs. 61-63.
+    """
+    _utils.check_adam(learning_rate, b1, b2, eps, weight_decay)
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask),
+        scale_by_standardized_adam(b1, b2, eps, groups=groups),
+        optax.scale_by_learning_rate(learning_rate),
+    )

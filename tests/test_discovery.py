@@ -275,7 +275,7 @@ def test_nnx_model_and_optimizer_one_compilation():
     flat = jax.tree_util.tree_flatten_with_path(
         grp, is_leaf=lambda v: v is None or isinstance(v, osp.Group)
     )[0]
-    by_path = {osp.groups.path_str(p): g for p, g in flat}
+    by_path = {osp.path_str(p): g for p, g in flat}
     assert by_path["conv0/kernel"] == osp.Group((0, 1)) and by_path["head/kernel"] is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "groups not given" warning
@@ -351,7 +351,7 @@ def test_property_found_groups_are_invariant_and_the_rest_is_not(kinds, width, s
         jax.tree_util.tree_flatten_with_path(grp, is_leaf=lambda v: v is None)[0],
         jax.tree_util.tree_flatten_with_path(params)[0],
     ):
-        key = osp.groups.path_str(path)
+        key = osp.path_str(path)
         names = key.split("/")
         if g is not None:
             shape = g.scalar_shape(p.shape)

@@ -37,9 +37,10 @@ import numpy as np
 import optax
 
 from optax_sphere import presets
+from optax_sphere._paths import path_str
 from optax_sphere.experiments.stats import paired_comparison
 from optax_sphere.geometry import angle
-from optax_sphere.groups import path_str, resolve_groups
+from optax_sphere.groups import resolve_groups
 
 PyTree = Any
 Batch = tuple[jax.Array, jax.Array]

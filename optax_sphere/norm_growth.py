@@ -1,4 +1,5 @@
-"""AdamP / SGDP: drop the radial part of the update of weights detected as scale-invariant.
+"""Norm growth: momentum inflates the norm of scale-invariant weights. AdamP / SGDP drop the
+radial part of the update of weights detected as scale-invariant.
 
 Heo et al., "AdamP: Slowing down the slowdown for momentum optimizers on scale-invariant
 weights" (ICLR 2021), as in the authors' code. The radial component of a momentum update makes
@@ -26,13 +27,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_sphere import _base, _utils
-from optax_sphere.groups import (
-    Group,
-    GroupsLike,
-    accumulation_dtype,
-    group_dot,
-    resolve_groups,
-)
+from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere.groups import Group, GroupsLike, group_dot, resolve_groups
 from optax_sphere.transport import MOMENTUM_FIELDS, SECOND_MOMENT_FIELDS
 
 __all__ = ["ScaleInvariantProjectionState", "scale_invariant_projection", "adamp", "sgdp"]
@@ -104,7 +100,7 @@ def scale_invariant_projection(
     the update *is* the buffer and is projected in place.
 
     ``inner`` runs on the gradients and parameters cast to
-    :func:`~optax_sphere.groups.accumulation_dtype` (at least float32), so its moments are
+    their accumulation dtype (at least float32), so its moments are
     float32 for bf16 / fp16 parameters; the update comes back in the gradients' dtype.
     """
     _utils.check_rate("delta", delta)
