@@ -475,7 +475,7 @@ class AdagradgState(NamedTuple):
 
 def adagradg(
     learning_rate: optax.ScalarOrSchedule = 0.7,
-    beta: float = 1.0,
+    decay: float = 1.0,
     v0: Any = 1.0,
     *,
     groups: GroupsLike = "unset",
@@ -487,20 +487,20 @@ def adagradg(
         x_{k+1} = \frac{\hat x_{k+1}}{\|\hat x_{k+1}\|},\quad
         v_{k+1} = \beta v_k + \|\nabla L(x_k)\|^2
 
-    Adam without momentum (``b1 = 0``), without bias correction, with the second moment of
-    the *previous* step and an initial ``v_0 > 0``, constrained to the unit sphere by
-    projection. Theorem 4 (Roburin et al.; Roburin's thesis): SGD with L2 started from ``r_0 u_0``
-    follows, to second order in the step, AdaGradG started from ``u_0`` with the hyperparameters of
-    :func:`optax_sphere.theory.sgd_to_adagradg`. ``beta`` is in ``(0, 1]`` (1: no decay, as
-    AdaGrad). ``v0`` is a number or a pytree like the params whose leaves broadcast to the per-group
-    scalar shape (a per-group ``v_0``, as Theorem 4 gives for groups of different radii). Ungrouped
-    leaves get ``optax.adagrad``'s step (the accumulator of the current step, ``eps = 1e-7`` inside
-    the root; started at ``v_0``, decayed by ``beta``), so that no step there exceeds the
-    learning rate.
+    Adam without momentum (``b1 = 0``), without bias correction, with the second moment of the
+    *previous* step and an initial ``v_0 > 0``, constrained to the unit sphere by projection.
+    Theorem 4 (Roburin et al.; Roburin's thesis): SGD with L2 started from ``r_0 u_0`` follows, to
+    second order in the step, AdaGradG started from ``u_0`` with the hyperparameters of
+    :func:`optax_sphere.theory.sgd_to_adagradg`. ``decay`` (:math:`\beta`) is in ``(0, 1]`` (1: no
+    decay, as AdaGrad). ``v0`` is a number or a pytree like the params whose leaves broadcast to the
+    per-group scalar shape (a per-group ``v_0``, as Theorem 4 gives for groups of different radii).
+    Ungrouped leaves get ``optax.adagrad``'s step (the accumulator of the current step, ``eps =
+    1e-7`` inside the root; started at ``v_0``, decayed by ``decay``), so that no step there exceeds
+    the learning rate.
 
     Args:
       learning_rate: the step (a number or an ``optax`` schedule).
-      beta: decay of the per-group accumulator of squared tangent-gradient norms (1: AdaGrad).
+      decay: decay of the per-group accumulator of squared tangent-gradient norms (1: AdaGrad).
       v0: the accumulator's initial value (a number, or per group).
       groups: the groups kept on the sphere; ungrouped leaves follow ``optax.adagrad``.
 
@@ -521,8 +521,8 @@ def adagradg(
       Learning with Batch Norm", Theorem 4; Roburin, PhD thesis, sec. 3.4.2.
     """
     _utils.check_rate("learning_rate", learning_rate)
-    if not _traced(beta) and not 0 < beta <= 1:
-        raise ValueError(f"`beta` must be in (0, 1], got {beta!r}.")
+    if not _traced(decay) and not 0 < decay <= 1:
+        raise ValueError(f"`decay` must be in (0, 1], got {decay!r}.")
     if not callable(v0) and not jax.tree.leaves(v0):
         raise ValueError("`v0` must be a number or a pytree of numbers/arrays.")
     if isinstance(v0, (int, float)) and not 0 < v0 < math.inf:
@@ -567,7 +567,7 @@ def adagradg(
                 # optax.adagrad: the accumulator of this step, so that no step is longer than
                 # the learning rate (the grouped recursion's previous-step accumulator is what
                 # Theorem 4 needs, and the projection bounds it there)
-                rss = optax.ScaleByRssState(sum_of_squares=beta * v)
+                rss = optax.ScaleByRssState(sum_of_squares=decay * v)
                 direction, rss = optax.scale_by_rss(eps=_ADAGRAD_EPS).update(g, rss)
                 return (-lr * direction).astype(x.dtype), rss.sum_of_squares
             gg, gx, xx = (
@@ -582,7 +582,7 @@ def adagradg(
             # a zero group, or x_hat = 0, stays; a NaN (from a non-finite gradient) passes
             # on to the update and the state of its group, as documented
             ok = (xx > 0) & (new_sq != 0)
-            return jnp.where(ok, step, 0).astype(x.dtype), jnp.where(ok, beta * v + gg, v)
+            return jnp.where(ok, step, 0).astype(x.dtype), jnp.where(ok, decay * v + gg, v)
 
         out = _utils.map_groups(leaf, grp, updates, state.nu, params)
         new_updates, nu = _utils.unzip(out, updates, 2)

@@ -8,7 +8,7 @@ group ``x`` of initial norm ``N`` and inner direction ``U`` (the inner optimizer
 without learning rate and weight decay),
 
 1. ``U <- U - <U, x> x / N^2`` (radial part dropped), then ``U <- U - mean(U)`` if ``center``;
-2. ``q <- beta q + (1 - beta) ||U||^2`` and ``a = sqrt(q / (1 - beta^t))``;
+2. ``q <- rms_decay q + (1 - rms_decay) ||U||^2`` and ``a = sqrt(q / (1 - rms_decay^t))``;
 3. ``x' = x - eta_r N U / (a + eps)``; ``x <- N (x' - mean(x')) / ||x' - mean(x')||``
    (the mean is removed only with ``center``).
 
@@ -113,7 +113,7 @@ def _rotational_step(
     q: jax.Array,
     *,
     eta_r: Any,
-    beta: Any,
+    rms_decay: Any,
     eps: Any,
     center: bool,
     count: jax.Array,
@@ -151,8 +151,8 @@ def _rotational_step(
     resolved = u2_u2 > 64 * jnp.finfo(acc).eps * terms
     u2_u2 = jnp.where(resolved, u2_u2, 0)
     u2_x = s_ux - kn * xn * jnp.sqrt(s_xx) - mu * d * x_mean
-    q = beta * q + (1 - beta) * u2_u2  # line 11
-    bias = 1 - jnp.asarray(beta, acc) ** count.astype(acc)
+    q = rms_decay * q + (1 - rms_decay) * u2_u2  # line 11
+    bias = 1 - jnp.asarray(rms_decay, acc) ** count.astype(acc)
     a = jnp.sqrt(q / bias) + eps
     c = jnp.where(resolved, eta_r * norm / a, 0)  # line 12
     c_k = jnp.where(resolved, eta_r * kn / a, 0)  # c k
@@ -173,7 +173,7 @@ def rotational_rms_control(
     *,
     eta_r: optax.ScalarOrSchedule,
     learning_rate: optax.ScalarOrSchedule,
-    beta: float = 0.9,
+    rms_decay: float = 0.9,
     center: bool = True,
     eps: float = 1e-8,
     weight_decay: optax.ScalarOrSchedule = 0.0,
@@ -208,7 +208,7 @@ def rotational_rms_control(
         (:func:`optax_sphere.theory.equilibrium`); the ``rv_*`` aliases compute it from the
         current learning rate and weight decay.
       learning_rate: step size of the ungrouped leaves (number or schedule).
-      beta: decay of the update-norm tracker ``q``, in [0, 1) (authors' final code: 0.9).
+      rms_decay: decay of the update-norm tracker ``q``, in [0, 1) (authors' final code: 0.9).
       center: remove the mean of each group (Weight Standardization dynamics, the default
         of the authors' code). Parameters should then be centred before training with
         :func:`center_groups`; the first step centres them otherwise.
@@ -220,7 +220,7 @@ def rotational_rms_control(
     """
     _utils.check_rate("eta_r", eta_r)
     _utils.check_rate("learning_rate", learning_rate)
-    _utils.check_beta("beta", beta)
+    _utils.check_beta("rms_decay", rms_decay)
     _utils.check_rate("eps", eps)
     _utils.check_rate("weight_decay", weight_decay)
     inner = optax.with_extra_args_support(inner)
@@ -275,7 +275,16 @@ def rotational_rms_control(
                 step = -lr * (u.astype(acc) + wd * x.astype(acc))
                 return step.astype(g.dtype), q
             step, q = _rotational_step(
-                group, u, x, norm, q, eta_r=rate, beta=beta, eps=eps, center=center, count=count
+                group,
+                u,
+                x,
+                norm,
+                q,
+                eta_r=rate,
+                rms_decay=rms_decay,
+                eps=eps,
+                center=center,
+                count=count,
             )
             return step.astype(g.dtype), q  # the update in the gradient's dtype
 
@@ -318,7 +327,7 @@ _RV_KEYWORDS = (
     "learning_rate",
     "weight_decay",
     "eta_r",
-    "beta",
+    "rms_decay",
     "center",
     "rotational_eps",
     "ungrouped_weight_decay",
@@ -347,7 +356,7 @@ def _rotational_variant(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: optax.ScalarOrSchedule,
     eta_r: optax.ScalarOrSchedule | None,
-    beta: float,
+    rms_decay: float,
     center: bool,
     rotational_eps: float,
     ungrouped_weight_decay: optax.ScalarOrSchedule,
@@ -365,7 +374,7 @@ def _rotational_variant(
         direction,
         eta_r=eta_r,
         learning_rate=learning_rate,
-        beta=beta,
+        rms_decay=rms_decay,
         center=center,
         eps=rotational_eps,
         weight_decay=ungrouped_weight_decay if decoupled_ungrouped_decay else 0.0,
@@ -380,7 +389,7 @@ def rv_adamw(
     eps: float = 1e-8,
     *,
     weight_decay: optax.ScalarOrSchedule = 1e-2,
-    beta: float = 0.9,
+    rms_decay: float = 0.9,
     center: bool = True,
     eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
@@ -392,20 +401,20 @@ def rv_adamw(
     The positional arguments are ``optax.adamw``'s (``learning_rate, b1, b2, eps``); the others
     are keyword-only, so that a positional call never means something else than in optax.
 
-    Rotational groups rotate by :math:`\hat\eta_r = \sqrt{2\eta\lambda(1-b_1)/(1+b_1)}` per
-    step on average (Table 1, the AdamW equilibrium for the current, possibly scheduled,
-    ``learning_rate`` and ``weight_decay``) at fixed norm; ``weight_decay`` acts only
-    through :math:`\hat\eta_r`. Ungrouped leaves get AdamW with ``ungrouped_weight_decay``
-    (0: plain Adam). ``eta_r`` overrides the Table 1 value. See :func:`rotational_rms_control`
-    for ``beta``, ``center``, ``rotational_eps`` and ``groups``. State: ``optax.scale_by_adam``'s
-    (moments in at least float32) plus two float32 scalars per group and a step count.
+    Rotational groups rotate by :math:`\hat\eta_r = \sqrt{2\eta\lambda(1-b_1)/(1+b_1)}` per step on
+    average (Table 1, the AdamW equilibrium for the current, possibly scheduled, ``learning_rate``
+    and ``weight_decay``) at fixed norm; ``weight_decay`` acts only through :math:`\hat\eta_r`.
+    Ungrouped leaves get AdamW with ``ungrouped_weight_decay`` (0: plain Adam). ``eta_r`` overrides
+    the Table 1 value. See :func:`rotational_rms_control` for ``rms_decay``, ``center``,
+    ``rotational_eps`` and ``groups``. State: ``optax.scale_by_adam``'s (moments in at least
+    float32) plus two float32 scalars per group and a step count.
 
     Args:
       learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       b1, b2, eps: Adam's moment decays and denominator term, as ``optax.adamw``'s.
       weight_decay: :math:`\lambda` of the equilibrium the rotational groups are held at.
-      beta: decay of the tracker of :math:`\|U_\perp\|^2` (:func:`rotational_rms_control`).
+      rms_decay: decay of the tracker of :math:`\|U_\perp\|^2` (:func:`rotational_rms_control`).
       center: remove each group's mean from its direction and its weights.
       eta_r: overrides Table 1's angular update (a number or a schedule).
       rotational_eps: added to the RMS of :math:`U_\perp`.
@@ -446,7 +455,7 @@ def rv_sgdm(
     momentum: float = 0.9,
     *,
     weight_decay: optax.ScalarOrSchedule = 5e-4,
-    beta: float = 0.9,
+    rms_decay: float = 0.9,
     center: bool = True,
     eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
@@ -464,7 +473,7 @@ def rv_sgdm(
       learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       momentum: SGD's momentum coefficient :math:`\alpha`.
-      weight_decay, beta, center, eta_r, rotational_eps: as :func:`rv_adamw`.
+      weight_decay, rms_decay, center, eta_r, rotational_eps: as :func:`rv_adamw`.
       ungrouped_weight_decay: the ungrouped leaves' weight decay (coupled L2, as the authors' code).
       groups: the rotational groups (a kernel per tensor in a transformer, per unit after
         BatchNorm); ungrouped leaves get the base optimizer.
@@ -535,7 +544,7 @@ def rv_lion(
     b2: float = 0.99,
     *,
     weight_decay: optax.ScalarOrSchedule = 1.0,
-    beta: float = 0.9,
+    rms_decay: float = 0.9,
     center: bool = True,
     eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
@@ -552,7 +561,7 @@ def rv_lion(
       learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       b1, b2: Lion's interpolation and momentum decays, as ``optax.lion``'s.
-      weight_decay, beta, center, eta_r, rotational_eps: as :func:`rv_adamw`.
+      weight_decay, rms_decay, center, eta_r, rotational_eps: as :func:`rv_adamw`.
       ungrouped_weight_decay: the ungrouped leaves' weight decay (decoupled, as Lion's).
       groups: the rotational groups (a kernel per tensor in a transformer, per unit after
         BatchNorm); ungrouped leaves get the base optimizer.
@@ -658,7 +667,7 @@ def wrapped_adam_l2(
     eps: float = 1e-8,
     *,
     weight_decay: optax.ScalarOrSchedule = 1e-2,
-    beta: float = 0.9,
+    rms_decay: float = 0.9,
     center: bool = True,
     eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
@@ -677,7 +686,7 @@ def wrapped_adam_l2(
       learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       b1, b2, eps: Adam's moment decays and denominator term.
-      weight_decay, beta, center, eta_r, rotational_eps: as :func:`rv_adamw`.
+      weight_decay, rms_decay, center, eta_r, rotational_eps: as :func:`rv_adamw`.
       ungrouped_weight_decay: the ungrouped leaves' weight decay (coupled L2).
       groups: the rotational groups (a kernel per tensor in a transformer, per unit after
         BatchNorm); ungrouped leaves get the base optimizer.

@@ -233,13 +233,13 @@ def _transported_momentum_step(
     x: jax.Array,
     prev_sq_norm: jax.Array,
     *,
-    beta: Any,
+    decay: Any,
     gamma: Any,
     wd: Any,
     transport: Transport,
     step_coefficient: Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]],
 ) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
-    """``m_k = beta T(m_{k-1}) + gamma (g + wd x_k)``, ``update = -c m_k`` for one leaf.
+    """``m_k = decay T(m_{k-1}) + gamma (g + wd x_k)``, ``update = -c m_k`` for one leaf.
 
     ``m = m_{k-1}`` is the momentum of the previous step, not yet moved: the previous update
     was ``x_k - x_{k-1} = -c m_{k-1}``, so ``m_{k-1}`` lies in the plane of ``x_{k-1}`` and
@@ -264,7 +264,7 @@ def _transported_momentum_step(
     safe_prev = jnp.where(ok, prev_sq_norm, 1)
     radial = jnp.where(ok, group_dot(m, x, group) / safe_sq_norm, 0)  # <m, x> / ||x||^2
     ratio = jnp.where(ok, safe_prev / safe_sq_norm, 1)  # r_{k-1}^2 / r_k^2
-    momentum_scale = beta if transport == "rt" else beta * jnp.where(ok, jnp.sqrt(1 / ratio), 1)
+    momentum_scale = decay if transport == "rt" else decay * jnp.where(ok, jnp.sqrt(1 / ratio), 1)
     if group.size(x.shape) == 1:
         # the tangent space of a 1-element group is {0}: exactly, not up to the rounding
         # of m - (m x / x^2) x (a static branch: other groups take the general formula)
@@ -322,7 +322,7 @@ def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, mask, groups, transpo
                 m,
                 x,
                 sq,
-                beta=b1,
+                decay=b1,
                 gamma=1 - b1,
                 wd=wd,
                 transport=transport,
@@ -502,7 +502,7 @@ def sgdm_rt(
                 b,
                 x,
                 sq,
-                beta=momentum,
+                decay=momentum,
                 gamma=1,
                 wd=wd,
                 transport="rt",

@@ -28,8 +28,11 @@ LEAVES = {
 # sphere_trajectories: Cho & Lee's SGD-G and Adam-G (the two kernels, unit norm per unit)
 _FILES = ("reference_trajectories", "sphere_trajectories")
 _ARRAYS = {k: v for name in _FILES for k, v in np.load(DATA / f"{name}.npz").items()}
+#: the fixtures' hyperparameter names that differ from ours (the RV tracker's decay is the
+#: authors' ``beta``)
+_OUR_NAMES = {"beta": "rms_decay"}
 HYPERPARAMETERS: dict[str, dict] = {
-    problem: hyper
+    problem: {_OUR_NAMES.get(k, k): v for k, v in hyper.items()}
     for name in _FILES
     for problem, hyper in json.loads((DATA / f"{name}.json").read_text()).items()
 }

@@ -335,7 +335,9 @@ def _random_net(kinds: list[str], widths: list[int], seed: int):
 @settings(max_examples=12, deadline=None)
 @given(
     kinds=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=3),
-    width=st.integers(2, 9),
+    # a LayerNorm over 2 features outputs +-1 almost everywhere: nearly invariant to any
+    # change of the layer before it, so "the rest is not invariant" needs 3 features or more
+    width=st.integers(3, 9),
     seed=st.integers(0, 2**16),
 )
 def test_property_found_groups_are_invariant_and_the_rest_is_not(kinds, width, seed):

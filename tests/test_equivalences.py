@@ -79,7 +79,7 @@ def test_sgd_with_l2_and_the_equivalent_adagradg_stay_aligned_while_adagrad_drif
         assert float(_min_cosine(sgd, adagrad)[-1]) < 0.9
         # a wrong equivalence (beta = (1 - lr wd)^2, or v0 twice as large) misaligns by > 1e-5
         for wrong in (
-            dict(hyper, beta=(1 - LR * WD) ** 2),
+            dict(hyper, decay=(1 - LR * WD) ** 2),
             dict(hyper, v0={"w": 2 * hyper["v0"]["w"]}),
         ):
             off = _directions(osp.adagradg(**wrong, groups="unit"), _unit(x0), grad)
@@ -89,16 +89,16 @@ def test_sgd_with_l2_and_the_equivalent_adagradg_stay_aligned_while_adagrad_drif
 def test_sgd_to_adagradg_values():
     hyper = sgd_to_adagradg(0.1, 1e-3, 2.0)
     beta = (1 - 1e-4) ** 4
-    assert hyper["beta"] == pytest.approx(beta, rel=1e-15)
+    assert hyper["decay"] == pytest.approx(beta, rel=1e-15)
     assert hyper["learning_rate"] == pytest.approx((2 * beta) ** -0.5, rel=1e-15)
     assert hyper["v0"] == pytest.approx(2.0**4 / (2 * 0.1**2 * beta**0.5), rel=1e-15)
     # Roburin's thesis app. C.1: lr 1e-2, L2 1e-3 -> beta ~ 0.99996, learning rate ~ 0.71
     h = sgd_to_adagradg(1e-2, 1e-3, 1.0)
-    assert h["beta"] == pytest.approx(0.99996, abs=1e-6)
+    assert h["decay"] == pytest.approx(0.99996, abs=1e-6)
     assert h["learning_rate"] == pytest.approx(0.7071, abs=1e-3)
     tree = sgd_to_adagradg(0.1, 0.0, {"a": jnp.array([1.0, 2.0])})
     np.testing.assert_allclose(tree["v0"]["a"], np.array([1.0, 16.0]) / (2 * 0.01))
-    assert tree["beta"] == 1.0
+    assert tree["decay"] == 1.0
 
 
 def test_l2_equivalent_schedule_values():

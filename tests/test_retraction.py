@@ -322,7 +322,7 @@ def test_bf16_params_keep_float32_state():
         lambda: osp.sgdg(grad_clip=0.0, groups="unit"),
         lambda: osp.adamg(b2=1.0, groups="unit"),
         lambda: osp.adamg(omega=-1.0, groups="unit"),
-        lambda: osp.adagradg(beta=0.0, groups="unit"),
+        lambda: osp.adagradg(decay=0.0, groups="unit"),
         lambda: osp.adagradg(v0=0.0, groups="unit"),
         lambda: osp.retract_to_sphere("cayley", groups="unit"),
         lambda: osp.retract_to_sphere(radius=0.0, groups="unit"),
@@ -338,7 +338,7 @@ def test_inject_hyperparams_and_schedules():
     for tx in (
         optax.inject_hyperparams(osp.sgdg)(learning_rate=0.1, momentum=0.9, groups="unit"),
         optax.inject_hyperparams(osp.adamg)(learning_rate=0.05, groups="unit"),
-        optax.inject_hyperparams(osp.adagradg)(learning_rate=0.5, beta=0.99, groups="unit"),
+        optax.inject_hyperparams(osp.adagradg)(learning_rate=0.5, decay=0.99, groups="unit"),
         osp.adamg(optax.cosine_decay_schedule(0.05, 10), groups="unit"),
     ):
         xs, _ = _run(tx, params, 2)

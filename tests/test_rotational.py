@@ -93,7 +93,7 @@ def test_fused_step_equals_algorithm_1(case):
             optax.identity(),
             eta_r=0.05,
             learning_rate=0.1,
-            beta=0.8,
+            rms_decay=0.8,
             center=center,
             groups={"w": axes},
         )
@@ -184,11 +184,11 @@ def _random_grads(x, t):
     )
 
 
-def test_angular_update_is_eta_r_every_step_with_beta_0():
-    """With beta = 0, a = ||U_perp||: every group turns by exactly atan(eta_r) each step."""
+def test_angular_update_is_eta_r_every_step_with_rms_decay_0():
+    """With rms_decay = 0, a = ||U_perp||: every group turns by exactly atan(eta_r) each step."""
     with jax.enable_x64(True):
         params = osp.center_groups(_params(4, jnp.float64), groups="unit")
-        tx = osp.rv_adamw(1e-2, weight_decay=0.1, beta=0.0, groups="unit")
+        tx = osp.rv_adamw(1e-2, weight_decay=0.1, rms_decay=0.0, groups="unit")
         history, _ = _run(tx, params, 6, grads=_random_grads)
         eta_r = equilibrium("adamw", learning_rate=1e-2, weight_decay=0.1, dim=1).angular_update
         for key in ("conv", "dense"):
@@ -197,7 +197,7 @@ def test_angular_update_is_eta_r_every_step_with_beta_0():
 
 @pytest.mark.parametrize("alias", ["rv_adamw", "rv_sgdm", "rv_lion"])
 def test_mean_angular_update_matches_eta_r(alias):
-    """Default beta: the angle varies between steps; after the tracker's own transient
+    """Default rms_decay: the angle varies between steps; after the tracker's own transient
     (Adam's direction shrinks over its first steps) its mean is Table 1's eta_r, and its RMS
     even closer, for every unit, whatever the gradient scale of its layer."""
     hyper = {"learning_rate": 1e-2, "weight_decay": 0.1}
@@ -216,7 +216,10 @@ def test_explicit_eta_r_and_schedules():
     with jax.enable_x64(True):
         params = osp.center_groups(_params(6, jnp.float64), groups="unit")
         history, _ = _run(
-            osp.rv_sgdm(0.1, eta_r=0.02, beta=0.0, groups="unit"), params, 3, grads=_random_grads
+            osp.rv_sgdm(0.1, eta_r=0.02, rms_decay=0.0, groups="unit"),
+            params,
+            3,
+            grads=_random_grads,
         )
         np.testing.assert_allclose(_angles(history, "conv"), np.arctan(0.02), rtol=1e-6)
     params = osp.center_groups(_params(6), groups="unit")
@@ -402,8 +405,8 @@ def test_multi_transform_and_masked():
 
 
 def test_invalid_hyperparameters_fail_at_build():
-    with pytest.raises(ValueError, match="beta"):
-        osp.rv_adamw(beta=1.0, groups="unit")
+    with pytest.raises(ValueError, match="rms_decay"):
+        osp.rv_adamw(rms_decay=1.0, groups="unit")
     with pytest.raises(ValueError, match="learning_rate"):
         osp.rv_sgdm(learning_rate=-0.1, groups="unit")
     with pytest.raises(ValueError, match="weight_decay"):

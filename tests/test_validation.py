@@ -27,7 +27,7 @@ RATES = (
     "rotational_eps",
     "ungrouped_weight_decay",
 )
-DECAYS = ("b1", "b2", "momentum", "beta")
+DECAYS = ("b1", "b2", "momentum", "rms_decay", "decay")
 POSITIVE = ("max_norm", "grad_clip", "radius")  # thresholds and radii: > 0 (or None)
 BAD_RATES = (-1e-3, math.nan, math.inf, -math.inf)
 BAD_DECAYS = (-0.1, 1.5, math.nan)

@@ -75,9 +75,9 @@ def sgd_to_adagradg(learning_rate: float, weight_decay: float, radius: Any) -> d
 
     ``radius`` is ``r_0``: a number, or a pytree (for example the per-group norms of the
     initial params, ``keepdims``) which gives a pytree ``v0`` of the same structure. Returns the
-    keyword arguments of ``adagradg``: ``{"learning_rate", "beta", "v0"}``. With
-    ``weight_decay = 0`` (``beta = 1``) the equivalence holds too (Roburin's thesis states it for
-    ``lambda >= 0``).
+    keyword arguments of ``adagradg``: ``{"learning_rate", "decay", "v0"}`` (``decay`` is
+    :math:`\beta`). With ``weight_decay = 0`` (``decay = 1``) the equivalence holds too
+    (Roburin's thesis states it for ``lambda >= 0``).
     """
     _check(learning_rate, weight_decay)
     beta = (1.0 - learning_rate * weight_decay) ** 4
@@ -87,4 +87,4 @@ def sgd_to_adagradg(learning_rate: float, weight_decay: float, radius: Any) -> d
         if not radius > 0:
             raise ValueError(f"`radius` must be > 0, got {radius!r}.")
         v0 = float(radius) ** 4 * scale
-    return {"learning_rate": (2.0 * beta) ** -0.5, "beta": beta, "v0": v0}
+    return {"learning_rate": (2.0 * beta) ** -0.5, "decay": beta, "v0": v0}
