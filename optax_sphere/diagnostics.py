@@ -233,6 +233,19 @@ def geometry_stats(
 
     Returns:
       :class:`GeometryStats`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
+      >>> grads = {"w": jnp.array([[0.1, 0.2], [0.0, -0.1], [0.3, 0.0]])}
+      >>> new = {"w": params["w"] - 0.1 * grads["w"]}
+      >>> stats = optax_sphere.geometry_stats(params, new, {"w": "unit"}, step_scale=0.1)
+      >>> stats.effective_lr["w"].shape  # one value per group
+      (2,)
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", eqs. 3-4 and 11-13
+      (the effective learning rate and direction of the step on the sphere).
     """
     grp = resolve_groups(groups, params_before)
     deltas = jax.tree.map(
@@ -296,6 +309,22 @@ def monitor(
         ``direction_norm``. For Adam-like optimizers, use :func:`monitored`.
       every: record the steps ``k`` with ``k % every == 0`` only (the state keeps the last
         recorded stats); the other steps skip the reductions (``lax.cond``).
+
+    Returns:
+      An ``optax.GradientTransformation`` (state :class:`MonitorState`); ``update`` needs
+      ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
+      >>> grads = {"w": jnp.array([[0.1, 0.2], [0.0, -0.1], [0.3, 0.0]])}
+      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor({"w": "unit"}, step_scale=0.1))
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> optax_sphere.metrics(state)["w/effective_lr/mean"].shape
+      ()
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", eqs. 3-4 and 11-13.
     """
     if step_scale is not None:
         _utils.check_rate("step_scale", step_scale)
@@ -342,6 +371,23 @@ def monitored(
         after the step and the params before it, returning a number or a tree of per-group
         ``keepdims`` arrays, e.g. :func:`adam_step_scale` for optax's Adam and Adam + L2.
       every: as in :func:`monitor`.
+
+    Returns:
+      An ``optax.GradientTransformation`` (state :class:`MonitoredState`); ``update`` needs
+      ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
+      >>> grads = {"w": jnp.array([[0.1, 0.2], [0.0, -0.1], [0.3, 0.0]])}
+      >>> tx = optax_sphere.monitored(optax.sgd(0.1, momentum=0.9), {"w": "unit"}, step_scale=None)
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> "w/radial_gradient/flagged" in optax_sphere.metrics(state)
+      True
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 3 (the radial
+      gradient of a radially invariant group is zero, eq. 2).
     """
     _check_every(every)
     inner = optax.with_extra_args_support(inner)
@@ -408,6 +454,29 @@ def adam_step_scale(
     :func:`~optax_sphere.adam_s`, :func:`~optax_sphere.adam_st`, :func:`~optax_sphere.adam_srt`
     (a scalar ``v`` per group, stored as used by the step); not for ``optax.adamw``, whose
     decoupled decay is not of the generic form.
+
+    Args:
+      learning_rate: the optimizer's learning rate (a number or a schedule).
+      b1, b2, eps, eps_root: the optimizer's Adam hyperparameters.
+      groups: the groups over which ``||b_k||`` is taken.
+
+    Returns:
+      A function ``(inner_state, params) -> s_k`` for :func:`monitored`'s ``step_scale``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
+      >>> grads = {"w": jnp.array([[0.1, 0.2], [0.0, -0.1], [0.3, 0.0]])}
+      >>> tx = optax_sphere.monitored(
+      ...     optax.adam(1e-3), {"w": "unit"},
+      ...     step_scale=optax_sphere.adam_step_scale(1e-3, groups={"w": "unit"}),
+      ... )
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> sorted(k for k in optax_sphere.metrics(state) if "effective_lr" in k)
+      ['w/effective_lr/max', 'w/effective_lr/mean', 'w/effective_lr/min']
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", eqs. 3-4 and 9.
     """
 
     def fn(inner_state: Any, params: PyTree) -> PyTree:
@@ -436,7 +505,29 @@ def adam_step_scale(
 
 
 def find_monitor_state(state: Any) -> MonitorState:
-    """The (unique) :class:`MonitorState` inside an optimizer state."""
+    """The (unique) :class:`MonitorState` inside an optimizer state.
+
+    Args:
+      state: an optimizer state holding exactly one :class:`MonitorState`.
+
+    Returns:
+      That :class:`MonitorState`.
+
+    Raises:
+      ValueError: the state holds none, or more than one.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
+      >>> grads = {"w": jnp.array([[0.1, 0.2], [0.0, -0.1], [0.3, 0.0]])}
+      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor({"w": "unit"}))
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> optax_sphere.find_monitor_state(state).stats.angular_update["w"].shape  # per group
+      (2,)
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 3.
+    """
     found = _find_named(state, lambda s: isinstance(s, MonitorState))
     if len(found) != 1:
         raise ValueError(
@@ -475,6 +566,29 @@ def metrics(
     state holding one :class:`MonitorState`. The values are jax scalars (the function also
     runs under ``jit``); ``jax.device_get(metrics(state))`` gives numpy scalars for
     TensorBoard, CLU or W&B style loggers.
+
+    Args:
+      source: a :class:`GeometryStats`, or an optimizer state holding one
+        :class:`MonitorState`.
+      fields: the stats to report (``None``: every recorded one).
+      reductions: over the groups of each parameter: ``"mean"``, ``"min"``, ``"max"``.
+      prefix: prepended to every key.
+      flag_threshold: the radial gradient above which a group is flagged.
+
+    Returns:
+      A flat dict of jax scalars.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
+      >>> grads = {"w": jnp.array([[0.1, 0.2], [0.0, -0.1], [0.3, 0.0]])}
+      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor({"w": "unit"}))
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> "w/angular_update/mean" in optax_sphere.metrics(state)
+      True
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 3.
     """
     stats = _as_stats(source)
     names = GeometryStats._fields if fields is None else tuple(fields)

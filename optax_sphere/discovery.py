@@ -387,6 +387,10 @@ def find_groups(
       >>> found.grouped
       ['Dense_0/kernel']
       >>> tx = optax_sphere.adam_srt(1e-3, groups=found)
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2 (the
+      radially invariant groups the method measures).
     """
     start = time.perf_counter()
     f, params, inputs, layout = _as_function(model, args, kwargs)

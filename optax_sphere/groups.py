@@ -145,6 +145,22 @@ def per_unit(params: PyTree) -> PyTree:
 
     Which leaves a normalisation follows is not visible in the shapes (a classifier head is
     grouped too): prefer :func:`optax_sphere.find_groups`.
+
+    Args:
+      params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      A tree like ``params`` of the spec ``"unit"`` (one group over all axes but the last) or
+      ``None``, for :func:`resolve_groups` or a ``groups=`` argument.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_sphere
+      >>> optax_sphere.per_unit({"kernel": jnp.ones((3, 3, 4, 8)), "bias": jnp.zeros(8)})
+      {'bias': None, 'kernel': 'unit'}
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2 (one
+      radially invariant group per filter after BatchNorm).
     """
     spec = _per_unit_spec(params, "unit")
     named_weight = [
@@ -169,12 +185,44 @@ def per_unit_out_first(params: PyTree) -> PyTree:
     weight ``(out, in, kh, kw)``) are grouped over all axes but the first; other leaves, and
     leaves whose groups would hold one element (an Equinox conv bias ``(out, 1, 1)``), are
     not grouped.
+
+    Args:
+      params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      A tree like ``params`` of the spec ``"unit_out_first"`` (one group over all axes but
+      the first) or ``None``, for :func:`resolve_groups` or a ``groups=`` argument.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_sphere
+      >>> params = {"weight": jnp.ones((8, 4, 3, 3)), "bias": jnp.zeros(8)}
+      >>> optax_sphere.per_unit_out_first(params)
+      {'bias': None, 'weight': 'unit_out_first'}
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2.
     """
     return _per_unit_spec(params, "unit_out_first")
 
 
 def per_tensor(params: PyTree) -> PyTree:
-    """Whole-tensor grouping for leaves of ndim >= 2 (LayerNorm-style invariance)."""
+    """Whole-tensor grouping for leaves of ndim >= 2 (LayerNorm-style invariance).
+
+    Args:
+      params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      A tree like ``params`` of the spec ``"tensor"`` (one group over every axis of the leaf) or
+      ``None``, for :func:`resolve_groups` or a ``groups=`` argument.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_sphere
+      >>> optax_sphere.per_tensor({"w": jnp.ones((3, 2)), "b": jnp.zeros(2)})
+      {'b': None, 'w': 'tensor'}
+
+    References:
+      Kosson et al., "Rotational Equilibrium", sec. 2 (whole-layer invariance under LayerNorm).
+    """
     return jax.tree.map(lambda p: "tensor" if _ndim(p) >= 2 else None, params)
 
 
@@ -260,6 +308,28 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
 
     Returns a pytree with the structure of ``params`` whose leaves are :class:`Group` or
     ``None``. Raises ``ValueError`` naming the parameter path when the spec does not fit.
+
+    Args:
+      groups: a spec: :func:`optax_sphere.find_groups`'s result, a rule name (``"unit"``,
+        ``"unit_out_first"``, ``"tensor"``), a tuple of axes, ``None`` (no groups), a
+        callable of the params, or a pytree of per-leaf specs (a prefix of ``params``).
+      params: the parameter tree the groups must fit.
+
+    Returns:
+      A tree like ``params`` whose leaves are :class:`Group` or ``None``.
+
+    Raises:
+      ValueError: the spec does not fit a leaf (the message names its path), or a group
+        would hold one element.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> optax_sphere.resolve_groups({"w": "unit", "b": None}, params)
+      {'b': None, 'w': Group(axes=(0,))}
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2.
     """
     if isinstance(groups, str) and groups == UNSET:
         warnings.warn(_UNSET_MESSAGE, stacklevel=3)

@@ -102,6 +102,34 @@ def scale_invariant_projection(
     ``inner`` runs on the gradients and parameters cast to
     their accumulation dtype (at least float32), so its moments are
     float32 for bf16 / fp16 parameters; the update comes back in the gradients' dtype.
+
+    Args:
+      inner: the update direction (no learning rate, no weight decay).
+      delta: threshold of the cosine test, scaled by ``1 / sqrt(d)``.
+      wd_ratio: weight-decay factor of the projected leaves.
+      weight_decay: the decoupled decay :math:`\lambda` (a number or a schedule).
+      eps: in the cosine and in the normalisation of ``x``.
+      project_momentum: also project ``inner``'s momentum buffers (SGDP without Nesterov).
+      mask: the leaves that get the weight decay.
+      groups: the groups the test runs on.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax.chain(
+      ...     optax_sphere.scale_invariant_projection(
+      ...         optax.scale_by_adam(), groups={"w": "unit", "b": None}
+      ...     ),
+      ...     optax.scale_by_learning_rate(1e-3),
+      ... )
+      >>> updates, _ = tx.update(params, tx.init(params), params)
+
+    References:
+      Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant
+      Weights", ICLR 2021, alg. 1-2 and eq. 12.
     """
     _utils.check_rate("delta", delta)
     _utils.check_rate("wd_ratio", wd_ratio)

@@ -45,6 +45,24 @@ def scale_by_psi_metric(groups: GroupsLike = "unset") -> optax.GradientTransform
 
     Stateless; needs ``params``. Ungrouped leaves pass through. Put it first in a chain (for
     example before ``optax.sgd``) to move any Euclidean optimizer onto the PSI manifold.
+
+    Args:
+      groups: the groups (see :func:`resolve_groups`).
+
+    Returns:
+      A stateless ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> groups = {"w": "unit", "b": None}
+      >>> tx = optax.chain(optax_sphere.scale_by_psi_metric(groups), optax.sgd(0.1))
+      >>> updates, _ = tx.update(params, tx.init(params), params)
+      >>> updates["w"].shape
+      (3, 2)
+
+    References:
+      Yi, "Accelerating Training of Batch Normalization: A Manifold Perspective", eq. 7.
     """
 
     def leaf(group, g, x):

@@ -47,6 +47,23 @@ def project_tangent(groups: GroupsLike = "unset") -> optax.GradientTransformatio
     """Riemannian gradient of the sphere: ``g <- g - <g, u> u`` per group, ``u = x / ||x||``.
 
     Stateless; needs ``params``. Ungrouped leaves pass through.
+
+    Args:
+      groups: the groups (see :func:`resolve_groups`).
+
+    Returns:
+      A stateless ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.project_tangent(groups={"w": "unit", "b": None})
+      >>> updates, _ = tx.update(params, tx.init(params), params)
+      >>> float(jnp.abs(jnp.sum(updates["w"] * params["w"], axis=0)).max())  # tangent
+      0.0
+
+    References:
+      Cho and Lee, "Riemannian approach to batch normalization", NeurIPS 2017, sec. 3.
     """
     return _utils.stateless_per_group(
         "project_tangent",
@@ -73,6 +90,29 @@ def retract_to_sphere(
     Returns the update ``x' - x``. Both agree to first order in ``|v|``. Ungrouped leaves pass
     through. To move a momentum along with the point, wrap the whole chain in
     ``transport_momentum(..., exact=True)`` (exact parallel transport on the sphere).
+
+    Args:
+      method: ``"projection"`` or ``"exp"``.
+      radius: the radius of the sphere.
+      groups: the groups kept on the sphere.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((4, 2)) / 2, "b": jnp.zeros(2)}
+      >>> tx = optax.chain(
+      ...     optax.sgd(0.1), optax_sphere.retract_to_sphere(groups={"w": "unit", "b": None})
+      ... )
+      >>> grads = {"w": jnp.arange(8.0).reshape(4, 2), "b": jnp.ones(2)}
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> new = optax.apply_updates(params, updates)
+      >>> jnp.linalg.norm(new["w"], axis=0).round(6).tolist()
+      [1.0, 1.0]
+
+    References:
+      Roburin, PhD thesis, sec. 3.4.2 (projection); Cho and Lee, NeurIPS 2017, eq. 9 (exp).
     """
     if method not in ("projection", "exp"):
         raise ValueError(f"`method` must be 'projection' or 'exp', got {method!r}.")

@@ -88,6 +88,26 @@ def center_groups(params: Any, groups: GroupsLike = "unset") -> Any:
     weights once, before training, when the RVs are used with ``center=True`` (Kosson et al.
     app. M, "Centering the weights"). A group that is zero or constant (no centred
     direction) is returned unchanged. Ungrouped leaves are returned unchanged.
+
+    Args:
+      params: the parameters.
+      groups: the rotational groups.
+
+    Returns:
+      The centred parameters (same tree, same dtypes).
+
+    Example:
+      >>> import jax.numpy as jnp, optax_sphere
+      >>> params = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
+      >>> out = optax_sphere.center_groups(params, {"w": "unit"})
+      >>> [round(float(v), 4) for v in out["w"].sum(axis=0)]
+      [0.0, 0.0]
+      >>> [round(float(v), 4) for v in jnp.linalg.norm(out["w"], axis=0)]  # the norms kept
+      [3.1623, 4.4721]
+
+    References:
+      Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
+      Networks", ICML 2024, app. M.
     """
     grp = resolve_groups(groups, params)
 
@@ -217,6 +237,23 @@ def rotational_rms_control(
         groups never get weight decay).
       groups: the rotational groups (see :mod:`optax_sphere.groups`): per output unit by
         default, ``"tensor"`` for whole-layer (LayerNorm) invariance.
+
+    Returns:
+      An ``optax.GradientTransformation`` (state :class:`RotationalRmsControlState`);
+      ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]]), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.rotational_rms_control(
+      ...     optax.scale_by_adam(), eta_r=0.01, learning_rate=1e-3,
+      ...     groups={"w": "unit", "b": None},
+      ... )
+      >>> updates, state = tx.update(params, tx.init(params), params)
+
+    References:
+      Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
+      Networks", ICML 2024, app. M, alg. 1.
     """
     _utils.check_rate("eta_r", eta_r)
     _utils.check_rate("learning_rate", learning_rate)
@@ -618,6 +655,28 @@ def scale_by_adam_l2_direction(
     :math:`v_t = b_2 v_{t-1} + (1-b_2)(g_t + \lambda x)^2`,
     :math:`U = \hat m_t / (\sqrt{\hat v_t} + \epsilon)`. Ungrouped leaves get the full Adam
     direction with coupled L2 ``ungrouped_weight_decay``. Needs ``params``.
+
+    Args:
+      b1, b2, eps: Adam's decays and denominator term.
+      weight_decay: the L2 :math:`\lambda` the grouped leaves' second moment sees.
+      ungrouped_weight_decay: the coupled L2 of the ungrouped leaves.
+      groups: the rotational groups.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]]), "b": jnp.zeros(2)}
+      >>> groups = {"w": "unit", "b": None}
+      >>> tx = optax_sphere.rotational_rms_control(
+      ...     optax_sphere.scale_by_adam_l2_direction(weight_decay=1e-4, groups=groups),
+      ...     eta_r=0.01, learning_rate=1e-3, groups=groups,
+      ... )
+      >>> updates, state = tx.update(params, tx.init(params), params)
+
+    References:
+      Kosson et al., "Rotational Equilibrium", ICML 2024, eqs. 73-75 and app. M.
     """
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)

@@ -82,6 +82,24 @@ def scale_by_standardized_adam(
       b2: decay of the per-group second moment, in [0, 1).
       eps: added to ``sqrt(v_hat)``.
       groups: radially invariant groups (see :mod:`optax_sphere.groups`).
+
+    Returns:
+      An ``optax.GradientTransformation`` (state :class:`ScaleByStandardizedAdamState`).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax.chain(
+      ...     optax_sphere.scale_by_standardized_adam(groups={"w": "unit", "b": None}),
+      ...     optax.scale_by_learning_rate(1e-3),
+      ... )
+      >>> state = tx.init(params)
+      >>> state[0].nu["w"].shape  # one scalar per group
+      (1, 2)
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 4.1, eqs.
+      15 and 60-63.
     """
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)

@@ -146,7 +146,28 @@ def rescale_momentum(
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
     """R (Roburin et al. eq. 69, 21): after each step, momentum ``*= r_k / r_{k+1}`` and second
-    moment ``*= (r_k / r_{k+1})^2`` per group, in the state of ``inner``."""
+    moment ``*= (r_k / r_{k+1})^2`` per group, in the state of ``inner``.
+
+    Args:
+      inner: the whole optimizer, learning rate included (its update is ``x_{k+1} - x_k``).
+      groups: the radially invariant groups.
+      momentum_fields: the state fields of ``inner`` that hold momentum buffers.
+
+    Returns:
+      An ``optax.GradientTransformation`` with ``inner``'s state; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.rescale_momentum(
+      ...     optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(1e-3)),
+      ...     groups={"w": "unit", "b": None},
+      ... )
+      >>> updates, state = tx.update(params, tx.init(params), params)
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", eqs. 21 and 69.
+    """
     return _momentum_geometry(
         inner, geometry.rescale, True, groups, momentum_fields, "rescale_momentum"
     )
@@ -165,6 +186,27 @@ def transport_momentum(
     With ``exact=True`` the momentum is projected on the tangent space at ``u_k`` and moved by
     the exact parallel transport of the sphere (:func:`optax_sphere.geometry.parallel_transport`),
     which preserves its norm; the default is the formula of the paper (what its results used).
+
+    Args:
+      inner: the whole optimizer, learning rate included (its update is ``x_{k+1} - x_k``).
+      groups: the radially invariant groups.
+      exact: the exact parallel transport of the sphere instead of eq. 72.
+      momentum_fields: the state fields of ``inner`` that hold momentum buffers.
+
+    Returns:
+      An ``optax.GradientTransformation`` with ``inner``'s state; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.transport_momentum(
+      ...     optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(1e-3)),
+      ...     groups={"w": "unit", "b": None},
+      ... )
+      >>> updates, state = tx.update(params, tx.init(params), params)
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", eq. 72.
     """
     op = geometry.parallel_transport if exact else geometry.transport
     return _momentum_geometry(inner, op, False, groups, momentum_fields, "transport_momentum")
@@ -177,7 +219,28 @@ def rescale_transport_momentum(
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
     """RT (Roburin et al. eq. 75): ``a <- (<x_{k+1},x_k> a - <x_{k+1},a> x_k) / ||x_{k+1}||^2`` on
-    the momentum and ``v <- v ||x_k||^2 / ||x_{k+1}||^2`` on the second moment of ``inner``."""
+    the momentum and ``v <- v ||x_k||^2 / ||x_{k+1}||^2`` on the second moment of ``inner``.
+
+    Args:
+      inner: the whole optimizer, learning rate included (its update is ``x_{k+1} - x_k``).
+      groups: the radially invariant groups.
+      momentum_fields: the state fields of ``inner`` that hold momentum buffers.
+
+    Returns:
+      An ``optax.GradientTransformation`` with ``inner``'s state; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax_sphere.rescale_transport_momentum(
+      ...     optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(1e-3)),
+      ...     groups={"w": "unit", "b": None},
+      ... )
+      >>> updates, state = tx.update(params, tx.init(params), params)
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", eqs. 21 and 75.
+    """
     return _momentum_geometry(
         inner,
         geometry.rescale_transport,

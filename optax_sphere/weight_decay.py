@@ -23,7 +23,28 @@ __all__ = ["coupled_weight_decay", "decoupled_weight_decay", "DecoupledWeightDec
 def coupled_weight_decay(
     weight_decay: optax.ScalarOrSchedule, mask: Any = None
 ) -> optax.GradientTransformation:
-    """``g <- g + wd x`` on the leaves selected by ``mask``: put it first in a chain."""
+    r"""``g <- g + wd x`` on the leaves selected by ``mask``: put it first in a chain.
+
+    Args:
+      weight_decay: the L2 coefficient :math:`\lambda` (a number or a schedule).
+      mask: the leaves that get it, as ``optax.add_decayed_weights``'s.
+
+    Returns:
+      ``optax.add_decayed_weights(weight_decay, mask)``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> tx = optax.chain(
+      ...     optax_sphere.coupled_weight_decay(1e-4),
+      ...     optax_sphere.scale_by_standardized_adam(groups={"w": "unit", "b": None}),
+      ...     optax.scale_by_learning_rate(1e-3),
+      ... )
+      >>> updates, _ = tx.update(params, tx.init(params), params)
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 4.2 and eq. 17.
+    """
     _utils.check_rate("weight_decay", weight_decay)
     return optax.add_decayed_weights(weight_decay, mask)
 
@@ -35,9 +56,31 @@ class DecoupledWeightDecayState(NamedTuple):
 def decoupled_weight_decay(
     weight_decay: optax.ScalarOrSchedule, learning_rate: optax.ScalarOrSchedule, mask: Any = None
 ) -> optax.GradientTransformation:
-    """``Delta <- Delta - lr_k wd_k x`` on the leaves selected by ``mask``: put it last in a
+    r"""``Delta <- Delta - lr_k wd_k x`` on the leaves selected by ``mask``: put it last in a
     chain, after the learning rate (AdamW's ``x <- x - lr (step + wd x)``). Both
-    hyperparameters may be schedules."""
+    hyperparameters may be schedules.
+
+    Args:
+      weight_decay: the decay :math:`\lambda` (a number or a schedule).
+      learning_rate: the learning rate it is multiplied by (a number or a schedule).
+      mask: the leaves that get it, as ``optax.adamw``'s.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> params = {"w": jnp.ones((3, 2))}
+      >>> tx = optax.chain(
+      ...     optax.scale_by_adam(), optax.scale_by_learning_rate(1e-3),
+      ...     optax_sphere.decoupled_weight_decay(1e-2, 1e-3),
+      ... )
+      >>> updates, _ = tx.update(params, tx.init(params), params)
+
+    References:
+      Loshchilov and Hutter, "Decoupled Weight Decay Regularization", ICLR 2019; Roburin et
+      al., sec. 4.2.
+    """
     _utils.check_rate("weight_decay", weight_decay)
     _utils.check_rate("learning_rate", learning_rate)
 
