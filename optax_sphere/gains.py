@@ -63,6 +63,25 @@ def fold_gain(params: Mapping[str, Any]) -> dict[str, Any]:
     ``{"layer": {"kernel": W, ...}, "gain": g, "bias": b}`` becomes
     ``{"kernel": W * g, "bias": b, ...}``: load it into the same layer built with
     ``use_bias=True`` (or ``False`` if there was no bias).
+
+    Args:
+      params: the parameters of one :class:`WithGain`.
+
+    Returns:
+      The parameters of the plain layer.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_sphere.gains import fold_gain
+      >>> layer = {"kernel": jnp.ones((2, 3))}
+      >>> params = {"layer": layer, "gain": 2 * jnp.ones(3), "bias": jnp.zeros(3)}
+      >>> folded = fold_gain(params)
+      >>> sorted(folded), folded["kernel"][0].tolist()
+      (['bias', 'kernel'], [2.0, 2.0, 2.0])
+
+    References:
+      Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
+      Networks", ICML 2024, app. M (learnable gains in front of rotational weights).
     """
     layer = dict(params["layer"])
     kernel = layer.pop("kernel")
@@ -82,7 +101,25 @@ def _is_gained(tree: Any) -> bool:
 
 
 def fold_gains(params: Any) -> Any:
-    """Folds every :class:`WithGain` sub-tree of a linen parameter tree (see :func:`fold_gain`)."""
+    """Folds every :class:`WithGain` sub-tree of a linen parameter tree (see :func:`fold_gain`).
+
+    Args:
+      params: a linen parameter tree.
+
+    Returns:
+      The tree with every :class:`WithGain` sub-tree folded.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_sphere.gains import fold_gains
+      >>> gained = {"layer": {"kernel": jnp.ones((2, 3))}, "gain": 2 * jnp.ones(3)}
+      >>> sorted(fold_gains({"Dense_0": gained, "head": {"kernel": jnp.ones((3, 1))}})["Dense_0"])
+      ['kernel']
+
+    References:
+      Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
+      Networks", ICML 2024, app. M.
+    """
     if _is_gained(params):
         return fold_gain(params)
     if isinstance(params, Mapping):

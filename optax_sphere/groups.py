@@ -119,7 +119,23 @@ NAMED_SPECS: dict[str, Callable[[int], tuple[int, ...]]] = {
 
 def named_axes(spec: str, ndim: int) -> tuple[int, ...]:
     """The axes one group of a named spec (``"unit"``, ``"unit_out_first"``, ``"tensor"``)
-    spans in a leaf of ``ndim`` axes."""
+    spans in a leaf of ``ndim`` axes.
+
+    Args:
+      spec: ``"unit"``, ``"unit_out_first"`` or ``"tensor"``.
+      ndim: the number of axes of the leaf.
+
+    Returns:
+      The reduced axes, a tuple.
+
+    Example:
+      >>> from optax_sphere.groups import named_axes
+      >>> named_axes("unit", 4), named_axes("unit_out_first", 4), named_axes("tensor", 2)
+      ((0, 1, 2), (1, 2, 3), (0, 1))
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2.
+    """
     return NAMED_SPECS[spec](ndim)
 
 
@@ -239,6 +255,21 @@ def key_names(path: Sequence[Any]) -> tuple[Any, ...]:
     The trailing ``value`` attribute of a Flax ``nnx.Variable`` is dropped, so that a
     parameter has the same names in an ``nnx.State`` of ``Param`` nodes and in the pure arrays
     that ``nnx.Optimizer`` updates.
+
+    Args:
+      path: a ``jax.tree_util`` key path.
+
+    Returns:
+      The names, as a tuple.
+
+    Example:
+      >>> import jax
+      >>> from optax_sphere.groups import key_names
+      >>> [key_names(p) for p, _ in jax.tree_util.tree_leaves_with_path({"a": [0.0, 1.0]})]
+      [('a', 0), ('a', 1)]
+
+    References:
+      ``jax.tree_util`` key paths; the rules of :func:`resolve_groups` match these names.
     """
     names = []
     for key in path:
@@ -409,26 +440,121 @@ def _raise_tree_mismatch(spec: PyTree, leaves_with_path: list, err: Exception) -
 
 
 def group_sum(x: jax.Array, group: Group) -> jax.Array:
-    """Per-group sum, ``keepdims`` so it broadcasts back onto the leaf."""
+    """Per-group sum, ``keepdims`` so it broadcasts back onto the leaf.
+
+    Args:
+      x: the leaf.
+      group: the group.
+
+    Returns:
+      The sums, ``keepdims``, in at least float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_sphere.groups import Group, group_sum
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+      >>> group_sum(x, Group((0,))).tolist()
+      [[4.0, 6.0]]
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2 (per-group
+      quantities of a radially invariant group).
+    """
     return jnp.sum(x, axis=group.axes, keepdims=True, dtype=accumulation_dtype(x.dtype))
 
 
 def group_dot(a: jax.Array, b: jax.Array, group: Group) -> jax.Array:
-    """Per-group inner product ``<a, b>`` (``keepdims``), accumulated in at least float32."""
+    """Per-group inner product ``<a, b>`` (``keepdims``), accumulated in at least float32.
+
+    Args:
+      a, b: arrays shaped like the leaf.
+      group: the group.
+
+    Returns:
+      The inner products, ``keepdims``, in at least float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_sphere.groups import Group, group_dot
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+      >>> group_dot(x, x, Group((0,))).tolist()
+      [[10.0, 20.0]]
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2 (per-group
+      quantities of a radially invariant group).
+    """
     dtype = accumulation_dtype(jnp.result_type(a, b))
     return jnp.sum(a.astype(dtype) * b.astype(dtype), axis=group.axes, keepdims=True)
 
 
 def group_sq_norm(a: jax.Array, group: Group) -> jax.Array:
-    """Per-group squared norm ``||a||^2`` (``keepdims``)."""
+    """Per-group squared norm ``||a||^2`` (``keepdims``).
+
+    Args:
+      a: the leaf.
+      group: the group.
+
+    Returns:
+      ``||a||^2`` per group, ``keepdims``, in at least float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_sphere.groups import Group, group_sq_norm
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+      >>> group_sq_norm(x, Group((1,))).tolist()
+      [[5.0], [25.0]]
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2 (per-group
+      quantities of a radially invariant group).
+    """
     return group_dot(a, a, group)
 
 
 def group_mean(a: jax.Array, group: Group) -> jax.Array:
-    """Per-group mean (``keepdims``)."""
+    """Per-group mean (``keepdims``).
+
+    Args:
+      a: the leaf.
+      group: the group.
+
+    Returns:
+      The means, ``keepdims``, in at least float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_sphere.groups import Group, group_mean
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+      >>> group_mean(x, Group((0,))).tolist()
+      [[2.0, 3.0]]
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2 (per-group
+      quantities of a radially invariant group).
+    """
     return group_sum(a, group) / group.size(a.shape)
 
 
 def group_size(leaf: jax.Array, group: Group) -> int:
-    """Dimension ``d`` of one group of ``leaf``."""
+    """Dimension ``d`` of one group of ``leaf``.
+
+    Args:
+      leaf: the leaf (or anything with a ``shape``).
+      group: the group.
+
+    Returns:
+      The number of elements ``d`` of one group.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_sphere.groups import Group, group_size
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+      >>> group_size(x, Group((0,)))
+      2
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2 (per-group
+      quantities of a radially invariant group).
+    """
     return group.size(leaf.shape)

@@ -46,7 +46,25 @@ def _new_axes(ax: Any) -> Any:
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing moving average over ``window`` records (NaN for the first ``window - 1``);
-    along axis 0, so it smooths ``(steps,)`` and ``(steps, units)`` arrays alike."""
+    along axis 0, so it smooths ``(steps,)`` and ``(steps, units)`` arrays alike.
+
+    Args:
+      values: the records, steps along axis 0.
+      window: the number of records averaged.
+
+    Returns:
+      An array like ``values``.
+
+    Example:
+      >>> import numpy as np
+      >>> from optax_sphere.plots import smooth
+      >>> smooth(np.array([1.0, 2.0, 3.0, 4.0]), 2).tolist()
+      [nan, 1.5, 2.5, 3.5]
+
+    References:
+      Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
+      Networks", ICML 2024, fig. 8 (curves smoothed over steps).
+    """
     values = np.asarray(values, dtype=float)
     if window <= 1 or len(values) == 0:
         return values
@@ -144,6 +162,22 @@ def plot_angular_updates(
 
     Returns:
       The ``Axes``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> from optax_sphere import plots
+      >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
+      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor({"w": "unit"}))
+      >>> state, history = tx.init(params), optax_sphere.History()
+      >>> for step in range(3):
+      ...     updates, state = tx.update({"w": 0.1 * params["w"][::-1]}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      ...     _ = history.record(step, state)
+      >>> ax = plots.plot_angular_updates(history)
+
+    References:
+      Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
+      Networks", ICML 2024, fig. 8 (angular updates per layer against the equilibrium).
     """
     ax = _layer_lines(history, "angular_update", _new_axes(ax), layers, prediction, window)
     ax.set_ylabel("angular update (rad / step)")
@@ -161,7 +195,34 @@ def plot_weight_norms(
     ax: Any = None,
 ) -> Any:
     """Mean norm of the groups of each layer over the recorded steps (predictions dashed,
-    as in :func:`plot_angular_updates`)."""
+    as in :func:`plot_angular_updates`).
+
+    Args:
+      history: a recorded run.
+      prediction: dashed line(s), as in :func:`plot_angular_updates`.
+      layers: which grouped parameters; all by default.
+      log: logarithmic y axis.
+      ax: a matplotlib ``Axes`` to draw on; a new figure otherwise.
+
+    Returns:
+      The ``Axes``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> from optax_sphere import plots
+      >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
+      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor({"w": "unit"}))
+      >>> state, history = tx.init(params), optax_sphere.History()
+      >>> for step in range(3):
+      ...     updates, state = tx.update({"w": 0.1 * params["w"][::-1]}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      ...     _ = history.record(step, state)
+      >>> ax = plots.plot_weight_norms(history)
+
+    References:
+      Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
+      Networks", ICML 2024, eq. 37 (the equilibrium norm).
+    """
     ax = _layer_lines(history, "radius", _new_axes(ax), layers, prediction, 1)
     ax.set_ylabel("weight norm (mean over units)")
     if log:
@@ -186,6 +247,34 @@ def plot_unit_angular_updates(
     ``max_units`` of them, thin coloured lines), the layer mean (black) and ``prediction``
     (red dashed; a number or an array over the recorded steps). Balanced rotation shows as a
     thin band around the mean; imbalanced rotation as a wide one.
+
+    Args:
+      history: a recorded run.
+      layer: the grouped parameter whose units are drawn.
+      prediction: a number or an array over the recorded steps (red dashed).
+      window: trailing moving average over this many records.
+      max_units: how many individual units to draw.
+      log: logarithmic y axis.
+      ax: a matplotlib ``Axes`` to draw on; a new figure otherwise.
+
+    Returns:
+      The ``Axes``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> from optax_sphere import plots
+      >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
+      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor({"w": "unit"}))
+      >>> state, history = tx.init(params), optax_sphere.History()
+      >>> for step in range(3):
+      ...     updates, state = tx.update({"w": 0.1 * params["w"][::-1]}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      ...     _ = history.record(step, state)
+      >>> ax = plots.plot_unit_angular_updates(history, "w")
+
+    References:
+      Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
+      Networks", ICML 2024, fig. 8 (right).
     """
     ax = _new_axes(ax)
     steps = np.asarray(history.steps)
@@ -235,6 +324,22 @@ def geometry_figure(
 
     Returns:
       The matplotlib ``Figure``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_sphere
+      >>> from optax_sphere import plots
+      >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
+      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor({"w": "unit"}))
+      >>> state, history = tx.init(params), optax_sphere.History()
+      >>> for step in range(3):
+      ...     updates, state = tx.update({"w": 0.1 * params["w"][::-1]}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      ...     _ = history.record(step, state)
+      >>> fig = plots.geometry_figure({"sgd": history})
+
+    References:
+      Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
+      Networks", ICML 2024, fig. 8.
     """
     from matplotlib.figure import Figure
 

@@ -51,6 +51,23 @@ def roburin_step_schedule(init_value: float, total_steps: int) -> optax.Schedule
     """Roburin et al.' fixed-frequency schedule: ``* 0.1`` at 1/3, 5/9 and 7/9 of training.
 
     (135, 225 and 315 of 405 epochs; 45, 75 and 105 of 135 on ImageNet.)
+
+    Args:
+      init_value: the initial learning rate.
+      total_steps: the length of training, in steps.
+
+    Returns:
+      An ``optax.Schedule`` (``optax.piecewise_constant_schedule``).
+
+    Example:
+      >>> from optax_sphere.presets import roburin_step_schedule
+      >>> schedule = roburin_step_schedule(1.0, 405)
+      >>> [round(float(schedule(k)), 6) for k in (0, 135, 225, 315)]
+      [1.0, 0.1, 0.01, 0.001]
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", app. E (training
+      protocol).
     """
     if total_steps <= 0:
         raise ValueError(f"`total_steps` must be > 0, got {total_steps}.")
@@ -314,7 +331,23 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({**_roburin(), **_kosson()})
 
 
 def names(optimizer: str | None = None, benchmark: str | None = None) -> list[str]:
-    """Preset names, optionally only those of one optimizer and/or benchmark."""
+    """Preset names, optionally only those of one optimizer and/or benchmark.
+
+    Args:
+      optimizer: keep the presets of this alias only.
+      benchmark: keep the presets of this benchmark only.
+
+    Returns:
+      The names, sorted.
+
+    Example:
+      >>> from optax_sphere import presets
+      >>> all(presets.get(n).optimizer == "sgdm_rt" for n in presets.names("sgdm_rt"))
+      True
+
+    References:
+      Each preset's ``source`` field.
+    """
     return [
         n
         for n, p in PRESETS.items()
@@ -324,7 +357,26 @@ def names(optimizer: str | None = None, benchmark: str | None = None) -> list[st
 
 
 def get(name: str) -> Preset:
-    """The preset called ``name`` (``ValueError`` listing close names otherwise)."""
+    """The preset called ``name`` (``ValueError`` listing close names otherwise).
+
+    Args:
+      name: a preset's name (see :func:`names`).
+
+    Returns:
+      The :class:`Preset`.
+
+    Raises:
+      ValueError: no preset has that name.
+
+    Example:
+      >>> from optax_sphere import presets
+      >>> preset = presets.get(presets.names("adam_srt")[0])
+      >>> preset.optimizer
+      'adam_srt'
+
+    References:
+      Each preset's ``source`` field names the paper, table and section it comes from.
+    """
     try:
         return PRESETS[name]
     except KeyError:
@@ -335,5 +387,21 @@ def get(name: str) -> Preset:
 
 
 def build(name: str, **overrides: Any) -> optax.GradientTransformation:
-    """``get(name).build(**overrides)``."""
+    """``get(name).build(**overrides)``.
+
+    Args:
+      name: a preset's name.
+      **overrides: keyword arguments of the alias that replace the preset's (``groups``
+        above all).
+
+    Returns:
+      The alias's ``optax.GradientTransformation``.
+
+    Example:
+      >>> from optax_sphere import presets
+      >>> tx = presets.build(presets.names("adam_srt")[0], groups="unit")
+
+    References:
+      The preset's ``source`` field.
+    """
     return get(name).build(**overrides)

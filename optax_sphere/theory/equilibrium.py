@@ -158,6 +158,16 @@ def equilibrium(
 
     Returns:
       :class:`Equilibrium` (Python floats for number inputs).
+
+    Example:
+      >>> from optax_sphere.theory import equilibrium
+      >>> eq = equilibrium("adamw", learning_rate=1e-3, weight_decay=0.1, dim=256)
+      >>> round(eq.angular_update, 6)  # sqrt(2 * 1e-3 * 0.1 * 0.1 / 1.9)
+      0.003244
+
+    References:
+      Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
+      Networks", ICML 2024, Table 1 and app. F-I.
     """
     if optimizer not in ("adamw", "sgdm", "lion", "adam_l2"):
         raise ValueError(

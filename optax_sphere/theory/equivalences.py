@@ -49,6 +49,23 @@ def l2_equivalent_schedule(learning_rate: float, weight_decay: float) -> optax.S
     gradients that are -1 homogeneous and tangent, as behind a normalisation). The radii differ:
     ``r_k / r_k^{L2} = (1 - eta lambda)^{-k}``. Returns an ``optax.Schedule`` (step count ->
     learning rate), computed as ``exp(-(2k+1) log(1 - eta lambda))``.
+
+    Args:
+      learning_rate: the constant learning rate :math:`\eta` of SGD with L2.
+      weight_decay: its L2 coefficient :math:`\lambda`.
+
+    Returns:
+      An ``optax.Schedule`` for SGD without L2.
+
+    Example:
+      >>> from optax_sphere.theory import l2_equivalent_schedule
+      >>> schedule = l2_equivalent_schedule(0.1, 0.01)
+      >>> round(float(schedule(0)), 6), round(float(schedule(10)), 6)  # 0.1 / 0.999^(2k+1)
+      (0.1001, 0.102123)
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", eq. 44; Roburin, PhD
+      thesis, eq. 3.44.
     """
     _check(learning_rate, weight_decay)
     log_factor = -math.log1p(-learning_rate * weight_decay)
@@ -78,6 +95,26 @@ def sgd_to_adagradg(learning_rate: float, weight_decay: float, radius: Any) -> d
     keyword arguments of ``adagradg``: ``{"learning_rate", "decay", "v0"}`` (``decay`` is
     :math:`\beta`). With ``weight_decay = 0`` (``decay = 1``) the equivalence holds too
     (Roburin's thesis states it for ``lambda >= 0``).
+
+    Args:
+      learning_rate: the constant learning rate :math:`\eta` of SGD.
+      weight_decay: its L2 coefficient :math:`\lambda`.
+      radius: the initial radius :math:`r_0` (a number or a pytree).
+
+    Returns:
+      The keyword arguments of :func:`optax_sphere.adagradg`.
+
+    Example:
+      >>> import optax_sphere
+      >>> from optax_sphere.theory import sgd_to_adagradg
+      >>> hyper = sgd_to_adagradg(0.1, 1e-4, radius=1.0)
+      >>> sorted(hyper)
+      ['decay', 'learning_rate', 'v0']
+      >>> tx = optax_sphere.adagradg(**hyper, groups="unit")
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", Theorem 4; Roburin, PhD
+      thesis, Theorem 4.
     """
     _check(learning_rate, weight_decay)
     beta = (1.0 - learning_rate * weight_decay) ** 4
