@@ -291,13 +291,17 @@ def _fmt(ratio: float | None) -> str:
 
 # Targets on ResNet-18 (float32, CPU): step-time ratio and state-bytes ratio upper bounds.
 TARGETS = {
-    "adam_s": (1.1, 0.55),
-    "adam_st": (1.3, 0.55),
-    "adam_srt": (1.3, 0.55),
-    "rv_adamw": (1.5, 1.05),
-    "rv_sgdm": (None, 1.05),
-    "rv_lion": (None, 1.05),
-    "psi_sgdm": (1.2, None),
+    "adam_s": (1.0, 0.55),
+    "adam_st": (1.2, 0.55),
+    "adam_srt": (1.2, 0.55),
+    "adamg": (2.0, 0.55),
+    "adamp": (2.0, 1.05),
+    "rv_adamw": (2.0, 1.05),
+    "rv_sgdm": (2.0, 1.05),
+    "rv_lion": (2.0, 1.05),
+    "sgdp": (2.0, 1.05),
+    "sgdg": (2.5, 1.05),
+    "psi_sgdm": (1.3, 1.05),
 }
 
 
