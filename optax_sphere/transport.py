@@ -331,10 +331,17 @@ def _transported_momentum_step(
     if group.size(x.shape) == 1:
         # the tangent space of a 1-element group is {0}: exactly, not up to the rounding
         # of m - (m x / x^2) x (a static branch: other groups take the general formula)
-        tangent = jnp.where(ok, jnp.zeros_like(m), m)
+        m_k = momentum_scale * jnp.where(ok, jnp.zeros_like(m), m) + gamma * gt
     else:
-        tangent = m - radial * x
-    m_k = momentum_scale * tangent + gamma * gt
+        # momentum_scale (m - radial x) + gamma (g + wd x), with the x terms gathered into one
+        # per-group coefficient: g + wd x is then only read inside the reduction above, so
+        # XLA does not write it out as a temporary
+        x_coef = (
+            -momentum_scale * radial
+            if _is_static_zero(wd)
+            else gamma * wd - momentum_scale * radial
+        )
+        m_k = momentum_scale * m + gamma * g + x_coef * x
     c, aux = step_coefficient(gt_gt, ratio)
     return -c * m_k, m_k, aux, sq_norm
 
