@@ -38,6 +38,8 @@ __all__ = [
     "SgdgState",
     "AdamgState",
     "AdagradgState",
+    "SphereSums",
+    "RECOMPUTE_SUMS_EVERY",
 ]
 
 Method = Literal["projection", "exp"]
@@ -135,7 +137,7 @@ def retract_to_sphere(
 
 
 class _Sums(NamedTuple):
-    """The six per-group inner products of ``(g, m, x)`` (one reduction pass)."""
+    """The six per-group inner products of ``(g, m, x)``."""
 
     gg: jax.Array
     gx: jax.Array
@@ -145,9 +147,71 @@ class _Sums(NamedTuple):
     mg: jax.Array
 
 
-def _sums(group: Group, g: jax.Array, m: jax.Array, x: jax.Array) -> _Sums:
+class SphereSums(NamedTuple):
+    """The per-group inner products of the point ``x`` and the momentum ``m`` after a step,
+    carried in the state of :func:`sgdg` and :func:`adamg` (``keepdims`` arrays, at least
+    float32): ``<x, x>``, ``<m, x>`` and ``<m, m>``."""
+
+    x_x: jax.Array
+    m_x: jax.Array
+    m_m: jax.Array
+
+
+def _exact_sums(group: Group, m: jax.Array, x: jax.Array) -> SphereSums:
     dot = lambda a, b: group_dot(a, b, group)
-    return _Sums(dot(g, g), dot(g, x), dot(x, x), dot(m, x), dot(m, m), dot(m, g))
+    return SphereSums(dot(x, x), dot(m, x), dot(m, m))
+
+
+def _init_sums(group: Group | None, p: Any) -> Any:
+    if group is None:
+        return optax.MaskedNode()
+    shape = group.scalar_shape(p.shape)
+    return SphereSums(*(_utils.zeros_acc(p, shape) for _ in range(3)))
+
+
+def _current_sums(grp, moments, params, state_sums, count, recompute_every):
+    """The sums of ``(x, m)`` at this step: recomputed from the arrays at the first step and
+    every ``recompute_every`` steps (one ``lax.cond`` for the whole tree), carried otherwise.
+    Parameters in a precision below float32 (whose own rounding the closed form does not
+    see) are always recomputed."""
+
+    def exact(_):
+        return _utils.map_groups(
+            lambda group, x, m: (
+                optax.MaskedNode() if group is None else _exact_sums(group, m, x.astype(m.dtype))
+            ),
+            grp,
+            params,
+            moments,
+        )
+
+    def carried(_):
+        return state_sums
+
+    if isinstance(recompute_every, int) and recompute_every == 1:
+        return exact(None)
+    low = any(
+        accumulation_dtype(x.dtype) != x.dtype
+        for x, group in zip(jax.tree.leaves(params), jax.tree.leaves(grp, is_leaf=_is_none))
+        if group is not None
+    )
+    if low:
+        return exact(None)
+    return jax.lax.cond(count % recompute_every == 0, exact, carried, None)
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _gram(a: tuple, b: tuple, s: _Sums) -> jax.Array:
+    """``<a_x x + a_m m + a_g g, b_x x + b_m m + b_g g>`` from the Gram matrix of ``(x, m, g)``."""
+    (ax, am, ag), (bx, bm, bg) = a, b
+    return (
+        ax * (bx * s.xx + bm * s.mx + bg * s.gx)
+        + am * (bx * s.mx + bm * s.mm + bg * s.mg)
+        + ag * (bx * s.gx + bm * s.mg + bg * s.gg)
+    )
 
 
 def _orthogonality_gradient(x: jax.Array, group: Group, omega: float) -> jax.Array:
@@ -175,12 +239,24 @@ def _check_ungrouped(learning_rate, momentum) -> None:
     _utils.check_beta("ungrouped_momentum", momentum)
 
 
+def _check_recompute(every: Any) -> None:
+    if isinstance(every, (jax.Array, jax.core.Tracer)) and jnp.issubdtype(every.dtype, jnp.integer):
+        return  # made an array by optax.inject_hyperparams: checked where the user set it
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"`recompute_sums_every` must be an integer >= 1, got {every!r}.")
+
+
 def _check_sphere_args(learning_rate, grad_clip, omega) -> None:
     _utils.check_rate("learning_rate", learning_rate)
     if grad_clip is not None and not _traced(grad_clip) and not grad_clip > 0:
         raise ValueError(f"`grad_clip` must be > 0 or None, got {grad_clip!r}.")
     _utils.check_rate("omega", omega)
 
+
+#: How often :func:`sgdg` and :func:`adamg` recompute the carried :class:`SphereSums` from the
+#: arrays (and at the first step). In float32 the closed form drifts from the recomputed sums by
+#: about the rounding of one step per step, a random walk: 64 steps keep it near 1e-6.
+RECOMPUTE_SUMS_EVERY = 64
 
 #: ``optax.adagrad``'s default ``eps`` (inside the root), for the leaves off the sphere.
 _ADAGRAD_EPS = 1e-7
@@ -190,13 +266,15 @@ _ADAGRAD_EPS = 1e-7
 UNIT_EPS = 1e-8
 
 
-def _riemannian_grad_sums(group, g, m, x, grad_clip, omega):
-    """``g`` with the regulariser, the six sums, ``1 / (r + 1e-8)``, ``<g,y>`` (``y`` the
-    point ``x / (r + 1e-8)`` of Cho & Lee's code) and the clip factor ``k`` such that the
-    clipped tangent gradient is ``h = k (g - <g,y> y)``."""
+def _riemannian_grad_sums(group, g, m, x, sums, grad_clip, omega):
+    """``g`` with the regulariser, the six sums (the three with ``g`` reduced here, those of
+    ``(x, m)`` from ``sums``), ``1 / (r + 1e-8)``, ``<g,y>`` (``y`` the point
+    ``x / (r + 1e-8)`` of Cho & Lee's code) and the clip factor ``k`` such that the clipped
+    tangent gradient is ``h = k (g - <g,y> y)``."""
     if _traced(omega) or omega != 0:
         g = g + _orthogonality_gradient(x, group, omega)
-    s = _sums(group, g, m, x)
+    dot = lambda a, b: group_dot(a, b, group)
+    s = _Sums(dot(g, g), dot(g, x), sums.x_x, sums.m_x, sums.m_m, dot(m, g))
     inv_r = jnp.where(s.xx > 0, 1.0 / (jnp.sqrt(s.xx) + UNIT_EPS), 0.0)
     gu = s.gx * inv_r
     # ||g - <g,y> y||^2, with ||y||^2 = xx / (r + eps)^2 just below 1
@@ -233,9 +311,16 @@ def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign, eps_dir,
     their parallel transports with ``rho = norm / (norm + eps_dir)``: along itself
     (``gpt2``, ``self_transport``), ``Gamma(D) = rho D cos(angle) - sign norm sin(angle) y``;
     or as another vector (``gpt``), ``Gamma(D) = D (1 - rho^2 (1 - cos(angle))) - sign norm
-    rho sin(angle) y``; both are ``D cos - sign norm sin y`` without the eps. The per-group
-    coefficients are materialised first (:func:`_per_group`). Zero-norm groups: no step,
-    ``m`` kept.
+    rho sin(angle) y``; both are ``D cos - sign norm sin y`` without the eps. Zero-norm
+    groups: no step, ``m`` kept.
+
+    Order of the element-wise work: the new momentum ``m' = c_m m + c_g g + c_x x`` first (in
+    the place of ``m``), then the step from ``(m', g, x)``: its ``m`` part is ``k c_m m`` with
+    ``k = (D coefficient of y') / (D coefficient of Gamma(D))``, so that no value is read
+    after it is overwritten and XLA keeps both updates in place, with no copy of the donated
+    ``x`` and ``m``. The per-group coefficients are materialised first (:func:`_per_group`).
+    Returns the step, ``m'`` and the sums of ``(x + step, m')`` from the Gram matrix of
+    ``(x, m, g)``.
     """
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     ok = s.xx > 0
@@ -246,26 +331,38 @@ def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign, eps_dir,
     else:
         d_coef, y_coef = 1 - rho * rho * (1 - cos), -sign * norm * rho * sin
     zero = jnp.zeros_like(cos)
-    step_coefs = (
+    step_x, step_m, step_g = (
+        jnp.where(ok, inv_r * cos - 1 + f * a_x, zero),
         jnp.where(ok, f * a_m, zero),
         jnp.where(ok, f * a_g, zero),
-        jnp.where(ok, inv_r * cos - 1 + f * a_x, zero),
     )
-    move_coefs = (
+    move_x, move_m, move_g = (
+        jnp.where(ok, d_coef * a_x + y_coef * inv_r, zero),
         jnp.where(ok, d_coef * a_m, 1),
         jnp.where(ok, d_coef * a_g, zero),
-        jnp.where(ok, d_coef * a_x + y_coef * inv_r, zero),
     )
-    sm, sg, sx, mm, mg, mx = _per_group(step_coefs + move_coefs)
-    return sm * m + sg * g + sx * x, mm * m + mg * g + mx * x
+    # step_m = k move_m: the step's m part through m' (k = 0 where the momentum has no part)
+    k = jnp.where(ok, geometry.safe_div(f, d_coef), zero)
+    new_sums = SphereSums(
+        _gram((1 + step_x, step_m, step_g), (1 + step_x, step_m, step_g), s),
+        _gram((move_x, move_m, move_g), (1 + step_x, step_m, step_g), s),
+        _gram((move_x, move_m, move_g), (move_x, move_m, move_g), s),
+    )
+    cm, cg, cx, sk, sg, sx = _per_group(
+        (move_m, move_g, move_x, k, step_g - k * move_g, step_x - k * move_x)
+    )
+    new_m = cm * m + cg * g + cx * x
+    return sk * new_m + sg * g + sx * x, new_m, new_sums
 
 
 class SgdgState(NamedTuple):
-    """State of :func:`sgdg`: step count and ``momentum`` (grouped leaves: Cho & Lee's
-    tangent buffer without the learning rate, ``B = M / eta``; other leaves: SGD's trace)."""
+    """State of :func:`sgdg`: step count, ``momentum`` (grouped leaves: Cho & Lee's
+    tangent buffer without the learning rate, ``B = M / eta``; other leaves: SGD's trace) and
+    ``sums``, the :class:`SphereSums` of each group (``optax.MaskedNode`` elsewhere)."""
 
     count: jax.Array
     momentum: Any
+    sums: Any
 
 
 def sgdg(
@@ -276,6 +373,7 @@ def sgdg(
     omega: float = 0.0,
     ungrouped_learning_rate: optax.ScalarOrSchedule = 0.01,
     ungrouped_momentum: float = 0.9,
+    recompute_sums_every: int = RECOMPUTE_SUMS_EVERY,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD-G of Cho & Lee (2017, alg. 1), as their code does it, per group:
@@ -312,6 +410,13 @@ def sgdg(
       omega: weight of Cho & Lee's orthogonality regulariser (0: off).
       ungrouped_learning_rate, ungrouped_momentum: SGD with Nesterov momentum for the leaves
         off the sphere (Cho & Lee's treatment of the other parameters).
+      recompute_sums_every: the step recomputes ``<x, x>``, ``<m, x>`` and ``<m, m>`` of
+        each group from the arrays at the first step and every this many steps; in between
+        they are carried in the state (:class:`SphereSums`), updated in closed form from the
+        step's own coefficients, so that a step reduces only the three sums with the new
+        gradient. The parameters must then change only by the updates returned (as
+        ``optax.apply_updates`` does); ``1`` recomputes them every step, for a chain that
+        alters the updates afterwards. Parameters below float32 always recompute them.
       groups: the groups kept on the sphere.
 
     Returns:
@@ -332,10 +437,15 @@ def sgdg(
     _check_sphere_args(learning_rate, grad_clip, omega)
     _utils.check_beta("momentum", momentum)
     _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
+    _check_recompute(recompute_sums_every)
 
     def init_fn(params: optax.Params) -> optax.OptState:
-        resolve_groups(groups, params)
-        return SgdgState(jnp.zeros([], jnp.int32), jax.tree.map(_utils.zeros_acc, params))
+        grp = resolve_groups(groups, params)
+        return SgdgState(
+            jnp.zeros([], jnp.int32),
+            jax.tree.map(_utils.zeros_acc, params),
+            _utils.map_groups(_init_sums, grp, params),
+        )
 
     def update_fn(
         updates: optax.Updates,
@@ -348,16 +458,19 @@ def sgdg(
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
         ulr = _utils.value_at(ungrouped_learning_rate, state.count)
+        sums = _current_sums(
+            grp, state.momentum, params, state.sums, state.count, recompute_sums_every
+        )
 
-        def leaf(group, g, m, x):
+        def leaf(group, g, m, x, sums):
             acc = accumulation_dtype(jnp.result_type(g, x))
             g, x32 = g.astype(acc), x.astype(acc)
             if group is None:
                 # off the sphere: SGD with Nesterov momentum (Cho & Lee), optax.sgd's
                 direction, m = _base.momentum(g, m, ungrouped_momentum, nesterov=True)
                 step = -ulr * direction
-                return step.astype(x.dtype), m
-            g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, grad_clip, omega)
+                return step.astype(x.dtype), m, sums
+            g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, sums, grad_clip, omega)
             # B' = mu B - k (g - <g,u> u); its norm from the sums
             mh = s.mg - gu * s.mx * inv_r
             mm = jnp.maximum(momentum**2 * s.mm - 2 * momentum * k * mh + k * k * hh, 0)
@@ -365,26 +478,28 @@ def sgdg(
             # B' = a_m B + a_g g + a_x x; the point moves by the angle lr ||B'||
             a_g = -k
             # Cho & Lee's buffer is lr B: its unit vector's eps is 1e-8 / lr in units of B
-            step, transported = _geodesic_step(
+            step, transported, new_sums = _geodesic_step(
                 g, m, x32, s, inv_r, momentum, a_g, -a_g * gu * inv_r, norm, lr * norm, 1.0,
                 geometry.safe_div(UNIT_EPS, jnp.asarray(lr, acc)), True,
             )  # fmt: skip
-            return step.astype(x.dtype), transported
+            return step.astype(x.dtype), transported, new_sums
 
-        out = _utils.map_groups(leaf, grp, updates, state.momentum, params)
-        new_updates, mom = _utils.unzip(out, updates, 2)
-        return new_updates, SgdgState(optax.safe_increment(state.count), mom)
+        out = _utils.map_groups(leaf, grp, updates, state.momentum, params, sums)
+        new_updates, mom, new_sums = _utils.unzip(out, updates, 3)
+        return new_updates, SgdgState(optax.safe_increment(state.count), mom, new_sums)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class AdamgState(NamedTuple):
-    """State of :func:`adamg`: step count, first moment ``mu`` (shaped like the params) and
-    second moment ``nu`` (one scalar per group on grouped leaves, element-wise elsewhere)."""
+    """State of :func:`adamg`: step count, first moment ``mu`` (shaped like the params),
+    second moment ``nu`` (one scalar per group on grouped leaves, element-wise elsewhere) and
+    the :class:`SphereSums` of each group, ``sums`` (``optax.MaskedNode`` elsewhere)."""
 
     count: jax.Array
     mu: Any
     nu: Any
+    sums: Any
 
 
 def adamg(
@@ -397,6 +512,7 @@ def adamg(
     omega: float = 0.0,
     ungrouped_learning_rate: optax.ScalarOrSchedule = 0.01,
     ungrouped_momentum: float = 0.9,
+    recompute_sums_every: int = RECOMPUTE_SUMS_EVERY,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam-G of Cho & Lee (2017, alg. 2), as their code does it, per group:
@@ -422,6 +538,13 @@ def adamg(
       omega: weight of Cho & Lee's orthogonality regulariser (0: off).
       ungrouped_learning_rate, ungrouped_momentum: SGD with Nesterov momentum for the leaves
         off the sphere (Cho & Lee's treatment of the other parameters).
+      recompute_sums_every: the step recomputes ``<x, x>``, ``<m, x>`` and ``<m, m>`` of
+        each group from the arrays at the first step and every this many steps; in between
+        they are carried in the state (:class:`SphereSums`), updated in closed form from the
+        step's own coefficients, so that a step reduces only the three sums with the new
+        gradient. The parameters must then change only by the updates returned (as
+        ``optax.apply_updates`` does); ``1`` recomputes them every step, for a chain that
+        alters the updates afterwards. Parameters below float32 always recompute them.
       groups: the groups kept on the sphere.
 
     Returns:
@@ -444,6 +567,7 @@ def adamg(
     _utils.check_beta("b2", b2)
     _utils.check_rate("eps", eps)
     _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
+    _check_recompute(recompute_sums_every)
 
     def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
@@ -457,7 +581,8 @@ def adamg(
             grp,
             params,
         )
-        return AdamgState(jnp.zeros([], jnp.int32), mu, nu)
+        sums = _utils.map_groups(_init_sums, grp, params)
+        return AdamgState(jnp.zeros([], jnp.int32), mu, nu, sums)
 
     def update_fn(
         updates: optax.Updates,
@@ -471,17 +596,18 @@ def adamg(
         lr = _utils.value_at(learning_rate, state.count)
         ulr = _utils.value_at(ungrouped_learning_rate, state.count)
         count = optax.safe_increment(state.count)
+        sums = _current_sums(grp, state.mu, params, state.sums, state.count, recompute_sums_every)
 
-        def leaf(group, g, m, v, x):
+        def leaf(group, g, m, v, x, sums):
             acc = accumulation_dtype(jnp.result_type(g, x))
             g, x32 = g.astype(acc), x.astype(acc)
             if group is None:
                 # off the sphere: SGD with Nesterov momentum (Cho & Lee), optax.sgd's
                 direction, m = _base.momentum(g, m, ungrouped_momentum, nesterov=True)
                 step = -ulr * direction
-                return step.astype(x.dtype), m, v
+                return step.astype(x.dtype), m, v, sums
             bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
-            g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, grad_clip, omega)
+            g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, sums, grad_clip, omega)
             mh = s.mg - gu * s.mx * inv_r
             mm = jnp.maximum(
                 b1**2 * s.mm + 2 * b1 * (1 - b1) * k * mh + ((1 - b1) * k) ** 2 * hh, 0
@@ -492,15 +618,15 @@ def adamg(
             angle = scale * norm
             # m' = a_m m + a_g g + a_x x
             a_g = (1 - b1) * k
-            step, transported = _geodesic_step(
+            step, transported, new_sums = _geodesic_step(
                 g, m, x32, s, inv_r, b1, a_g, -a_g * gu * inv_r, norm, angle, -1.0,
                 geometry.safe_div(UNIT_EPS, scale), False,
             )  # fmt: skip
-            return step.astype(x.dtype), transported, jnp.where(s.xx > 0, v_new, v)
+            return step.astype(x.dtype), transported, jnp.where(s.xx > 0, v_new, v), new_sums
 
-        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params)
-        new_updates, mu, nu = _utils.unzip(out, updates, 3)
-        return new_updates, AdamgState(count, mu, nu)
+        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params, sums)
+        new_updates, mu, nu, new_sums = _utils.unzip(out, updates, 4)
+        return new_updates, AdamgState(count, mu, nu, new_sums)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -400,3 +400,81 @@ def test_composes_with_multisteps_apply_if_finite_and_multi_transform(name):
     k_only = {"k": params["k"]}
     expected, _ = alone.update({"k": g1["k"]}, alone.init(k_only), k_only)
     np.testing.assert_allclose(u["k"], expected["k"], rtol=1e-5, atol=1e-7)
+
+
+def _sums_run(name, every, steps, dtype=jnp.float32):
+    """A run of ``name`` on a small tanh model; yields the carried and the recomputed sums."""
+    from optax_sphere.retraction import _exact_sums
+
+    kw = {"sgdg": {"learning_rate": 0.2}, "adamg": {"learning_rate": 0.05}}[name]
+    params = {"w": jax.random.normal(jax.random.key(0), (48, 24), dtype)}
+    groups = {"w": "unit"}
+    tx = getattr(osp, name)(**kw, recompute_sums_every=every, groups=groups)
+    group = osp.resolve_groups(groups, params)["w"]
+
+    def loss(p, key):
+        t = jax.random.normal(key, (16, 48), dtype)
+        return jnp.mean(jnp.tanh(t @ (p["w"] / jnp.linalg.norm(p["w"], axis=0))) ** 2)
+
+    @jax.jit
+    def step(p, state, key):
+        updates, state = tx.update(jax.grad(loss)(p, key), state, p)
+        return optax.apply_updates(p, updates), state
+
+    state = tx.init(params)
+    for t in range(steps):
+        params, state = step(params, state, jax.random.key(t))
+        m = (state.momentum if name == "sgdg" else state.mu)["w"]
+        yield params, state.sums["w"], _exact_sums(group, m, params["w"])
+
+
+@pytest.mark.parametrize("every", [10**9, osp.retraction.RECOMPUTE_SUMS_EVERY])
+@pytest.mark.parametrize("name", ["sgdg", "adamg"])
+def test_carried_sums_stay_within_float32_rounding_of_the_recomputed_ones(name, every):
+    """1000 float32 steps, recomputed only at the first step (or at the default period): the
+    closed-form sums stay within a few float32 roundings of the sums of the arrays."""
+    worst = 0.0
+    for _, carried, exact in _sums_run(name, every, 1000):
+        rel = [
+            jnp.abs(carried.x_x - exact.x_x) / exact.x_x,
+            jnp.abs(carried.m_x - exact.m_x) / jnp.sqrt(exact.x_x * exact.m_m),
+            jnp.abs(carried.m_m - exact.m_m) / exact.m_m,
+        ]
+        worst = max(worst, *(float(jnp.max(r)) for r in rel))
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("name", ["sgdg", "adamg"])
+def test_carried_sums_give_the_trajectory_of_recomputed_sums(name):
+    """float64: carried (recomputed every 7th step) and recomputed-every-step runs agree."""
+    with jax.enable_x64(True):
+        a = list(_sums_run(name, 7, 40, jnp.float64))
+        b = list(_sums_run(name, 1, 40, jnp.float64))
+    for (pa, ca, ea), (pb, _, _) in zip(a, b):
+        np.testing.assert_allclose(pa["w"], pb["w"], rtol=1e-11, atol=1e-13)
+        np.testing.assert_allclose(ca.x_x, ea.x_x, rtol=1e-12)
+        np.testing.assert_allclose(ca.m_m, ea.m_m, rtol=1e-10, atol=1e-300)
+
+
+@pytest.mark.parametrize("alias", [osp.sgdg, osp.adamg])
+def test_first_step_recomputes_the_sums_of_the_params_it_is_given(alias):
+    """``init`` on other values (abstract shapes, parameters changed before training) does
+    not leak into the carried sums: the first step recomputes them."""
+    params = _params(3)
+    grads = _grad(params)
+    exact, _ = alias(groups="unit", recompute_sums_every=1).update(
+        grads, alias(groups="unit").init(params), params
+    )
+    tx = alias(groups="unit")
+    elsewhere = jax.tree.map(lambda x: 3.0 * x + 1.0, params)
+    for init_params in (params, elsewhere, jax.eval_shape(lambda: params)):
+        updates, _ = tx.update(grads, tx.init(init_params), params)
+        for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(exact)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, None])
+@pytest.mark.parametrize("alias", [osp.sgdg, osp.adamg])
+def test_recompute_sums_every_must_be_a_positive_integer(alias, bad):
+    with pytest.raises(ValueError, match="recompute_sums_every"):
+        alias(recompute_sums_every=bad, groups="unit")
