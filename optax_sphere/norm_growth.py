@@ -50,7 +50,14 @@ class _Decision(NamedTuple):
 
 def _decide(group: Group, g: jax.Array, x: jax.Array, delta: float, eps: float) -> _Decision:
     """The two tests of the module docstring, from one pass over ``(g, x)``."""
-    s_gx, s_gg, s_xx = group_dot(g, x, group), group_dot(g, g, group), group_dot(x, x, group)
+    # ||g||^2 of g seen through a barrier: the inner Adam squares g too, and XLA would
+    # otherwise merge the two squares and write g * g out as a full-size temporary
+    g_own = jax.lax.optimization_barrier(g)
+    s_gx, s_gg, s_xx = (
+        group_dot(g, x, group),
+        group_dot(g_own, g_own, group),
+        group_dot(x, x, group),
+    )
     unit_hit = jnp.max(jnp.abs(s_gx) / jnp.maximum(jnp.sqrt(s_gg * s_xx), eps)) < delta / math.sqrt(
         group.size(x.shape)
     )
