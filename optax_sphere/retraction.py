@@ -162,46 +162,52 @@ def _exact_sums(group: Group, m: jax.Array, x: jax.Array) -> SphereSums:
     return SphereSums(dot(x, x), dot(m, x), dot(m, m))
 
 
-def _init_sums(group: Group | None, p: Any) -> Any:
-    if group is None:
+def _carries(group: Group | None, p: Any, recompute_every: Any) -> bool:
+    """Whether the sums of this leaf are carried: a grouped leaf of at least
+    :data:`CARRY_MIN_SIZE` elements in float32 or float64. A small leaf's reductions cost their
+    launch, not their bytes, and the closed form would add more launches than it saves; a
+    leaf below float32 rounds each step more than the closed form sees."""
+    if group is None or (isinstance(recompute_every, int) and recompute_every == 1):
+        return False
+    return math.prod(p.shape) >= CARRY_MIN_SIZE and accumulation_dtype(p.dtype) == p.dtype
+
+
+def _init_sums(group: Group | None, p: Any, recompute_every: Any) -> Any:
+    if not _carries(group, p, recompute_every):
         return optax.MaskedNode()
     shape = group.scalar_shape(p.shape)
     return SphereSums(*(_utils.zeros_acc(p, shape) for _ in range(3)))
 
 
 def _current_sums(grp, moments, params, state_sums, count, recompute_every):
-    """The sums of ``(x, m)`` at this step: recomputed from the arrays at the first step and
-    every ``recompute_every`` steps (one ``lax.cond`` for the whole tree), carried otherwise.
-    Parameters in a precision below float32 (whose own rounding the closed form does not
-    see) are always recomputed."""
+    """The sums of ``(x, m)`` at this step for every grouped leaf. Carried leaves
+    (:func:`_carries`) take them from the state, except at the first step and every
+    ``recompute_every`` steps, when they are recomputed from the arrays (one ``lax.cond`` for
+    the whole tree); the other grouped leaves recompute them every step."""
 
-    def exact(_):
-        return _utils.map_groups(
-            lambda group, x, m: (
-                optax.MaskedNode() if group is None else _exact_sums(group, m, x.astype(m.dtype))
-            ),
-            grp,
-            params,
-            moments,
-        )
+    def exact(carried_only):
+        def leaf(group, x, m):
+            if group is None or _carries(group, x, recompute_every) != carried_only:
+                return optax.MaskedNode()
+            return _exact_sums(group, m, x.astype(m.dtype))
 
-    def carried(_):
-        return state_sums
+        return _utils.map_groups(leaf, grp, params, moments)
 
-    if isinstance(recompute_every, int) and recompute_every == 1:
-        return exact(None)
-    low = any(
-        accumulation_dtype(x.dtype) != x.dtype
-        for x, group in zip(jax.tree.leaves(params), jax.tree.leaves(grp, is_leaf=_is_none))
-        if group is not None
+    if not any(isinstance(v, SphereSums) for v in jax.tree.leaves(state_sums, is_leaf=_is_sums)):
+        return exact(False)
+    carried = jax.lax.cond(
+        count % recompute_every == 0, lambda _: exact(True), lambda _: state_sums, None
     )
-    if low:
-        return exact(None)
-    return jax.lax.cond(count % recompute_every == 0, exact, carried, None)
+    return jax.tree.map(
+        lambda small, big: big if isinstance(small, optax.MaskedNode) else small,
+        exact(False),
+        carried,
+        is_leaf=lambda v: isinstance(v, (optax.MaskedNode, SphereSums)),
+    )
 
 
-def _is_none(x: Any) -> bool:
-    return x is None
+def _is_sums(x: Any) -> bool:
+    return isinstance(x, SphereSums)
 
 
 def _gram(a: tuple, b: tuple, s: _Sums) -> jax.Array:
@@ -257,6 +263,9 @@ def _check_sphere_args(learning_rate, grad_clip, omega) -> None:
 #: arrays (and at the first step). In float32 the closed form drifts from the recomputed sums by
 #: about the rounding of one step per step, a random walk: 64 steps keep it near 1e-6.
 RECOMPUTE_SUMS_EVERY = 64
+
+#: The smallest grouped leaf (in elements) whose sums :func:`sgdg` and :func:`adamg` carry.
+CARRY_MIN_SIZE = 16384
 
 #: ``optax.adagrad``'s default ``eps`` (inside the root), for the leaves off the sphere.
 _ADAGRAD_EPS = 1e-7
@@ -416,7 +425,8 @@ def sgdg(
         step's own coefficients, so that a step reduces only the three sums with the new
         gradient. The parameters must then change only by the updates returned (as
         ``optax.apply_updates`` does); ``1`` recomputes them every step, for a chain that
-        alters the updates afterwards. Parameters below float32 always recompute them.
+        alters the updates afterwards. Leaves below float32 or of fewer than
+        :data:`CARRY_MIN_SIZE` elements always recompute them.
       groups: the groups kept on the sphere.
 
     Returns:
@@ -444,7 +454,9 @@ def sgdg(
         return SgdgState(
             jnp.zeros([], jnp.int32),
             jax.tree.map(_utils.zeros_acc, params),
-            _utils.map_groups(_init_sums, grp, params),
+            _utils.map_groups(
+                lambda group, p: _init_sums(group, p, recompute_sums_every), grp, params
+            ),
         )
 
     def update_fn(
@@ -482,6 +494,8 @@ def sgdg(
                 g, m, x32, s, inv_r, momentum, a_g, -a_g * gu * inv_r, norm, lr * norm, 1.0,
                 geometry.safe_div(UNIT_EPS, jnp.asarray(lr, acc)), True,
             )  # fmt: skip
+            if not _carries(group, x, recompute_sums_every):
+                new_sums = optax.MaskedNode()
             return step.astype(x.dtype), transported, new_sums
 
         out = _utils.map_groups(leaf, grp, updates, state.momentum, params, sums)
@@ -544,7 +558,8 @@ def adamg(
         step's own coefficients, so that a step reduces only the three sums with the new
         gradient. The parameters must then change only by the updates returned (as
         ``optax.apply_updates`` does); ``1`` recomputes them every step, for a chain that
-        alters the updates afterwards. Parameters below float32 always recompute them.
+        alters the updates afterwards. Leaves below float32 or of fewer than
+        :data:`CARRY_MIN_SIZE` elements always recompute them.
       groups: the groups kept on the sphere.
 
     Returns:
@@ -581,7 +596,9 @@ def adamg(
             grp,
             params,
         )
-        sums = _utils.map_groups(_init_sums, grp, params)
+        sums = _utils.map_groups(
+            lambda group, p: _init_sums(group, p, recompute_sums_every), grp, params
+        )
         return AdamgState(jnp.zeros([], jnp.int32), mu, nu, sums)
 
     def update_fn(
@@ -622,6 +639,8 @@ def adamg(
                 g, m, x32, s, inv_r, b1, a_g, -a_g * gu * inv_r, norm, angle, -1.0,
                 geometry.safe_div(UNIT_EPS, scale), False,
             )  # fmt: skip
+            if not _carries(group, x, recompute_sums_every):
+                new_sums = optax.MaskedNode()
             return step.astype(x.dtype), transported, jnp.where(s.xx > 0, v_new, v), new_sums
 
         out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params, sums)

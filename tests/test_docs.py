@@ -182,6 +182,17 @@ def test_results_renderers_of_the_scripts_layouts(monkeypatch):
     assert "time ≤ 1.1: met" in text and "state ≤ 0.55: met" in text
     # another layout falls back to a plain table of the records, not an error
     assert "| a |" in rt.SOURCES["benchmarks"].render([{"a": 1}])
+    peers = {
+        "threads": 2,
+        "rows": [
+            {"peer": "AdamP (clovaai)", "alias": "adamp", "ratio": 0.5, "jax_ms": 50.0,
+             "torch_ms": 100.0, "torch": {"torch": "2.9"}},
+            {"peer": "SGDG (Cho & Lee)", "alias": "sgdg", "skipped": "no clone at CODE/cho_lee"},
+        ],
+    }  # fmt: skip
+    text = rt.SOURCES["peers"].render(peers)
+    assert "| AdamP (clovaai) | `adamp` | 0.50 | 50.0 | 100.0 |" in text
+    assert "no clone at CODE/cho_lee" in text
 
 
 def test_architecture_page_lists_every_module_and_each_alias_where_it_is_defined():

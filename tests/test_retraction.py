@@ -407,13 +407,13 @@ def _sums_run(name, every, steps, dtype=jnp.float32):
     from optax_sphere.retraction import _exact_sums
 
     kw = {"sgdg": {"learning_rate": 0.2}, "adamg": {"learning_rate": 0.05}}[name]
-    params = {"w": jax.random.normal(jax.random.key(0), (48, 24), dtype)}
+    params = {"w": jax.random.normal(jax.random.key(0), (512, 32), dtype)}  # carried: 16384
     groups = {"w": "unit"}
     tx = getattr(osp, name)(**kw, recompute_sums_every=every, groups=groups)
     group = osp.resolve_groups(groups, params)["w"]
 
     def loss(p, key):
-        t = jax.random.normal(key, (16, 48), dtype)
+        t = jax.random.normal(key, (16, 512), dtype)
         return jnp.mean(jnp.tanh(t @ (p["w"] / jnp.linalg.norm(p["w"], axis=0))) ** 2)
 
     @jax.jit
@@ -460,11 +460,10 @@ def test_carried_sums_give_the_trajectory_of_recomputed_sums(name):
 def test_first_step_recomputes_the_sums_of_the_params_it_is_given(alias):
     """``init`` on other values (abstract shapes, parameters changed before training) does
     not leak into the carried sums: the first step recomputes them."""
-    params = _params(3)
-    grads = _grad(params)
-    exact, _ = alias(groups="unit", recompute_sums_every=1).update(
-        grads, alias(groups="unit").init(params), params
-    )
+    params = {"k": jax.random.normal(jax.random.key(3), (256, 64)), "b": jnp.ones(64)}
+    grads = jax.tree.map(lambda x: jnp.cos(3.0 * x), params)
+    every_step = alias(groups="unit", recompute_sums_every=1)
+    exact, _ = every_step.update(grads, every_step.init(params), params)
     tx = alias(groups="unit")
     elsewhere = jax.tree.map(lambda x: 3.0 * x + 1.0, params)
     for init_params in (params, elsewhere, jax.eval_shape(lambda: params)):
@@ -478,3 +477,39 @@ def test_first_step_recomputes_the_sums_of_the_params_it_is_given(alias):
 def test_recompute_sums_every_must_be_a_positive_integer(alias, bad):
     with pytest.raises(ValueError, match="recompute_sums_every"):
         alias(recompute_sums_every=bad, groups="unit")
+
+
+@pytest.mark.parametrize("alias", [osp.sgdg, osp.adamg])
+def test_sums_are_carried_for_large_float32_leaves_only(alias):
+    """Small leaves (whose reductions cost their launch) and low-precision leaves recompute
+    the sums every step and keep none in the state; they step as the carried ones do."""
+    from optax_sphere.retraction import CARRY_MIN_SIZE, SphereSums
+
+    params = {
+        "big": jax.random.normal(jax.random.key(0), (CARRY_MIN_SIZE // 16, 16)),
+        "small": jax.random.normal(jax.random.key(1), (8, 4)),
+        "half": jax.random.normal(jax.random.key(2), (CARRY_MIN_SIZE // 16, 16), jnp.bfloat16),
+        "bias": jnp.zeros(4),
+    }
+    state = alias(1e-2, groups="unit").init(params)
+    kinds = {k: type(v).__name__ for k, v in state.sums.items()}
+    assert kinds == {"big": "SphereSums", "small": "MaskedNode", "half": "MaskedNode",
+                     "bias": "MaskedNode"}  # fmt: skip
+    assert isinstance(state.sums["big"], SphereSums)
+    every_step = alias(1e-2, groups="unit", recompute_sums_every=1)
+    assert all(isinstance(v, optax.MaskedNode) for v in every_step.init(params).sums.values())
+    # small steps (an angle of about 1e-2 per step), where rounding is not amplified
+    grads = jax.tree.map(
+        lambda x: (0.03 * jnp.cos(3.0 * x.astype(jnp.float32))).astype(x.dtype), params
+    )
+    p1, s1 = params, state
+    p2, s2 = params, every_step.init(params)
+    tx = alias(1e-2, groups="unit")
+    for _ in range(3):
+        u1, s1 = tx.update(grads, s1, p1)
+        u2, s2 = every_step.update(grads, s2, p2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    for k in params:
+        np.testing.assert_allclose(
+            np.asarray(p1[k], np.float32), np.asarray(p2[k], np.float32), rtol=2e-5, atol=2e-6
+        )

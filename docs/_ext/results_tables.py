@@ -270,6 +270,29 @@ def render_benchmarks(data: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
+def render_peers(data: dict[str, Any]) -> str:
+    """``benchmarks/peers.py``'s JSON: each authors' PyTorch optimizer against its alias."""
+    rows = []
+    for r in data["rows"]:
+        if "ratio" in r:
+            rows.append(
+                [r["peer"], f"`{r['alias']}`", f"{r['ratio']:.2f}", f"{r['jax_ms']:.1f}",
+                 f"{r['torch_ms']:.1f}"]
+            )  # fmt: skip
+        else:
+            rows.append([r["peer"], f"`{r['alias']}`", r.get("skipped", "failed"), "", ""])
+    header = ["PyTorch optimizer", "JAX side", "JAX / PyTorch", "JAX ms", "PyTorch ms"]
+    env = data.get("environment", {})
+    out = [markdown_table(header, rows)]
+    if env:
+        out.append(
+            f"Measured with {data.get('threads')} threads on {env.get('processor')} "
+            f"({env.get('cpu_count')} cores), jax {env.get('jax')}, torch "
+            f"{next((r['torch'].get('torch') for r in data['rows'] if 'torch' in r), '?')}."
+        )
+    return "\n\n".join(out)
+
+
 def specific_or_generic(render: Callable[[Any], str]) -> Callable[[Any], str]:
     """``render``, or :func:`generic` when the JSON does not have the layout it expects."""
 
@@ -305,6 +328,11 @@ SOURCES: dict[str, Source] = {
         "benchmarks/results/cpu.json",
         "python benchmarks/bench.py --out benchmarks/results/cpu.json",
         specific_or_generic(render_benchmarks),
+    ),
+    "peers": Source(
+        "benchmarks/results/peers.json",
+        "python benchmarks/peers.py --code CODE --out benchmarks/results/peers.json",
+        specific_or_generic(render_peers),
     ),
     "reliability": Source(
         "docs/results/reliability.json",
