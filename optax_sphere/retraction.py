@@ -40,6 +40,7 @@ __all__ = [
     "AdagradgState",
     "SphereSums",
     "RECOMPUTE_SUMS_EVERY",
+    "CARRY_MIN_SIZE",
 ]
 
 Method = Literal["projection", "exp"]
