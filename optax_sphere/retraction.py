@@ -549,18 +549,8 @@ def adamg(
       learning_rate: the sphere's learning rate (a number or an ``optax`` schedule).
       b1, b2: decays of the first moment and of the per-group scalar second moment.
       eps: inside the root of the second moment, as Cho & Lee's code.
-      grad_clip: clip the norm of each group's tangent gradient to it (``None``: off).
-      omega: weight of Cho & Lee's orthogonality regulariser (0: off).
-      ungrouped_learning_rate, ungrouped_momentum: SGD with Nesterov momentum for the leaves
-        off the sphere (Cho & Lee's treatment of the other parameters).
-      recompute_sums_every: the step recomputes ``<x, x>``, ``<m, x>`` and ``<m, m>`` of
-        each group from the arrays at the first step and every this many steps; in between
-        they are carried in the state (:class:`SphereSums`), updated in closed form from the
-        step's own coefficients, so that a step reduces only the three sums with the new
-        gradient. The parameters must then change only by the updates returned (as
-        ``optax.apply_updates`` does); ``1`` recomputes them every step, for a chain that
-        alters the updates afterwards. Leaves below float32 or of fewer than
-        :data:`CARRY_MIN_SIZE` elements always recompute them.
+      grad_clip, omega, ungrouped_learning_rate, ungrouped_momentum, recompute_sums_every: as
+        :func:`sgdg`.
       groups: the groups kept on the sphere.
 
     Returns:

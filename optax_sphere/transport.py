@@ -188,10 +188,8 @@ def transport_momentum(
     which preserves its norm; the default is the formula of the paper (what its results used).
 
     Args:
-      inner: the whole optimizer, learning rate included (its update is ``x_{k+1} - x_k``).
-      groups: the radially invariant groups.
+      inner, groups, momentum_fields: as :func:`rescale_momentum`.
       exact: the exact parallel transport of the sphere instead of eq. 72.
-      momentum_fields: the state fields of ``inner`` that hold momentum buffers.
 
     Returns:
       An ``optax.GradientTransformation`` with ``inner``'s state; ``update`` needs ``params``.
@@ -222,9 +220,7 @@ def rescale_transport_momentum(
     the momentum and ``v <- v ||x_k||^2 / ||x_{k+1}||^2`` on the second moment of ``inner``.
 
     Args:
-      inner: the whole optimizer, learning rate included (its update is ``x_{k+1} - x_k``).
-      groups: the radially invariant groups.
-      momentum_fields: the state fields of ``inner`` that hold momentum buffers.
+      inner, groups, momentum_fields: as :func:`rescale_momentum`.
 
     Returns:
       An ``optax.GradientTransformation`` with ``inner``'s state; ``update`` needs ``params``.
