@@ -16,10 +16,16 @@ def environment() -> dict:
     optax and optax_sphere, and what moves step times besides the code: the malloc settings
     (``MALLOC_*``, ``GLIBC_TUNABLES``), ``XLA_FLAGS`` and the load average now (1, 5, 15 min).
 
+    Returns:
+      A dict of plain Python values, for a results file.
+
     Example:
       >>> from optax_sphere.experiments.environment import environment
       >>> sorted(environment())[:3]
       ['backend', 'cpu_count', 'devices']
+
+    References:
+      What the benchmarks record beside their timings (``benchmarks/README.md``).
     """
     import optax_sphere
 

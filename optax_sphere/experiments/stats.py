@@ -58,10 +58,21 @@ def paired_comparison(
     """Compares ``a[i]`` with ``b[i]`` (the same seed ``i``): the mean of ``a - b`` and its
     interval; the verdict says whether ``a`` is better (higher, or lower for a loss).
 
+    Args:
+      a, b: one value per seed, the same seeds in the same order.
+      confidence: the level of the interval.
+      higher_is_better: ``False`` for a loss.
+
+    Returns:
+      A :class:`PairedComparison` (mean difference, interval, p-value, verdict).
+
     Example:
       >>> c = paired_comparison([0.91, 0.93, 0.92, 0.94], [0.90, 0.91, 0.91, 0.92])
       >>> c.verdict, round(c.mean_difference, 4)
       ('better', 0.015)
+
+    References:
+      Student's paired t-test, as ``scipy.stats.ttest_rel`` computes it.
     """
     from scipy import stats
 

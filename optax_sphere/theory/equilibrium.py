@@ -75,9 +75,20 @@ def angular_update(
     and a weight decay of 0 (no rotation) pass; the rotational variants use it for their
     ``eta_r``. Python floats for number inputs, arrays for array inputs.
 
+    Args:
+      optimizer: ``"adamw"``, ``"sgdm"`` or ``"lion"``.
+      learning_rate, weight_decay: :math:`\eta, \lambda` (numbers, arrays or traced values).
+      b1, b2: Adam's or Lion's coefficients; momentum: SGDM's :math:`\alpha`.
+
+    Returns:
+      The angular update, in radians per step.
+
     Example:
       >>> round(angular_update("adamw", 1e-3, 0.1, b1=0.9), 6)
       0.003244
+
+    References:
+      Kosson et al., "Rotational Equilibrium", ICML 2024, Table 1, eqs. 37-40, 47-51 and 72.
     """
     xp = _xp(learning_rate, weight_decay)
     lr, wd = learning_rate, weight_decay
