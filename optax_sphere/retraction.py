@@ -150,8 +150,9 @@ class _Sums(NamedTuple):
 
 class SphereSums(NamedTuple):
     """The per-group inner products of the point ``x`` and the momentum ``m`` after a step,
-    carried in the state of :func:`sgdg` and :func:`adamg` (``keepdims`` arrays, at least
-    float32): ``<x, x>``, ``<m, x>`` and ``<m, m>``."""
+    ``<x, x>``, ``<m, x>`` and ``<m, m>`` (``keepdims`` arrays, at least float32). In the state
+    of :func:`sgdg` and :func:`adamg` each field is a tree like the params, with
+    ``optax.MaskedNode`` where the sums are not carried."""
 
     x_x: jax.Array
     m_x: jax.Array
@@ -209,6 +210,23 @@ def _current_sums(grp, moments, params, state_sums, count, recompute_every):
 
 def _is_sums(x: Any) -> bool:
     return isinstance(x, SphereSums)
+
+
+def _sums_to_state(tree: Any, like: Any) -> SphereSums:
+    """A tree of per-leaf :class:`SphereSums` (or ``MaskedNode``) as the state holds it: one
+    tree like the params per sum, so that every field of the state is shaped like optax's."""
+
+    def field(i: int) -> Any:
+        return jax.tree.map(
+            lambda _, sums: sums if isinstance(sums, optax.MaskedNode) else sums[i], like, tree
+        )
+
+    return SphereSums(field(0), field(1), field(2))
+
+
+def _sums_from_state(sums: SphereSums) -> Any:
+    """The inverse of :func:`_sums_to_state`."""
+    return jax.tree.map(lambda *fields: SphereSums(*fields), *sums)
 
 
 def _gram(a: tuple, b: tuple, s: _Sums) -> jax.Array:
@@ -368,7 +386,7 @@ def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign, eps_dir,
 class SgdgState(NamedTuple):
     """State of :func:`sgdg`: step count, ``momentum`` (grouped leaves: Cho & Lee's
     tangent buffer without the learning rate, ``B = M / eta``; other leaves: SGD's trace) and
-    ``sums``, the :class:`SphereSums` of each group (``optax.MaskedNode`` elsewhere)."""
+    ``sums``, the carried :class:`SphereSums` (each a tree like the params)."""
 
     count: jax.Array
     momentum: Any
@@ -455,8 +473,11 @@ def sgdg(
         return SgdgState(
             jnp.zeros([], jnp.int32),
             jax.tree.map(_utils.zeros_acc, params),
-            _utils.map_groups(
-                lambda group, p: _init_sums(group, p, recompute_sums_every), grp, params
+            _sums_to_state(
+                _utils.map_groups(
+                    lambda group, p: _init_sums(group, p, recompute_sums_every), grp, params
+                ),
+                params,
             ),
         )
 
@@ -472,7 +493,12 @@ def sgdg(
         lr = _utils.value_at(learning_rate, state.count)
         ulr = _utils.value_at(ungrouped_learning_rate, state.count)
         sums = _current_sums(
-            grp, state.momentum, params, state.sums, state.count, recompute_sums_every
+            grp,
+            state.momentum,
+            params,
+            _sums_from_state(state.sums),
+            state.count,
+            recompute_sums_every,
         )
 
         def leaf(group, g, m, x, sums):
@@ -501,7 +527,9 @@ def sgdg(
 
         out = _utils.map_groups(leaf, grp, updates, state.momentum, params, sums)
         new_updates, mom, new_sums = _utils.unzip(out, updates, 3)
-        return new_updates, SgdgState(optax.safe_increment(state.count), mom, new_sums)
+        return new_updates, SgdgState(
+            optax.safe_increment(state.count), mom, _sums_to_state(new_sums, updates)
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -509,7 +537,7 @@ def sgdg(
 class AdamgState(NamedTuple):
     """State of :func:`adamg`: step count, first moment ``mu`` (shaped like the params),
     second moment ``nu`` (one scalar per group on grouped leaves, element-wise elsewhere) and
-    the :class:`SphereSums` of each group, ``sums`` (``optax.MaskedNode`` elsewhere)."""
+    the carried :class:`SphereSums`, ``sums`` (each a tree like the params)."""
 
     count: jax.Array
     mu: Any
@@ -590,7 +618,7 @@ def adamg(
         sums = _utils.map_groups(
             lambda group, p: _init_sums(group, p, recompute_sums_every), grp, params
         )
-        return AdamgState(jnp.zeros([], jnp.int32), mu, nu, sums)
+        return AdamgState(jnp.zeros([], jnp.int32), mu, nu, _sums_to_state(sums, params))
 
     def update_fn(
         updates: optax.Updates,
@@ -604,7 +632,9 @@ def adamg(
         lr = _utils.value_at(learning_rate, state.count)
         ulr = _utils.value_at(ungrouped_learning_rate, state.count)
         count = optax.safe_increment(state.count)
-        sums = _current_sums(grp, state.mu, params, state.sums, state.count, recompute_sums_every)
+        sums = _current_sums(
+            grp, state.mu, params, _sums_from_state(state.sums), state.count, recompute_sums_every
+        )
 
         def leaf(group, g, m, v, x, sums):
             acc = accumulation_dtype(jnp.result_type(g, x))
@@ -636,7 +666,7 @@ def adamg(
 
         out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params, sums)
         new_updates, mu, nu, new_sums = _utils.unzip(out, updates, 4)
-        return new_updates, AdamgState(count, mu, nu, new_sums)
+        return new_updates, AdamgState(count, mu, nu, _sums_to_state(new_sums, updates))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
