@@ -342,12 +342,10 @@ def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign, eps_dir,
     rho sin(angle) y``; both are ``D cos - sign norm sin y`` without the eps. Zero-norm
     groups: no step, ``m`` kept.
 
-    Order of the element-wise work: the new momentum ``m' = c_m m + c_g g + c_x x`` first (in
-    the place of ``m``), then the step from ``(m', x)`` alone: both are combinations of ``D``
-    and ``x``, so the step is ``k m' + c x`` with ``k = (D coefficient of y') / (D coefficient
-    of Gamma(D))``. No value is read after it is overwritten, so XLA keeps both updates in
-    place, with no copy of the donated ``x`` and ``m``, and the second pass does not read
-    ``g``. The per-group coefficients are materialised first (:func:`_per_group`).
+    Both are computed from the same ``(x, m, g)``. Writing the new momentum first and the step
+    from it would spare XLA a copy of the donated ``x`` and ``m``, but it divides by the ``D``
+    coefficient of ``Gamma(D)``, which vanishes at an angle of ``pi / 2``: large learning rates
+    reach it. The per-group coefficients are materialised first (:func:`_per_group`).
     Returns the step, ``m'`` and the sums of ``(x + step, m')`` from the Gram matrix of
     ``(x, m, g)``.
     """
@@ -370,17 +368,13 @@ def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign, eps_dir,
         jnp.where(ok, d_coef * a_m, 1),
         jnp.where(ok, d_coef * a_g, zero),
     )
-    # the step is f D + (inv_r cos - 1) x and m' is d_coef D + y_coef inv_r x: the step is
-    # k m' + (step_x - k move_x) x with k = f / d_coef, and needs no g
-    k = jnp.where(ok, geometry.safe_div(f, d_coef), zero)
     new_sums = SphereSums(
         _gram((1 + step_x, step_m, step_g), (1 + step_x, step_m, step_g), s),
         _gram((move_x, move_m, move_g), (1 + step_x, step_m, step_g), s),
         _gram((move_x, move_m, move_g), (move_x, move_m, move_g), s),
     )
-    cm, cg, cx, sk, sx = _per_group((move_m, move_g, move_x, k, step_x - k * move_x))
-    new_m = cm * m + cg * g + cx * x
-    return sk * new_m + sx * x, new_m, new_sums
+    sm, sg, sx, cm, cg, cx = _per_group((step_m, step_g, step_x, move_m, move_g, move_x))
+    return sm * m + sg * g + sx * x, cm * m + cg * g + cx * x, new_sums
 
 
 class SgdgState(NamedTuple):
