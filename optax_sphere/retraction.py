@@ -38,9 +38,6 @@ __all__ = [
     "SgdgState",
     "AdamgState",
     "AdagradgState",
-    "SphereSums",
-    "RECOMPUTE_SUMS_EVERY",
-    "CARRY_MIN_SIZE",
 ]
 
 Method = Literal["projection", "exp"]
@@ -138,7 +135,7 @@ def retract_to_sphere(
 
 
 class _Sums(NamedTuple):
-    """The six per-group inner products of ``(g, m, x)``."""
+    """The six per-group inner products of ``(g, m, x)`` (one reduction pass)."""
 
     gg: jax.Array
     gx: jax.Array
@@ -148,95 +145,9 @@ class _Sums(NamedTuple):
     mg: jax.Array
 
 
-class SphereSums(NamedTuple):
-    """The per-group inner products of the point ``x`` and the momentum ``m`` after a step,
-    ``<x, x>``, ``<m, x>`` and ``<m, m>`` (``keepdims`` arrays, at least float32). In the state
-    of :func:`sgdg` and :func:`adamg` each field is a tree like the params, with
-    ``optax.MaskedNode`` where the sums are not carried."""
-
-    x_x: jax.Array
-    m_x: jax.Array
-    m_m: jax.Array
-
-
-def _exact_sums(group: Group, m: jax.Array, x: jax.Array) -> SphereSums:
+def _sums(group: Group, g: jax.Array, m: jax.Array, x: jax.Array) -> _Sums:
     dot = lambda a, b: group_dot(a, b, group)
-    return SphereSums(dot(x, x), dot(m, x), dot(m, m))
-
-
-def _carries(group: Group | None, p: Any, recompute_every: Any) -> bool:
-    """Whether the sums of this leaf are carried: a grouped leaf of at least
-    :data:`CARRY_MIN_SIZE` elements in float32 or float64. A small leaf's reductions cost their
-    launch, not their bytes, and the closed form would add more launches than it saves; a
-    leaf below float32 rounds each step more than the closed form sees."""
-    if group is None or (isinstance(recompute_every, int) and recompute_every == 1):
-        return False
-    return math.prod(p.shape) >= CARRY_MIN_SIZE and accumulation_dtype(p.dtype) == p.dtype
-
-
-def _init_sums(group: Group | None, p: Any, recompute_every: Any) -> Any:
-    if not _carries(group, p, recompute_every):
-        return optax.MaskedNode()
-    shape = group.scalar_shape(p.shape)
-    return SphereSums(*(_utils.zeros_acc(p, shape) for _ in range(3)))
-
-
-def _current_sums(grp, moments, params, state_sums, count, recompute_every):
-    """The sums of ``(x, m)`` at this step for every grouped leaf. Carried leaves
-    (:func:`_carries`) take them from the state, except at the first step and every
-    ``recompute_every`` steps, when they are recomputed from the arrays (one ``lax.cond`` for
-    the whole tree); the other grouped leaves recompute them every step."""
-
-    def exact(carried_only):
-        def leaf(group, x, m):
-            if group is None or _carries(group, x, recompute_every) != carried_only:
-                return optax.MaskedNode()
-            return _exact_sums(group, m, x.astype(m.dtype))
-
-        return _utils.map_groups(leaf, grp, params, moments)
-
-    if not any(isinstance(v, SphereSums) for v in jax.tree.leaves(state_sums, is_leaf=_is_sums)):
-        return exact(False)
-    carried = jax.lax.cond(
-        count % recompute_every == 0, lambda _: exact(True), lambda _: state_sums, None
-    )
-    return jax.tree.map(
-        lambda small, big: big if isinstance(small, optax.MaskedNode) else small,
-        exact(False),
-        carried,
-        is_leaf=lambda v: isinstance(v, (optax.MaskedNode, SphereSums)),
-    )
-
-
-def _is_sums(x: Any) -> bool:
-    return isinstance(x, SphereSums)
-
-
-def _sums_to_state(tree: Any, like: Any) -> SphereSums:
-    """A tree of per-leaf :class:`SphereSums` (or ``MaskedNode``) as the state holds it: one
-    tree like the params per sum, so that every field of the state is shaped like optax's."""
-
-    def field(i: int) -> Any:
-        return jax.tree.map(
-            lambda _, sums: sums if isinstance(sums, optax.MaskedNode) else sums[i], like, tree
-        )
-
-    return SphereSums(field(0), field(1), field(2))
-
-
-def _sums_from_state(sums: SphereSums) -> Any:
-    """The inverse of :func:`_sums_to_state`."""
-    return jax.tree.map(lambda *fields: SphereSums(*fields), *sums)
-
-
-def _gram(a: tuple, b: tuple, s: _Sums) -> jax.Array:
-    """``<a_x x + a_m m + a_g g, b_x x + b_m m + b_g g>`` from the Gram matrix of ``(x, m, g)``."""
-    (ax, am, ag), (bx, bm, bg) = a, b
-    return (
-        ax * (bx * s.xx + bm * s.mx + bg * s.gx)
-        + am * (bx * s.mx + bm * s.mm + bg * s.mg)
-        + ag * (bx * s.gx + bm * s.mg + bg * s.gg)
-    )
+    return _Sums(dot(g, g), dot(g, x), dot(x, x), dot(m, x), dot(m, m), dot(m, g))
 
 
 def _orthogonality_gradient(x: jax.Array, group: Group, omega: float) -> jax.Array:
@@ -264,27 +175,12 @@ def _check_ungrouped(learning_rate, momentum) -> None:
     _utils.check_beta("ungrouped_momentum", momentum)
 
 
-def _check_recompute(every: Any) -> None:
-    if isinstance(every, (jax.Array, jax.core.Tracer)) and jnp.issubdtype(every.dtype, jnp.integer):
-        return  # made an array by optax.inject_hyperparams: checked where the user set it
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"`recompute_sums_every` must be an integer >= 1, got {every!r}.")
-
-
 def _check_sphere_args(learning_rate, grad_clip, omega) -> None:
     _utils.check_rate("learning_rate", learning_rate)
     if grad_clip is not None and not _traced(grad_clip) and not grad_clip > 0:
         raise ValueError(f"`grad_clip` must be > 0 or None, got {grad_clip!r}.")
     _utils.check_rate("omega", omega)
 
-
-#: How often :func:`sgdg` and :func:`adamg` recompute the carried :class:`SphereSums` from the
-#: arrays (and at the first step). In float32 the closed form drifts from the recomputed sums by
-#: about the rounding of one step per step, a random walk: 64 steps keep it near 1e-6.
-RECOMPUTE_SUMS_EVERY = 64
-
-#: The smallest grouped leaf (in elements) whose sums :func:`sgdg` and :func:`adamg` carry.
-CARRY_MIN_SIZE = 16384
 
 #: ``optax.adagrad``'s default ``eps`` (inside the root), for the leaves off the sphere.
 _ADAGRAD_EPS = 1e-7
@@ -294,15 +190,13 @@ _ADAGRAD_EPS = 1e-7
 UNIT_EPS = 1e-8
 
 
-def _riemannian_grad_sums(group, g, m, x, sums, grad_clip, omega):
-    """``g`` with the regulariser, the six sums (the three with ``g`` reduced here, those of
-    ``(x, m)`` from ``sums``), ``1 / (r + 1e-8)``, ``<g,y>`` (``y`` the point
-    ``x / (r + 1e-8)`` of Cho & Lee's code) and the clip factor ``k`` such that the clipped
-    tangent gradient is ``h = k (g - <g,y> y)``."""
+def _riemannian_grad_sums(group, g, m, x, grad_clip, omega):
+    """``g`` with the regulariser, the six sums, ``1 / (r + 1e-8)``, ``<g,y>`` (``y`` the
+    point ``x / (r + 1e-8)`` of Cho & Lee's code) and the clip factor ``k`` such that the
+    clipped tangent gradient is ``h = k (g - <g,y> y)``."""
     if _traced(omega) or omega != 0:
         g = g + _orthogonality_gradient(x, group, omega)
-    dot = lambda a, b: group_dot(a, b, group)
-    s = _Sums(dot(g, g), dot(g, x), sums.x_x, sums.m_x, sums.m_m, dot(m, g))
+    s = _sums(group, g, m, x)
     inv_r = jnp.where(s.xx > 0, 1.0 / (jnp.sqrt(s.xx) + UNIT_EPS), 0.0)
     gu = s.gx * inv_r
     # ||g - <g,y> y||^2, with ||y||^2 = xx / (r + eps)^2 just below 1
@@ -339,15 +233,9 @@ def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign, eps_dir,
     their parallel transports with ``rho = norm / (norm + eps_dir)``: along itself
     (``gpt2``, ``self_transport``), ``Gamma(D) = rho D cos(angle) - sign norm sin(angle) y``;
     or as another vector (``gpt``), ``Gamma(D) = D (1 - rho^2 (1 - cos(angle))) - sign norm
-    rho sin(angle) y``; both are ``D cos - sign norm sin y`` without the eps. Zero-norm
-    groups: no step, ``m`` kept.
-
-    Both are computed from the same ``(x, m, g)``. Writing the new momentum first and the step
-    from it would spare XLA a copy of the donated ``x`` and ``m``, but it divides by the ``D``
-    coefficient of ``Gamma(D)``, which vanishes at an angle of ``pi / 2``: large learning rates
-    reach it. The per-group coefficients are materialised first (:func:`_per_group`).
-    Returns the step, ``m'`` and the sums of ``(x + step, m')`` from the Gram matrix of
-    ``(x, m, g)``.
+    rho sin(angle) y``; both are ``D cos - sign norm sin y`` without the eps. The per-group
+    coefficients are materialised first (:func:`_per_group`). Zero-norm groups: no step,
+    ``m`` kept.
     """
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     ok = s.xx > 0
@@ -358,33 +246,26 @@ def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign, eps_dir,
     else:
         d_coef, y_coef = 1 - rho * rho * (1 - cos), -sign * norm * rho * sin
     zero = jnp.zeros_like(cos)
-    step_x, step_m, step_g = (
-        jnp.where(ok, inv_r * cos - 1 + f * a_x, zero),
+    step_coefs = (
         jnp.where(ok, f * a_m, zero),
         jnp.where(ok, f * a_g, zero),
+        jnp.where(ok, inv_r * cos - 1 + f * a_x, zero),
     )
-    move_x, move_m, move_g = (
-        jnp.where(ok, d_coef * a_x + y_coef * inv_r, zero),
+    move_coefs = (
         jnp.where(ok, d_coef * a_m, 1),
         jnp.where(ok, d_coef * a_g, zero),
+        jnp.where(ok, d_coef * a_x + y_coef * inv_r, zero),
     )
-    new_sums = SphereSums(
-        _gram((1 + step_x, step_m, step_g), (1 + step_x, step_m, step_g), s),
-        _gram((move_x, move_m, move_g), (1 + step_x, step_m, step_g), s),
-        _gram((move_x, move_m, move_g), (move_x, move_m, move_g), s),
-    )
-    sm, sg, sx, cm, cg, cx = _per_group((step_m, step_g, step_x, move_m, move_g, move_x))
-    return sm * m + sg * g + sx * x, cm * m + cg * g + cx * x, new_sums
+    sm, sg, sx, mm, mg, mx = _per_group(step_coefs + move_coefs)
+    return sm * m + sg * g + sx * x, mm * m + mg * g + mx * x
 
 
 class SgdgState(NamedTuple):
-    """State of :func:`sgdg`: step count, ``momentum`` (grouped leaves: Cho & Lee's
-    tangent buffer without the learning rate, ``B = M / eta``; other leaves: SGD's trace) and
-    ``sums``, the carried :class:`SphereSums` (each a tree like the params)."""
+    """State of :func:`sgdg`: step count and ``momentum`` (grouped leaves: Cho & Lee's
+    tangent buffer without the learning rate, ``B = M / eta``; other leaves: SGD's trace)."""
 
     count: jax.Array
     momentum: Any
-    sums: Any
 
 
 def sgdg(
@@ -395,7 +276,6 @@ def sgdg(
     omega: float = 0.0,
     ungrouped_learning_rate: optax.ScalarOrSchedule = 0.01,
     ungrouped_momentum: float = 0.9,
-    recompute_sums_every: int = RECOMPUTE_SUMS_EVERY,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD-G of Cho & Lee (2017, alg. 1), as their code does it, per group:
@@ -432,14 +312,6 @@ def sgdg(
       omega: weight of Cho & Lee's orthogonality regulariser (0: off).
       ungrouped_learning_rate, ungrouped_momentum: SGD with Nesterov momentum for the leaves
         off the sphere (Cho & Lee's treatment of the other parameters).
-      recompute_sums_every: the step recomputes ``<x, x>``, ``<m, x>`` and ``<m, m>`` of
-        each group from the arrays at the first step and every this many steps; in between
-        they are carried in the state (:class:`SphereSums`), updated in closed form from the
-        step's own coefficients, so that a step reduces only the three sums with the new
-        gradient. The parameters must then change only by the updates returned (as
-        ``optax.apply_updates`` does); ``1`` recomputes them every step, for a chain that
-        alters the updates afterwards. Leaves below float32 or of fewer than
-        :data:`CARRY_MIN_SIZE` elements always recompute them.
       groups: the groups kept on the sphere.
 
     Returns:
@@ -460,20 +332,10 @@ def sgdg(
     _check_sphere_args(learning_rate, grad_clip, omega)
     _utils.check_beta("momentum", momentum)
     _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
-    _check_recompute(recompute_sums_every)
 
     def init_fn(params: optax.Params) -> optax.OptState:
-        grp = resolve_groups(groups, params)
-        return SgdgState(
-            jnp.zeros([], jnp.int32),
-            jax.tree.map(_utils.zeros_acc, params),
-            _sums_to_state(
-                _utils.map_groups(
-                    lambda group, p: _init_sums(group, p, recompute_sums_every), grp, params
-                ),
-                params,
-            ),
-        )
+        resolve_groups(groups, params)
+        return SgdgState(jnp.zeros([], jnp.int32), jax.tree.map(_utils.zeros_acc, params))
 
     def update_fn(
         updates: optax.Updates,
@@ -486,24 +348,16 @@ def sgdg(
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
         ulr = _utils.value_at(ungrouped_learning_rate, state.count)
-        sums = _current_sums(
-            grp,
-            state.momentum,
-            params,
-            _sums_from_state(state.sums),
-            state.count,
-            recompute_sums_every,
-        )
 
-        def leaf(group, g, m, x, sums):
+        def leaf(group, g, m, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
             g, x32 = g.astype(acc), x.astype(acc)
             if group is None:
                 # off the sphere: SGD with Nesterov momentum (Cho & Lee), optax.sgd's
                 direction, m = _base.momentum(g, m, ungrouped_momentum, nesterov=True)
                 step = -ulr * direction
-                return step.astype(x.dtype), m, sums
-            g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, sums, grad_clip, omega)
+                return step.astype(x.dtype), m
+            g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, grad_clip, omega)
             # B' = mu B - k (g - <g,u> u); its norm from the sums
             mh = s.mg - gu * s.mx * inv_r
             mm = jnp.maximum(momentum**2 * s.mm - 2 * momentum * k * mh + k * k * hh, 0)
@@ -511,32 +365,26 @@ def sgdg(
             # B' = a_m B + a_g g + a_x x; the point moves by the angle lr ||B'||
             a_g = -k
             # Cho & Lee's buffer is lr B: its unit vector's eps is 1e-8 / lr in units of B
-            step, transported, new_sums = _geodesic_step(
+            step, transported = _geodesic_step(
                 g, m, x32, s, inv_r, momentum, a_g, -a_g * gu * inv_r, norm, lr * norm, 1.0,
                 geometry.safe_div(UNIT_EPS, jnp.asarray(lr, acc)), True,
             )  # fmt: skip
-            if not _carries(group, x, recompute_sums_every):
-                new_sums = optax.MaskedNode()
-            return step.astype(x.dtype), transported, new_sums
+            return step.astype(x.dtype), transported
 
-        out = _utils.map_groups(leaf, grp, updates, state.momentum, params, sums)
-        new_updates, mom, new_sums = _utils.unzip(out, updates, 3)
-        return new_updates, SgdgState(
-            optax.safe_increment(state.count), mom, _sums_to_state(new_sums, updates)
-        )
+        out = _utils.map_groups(leaf, grp, updates, state.momentum, params)
+        new_updates, mom = _utils.unzip(out, updates, 2)
+        return new_updates, SgdgState(optax.safe_increment(state.count), mom)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class AdamgState(NamedTuple):
-    """State of :func:`adamg`: step count, first moment ``mu`` (shaped like the params),
-    second moment ``nu`` (one scalar per group on grouped leaves, element-wise elsewhere) and
-    the carried :class:`SphereSums`, ``sums`` (each a tree like the params)."""
+    """State of :func:`adamg`: step count, first moment ``mu`` (shaped like the params) and
+    second moment ``nu`` (one scalar per group on grouped leaves, element-wise elsewhere)."""
 
     count: jax.Array
     mu: Any
     nu: Any
-    sums: Any
 
 
 def adamg(
@@ -549,7 +397,6 @@ def adamg(
     omega: float = 0.0,
     ungrouped_learning_rate: optax.ScalarOrSchedule = 0.01,
     ungrouped_momentum: float = 0.9,
-    recompute_sums_every: int = RECOMPUTE_SUMS_EVERY,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam-G of Cho & Lee (2017, alg. 2), as their code does it, per group:
@@ -571,8 +418,7 @@ def adamg(
       learning_rate: the sphere's learning rate (a number or an ``optax`` schedule).
       b1, b2: decays of the first moment and of the per-group scalar second moment.
       eps: inside the root of the second moment, as Cho & Lee's code.
-      grad_clip, omega, ungrouped_learning_rate, ungrouped_momentum, recompute_sums_every: as
-        :func:`sgdg`.
+      grad_clip, omega, ungrouped_learning_rate, ungrouped_momentum: as :func:`sgdg`.
       groups: the groups kept on the sphere.
 
     Returns:
@@ -595,7 +441,6 @@ def adamg(
     _utils.check_beta("b2", b2)
     _utils.check_rate("eps", eps)
     _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
-    _check_recompute(recompute_sums_every)
 
     def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
@@ -609,10 +454,7 @@ def adamg(
             grp,
             params,
         )
-        sums = _utils.map_groups(
-            lambda group, p: _init_sums(group, p, recompute_sums_every), grp, params
-        )
-        return AdamgState(jnp.zeros([], jnp.int32), mu, nu, _sums_to_state(sums, params))
+        return AdamgState(jnp.zeros([], jnp.int32), mu, nu)
 
     def update_fn(
         updates: optax.Updates,
@@ -626,20 +468,17 @@ def adamg(
         lr = _utils.value_at(learning_rate, state.count)
         ulr = _utils.value_at(ungrouped_learning_rate, state.count)
         count = optax.safe_increment(state.count)
-        sums = _current_sums(
-            grp, state.mu, params, _sums_from_state(state.sums), state.count, recompute_sums_every
-        )
 
-        def leaf(group, g, m, v, x, sums):
+        def leaf(group, g, m, v, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
             g, x32 = g.astype(acc), x.astype(acc)
             if group is None:
                 # off the sphere: SGD with Nesterov momentum (Cho & Lee), optax.sgd's
                 direction, m = _base.momentum(g, m, ungrouped_momentum, nesterov=True)
                 step = -ulr * direction
-                return step.astype(x.dtype), m, v, sums
+                return step.astype(x.dtype), m, v
             bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
-            g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, sums, grad_clip, omega)
+            g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, grad_clip, omega)
             mh = s.mg - gu * s.mx * inv_r
             mm = jnp.maximum(
                 b1**2 * s.mm + 2 * b1 * (1 - b1) * k * mh + ((1 - b1) * k) ** 2 * hh, 0
@@ -650,17 +489,15 @@ def adamg(
             angle = scale * norm
             # m' = a_m m + a_g g + a_x x
             a_g = (1 - b1) * k
-            step, transported, new_sums = _geodesic_step(
+            step, transported = _geodesic_step(
                 g, m, x32, s, inv_r, b1, a_g, -a_g * gu * inv_r, norm, angle, -1.0,
                 geometry.safe_div(UNIT_EPS, scale), False,
             )  # fmt: skip
-            if not _carries(group, x, recompute_sums_every):
-                new_sums = optax.MaskedNode()
-            return step.astype(x.dtype), transported, jnp.where(s.xx > 0, v_new, v), new_sums
+            return step.astype(x.dtype), transported, jnp.where(s.xx > 0, v_new, v)
 
-        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params, sums)
-        new_updates, mu, nu, new_sums = _utils.unzip(out, updates, 4)
-        return new_updates, AdamgState(count, mu, nu, _sums_to_state(new_sums, updates))
+        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params)
+        new_updates, mu, nu = _utils.unzip(out, updates, 3)
+        return new_updates, AdamgState(count, mu, nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
