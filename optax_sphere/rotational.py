@@ -510,10 +510,8 @@ def rv_sgdm(
       learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       momentum: SGD's momentum coefficient :math:`\alpha`.
-      weight_decay, rms_decay, center, eta_r, rotational_eps: as :func:`rv_adamw`.
+      weight_decay, rms_decay, center, eta_r, rotational_eps, groups: as :func:`rv_adamw`.
       ungrouped_weight_decay: the ungrouped leaves' weight decay (coupled L2, as the authors' code).
-      groups: the rotational groups (a kernel per tensor in a transformer, per unit after
-        BatchNorm); ungrouped leaves get the base optimizer.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.
@@ -598,10 +596,8 @@ def rv_lion(
       learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       b1, b2: Lion's interpolation and momentum decays, as ``optax.lion``'s.
-      weight_decay, rms_decay, center, eta_r, rotational_eps: as :func:`rv_adamw`.
+      weight_decay, rms_decay, center, eta_r, rotational_eps, groups: as :func:`rv_adamw`.
       ungrouped_weight_decay: the ungrouped leaves' weight decay (decoupled, as Lion's).
-      groups: the rotational groups (a kernel per tensor in a transformer, per unit after
-        BatchNorm); ungrouped leaves get the base optimizer.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.
@@ -745,10 +741,8 @@ def wrapped_adam_l2(
       learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       b1, b2, eps: Adam's moment decays and denominator term.
-      weight_decay, rms_decay, center, eta_r, rotational_eps: as :func:`rv_adamw`.
+      weight_decay, rms_decay, center, eta_r, rotational_eps, groups: as :func:`rv_adamw`.
       ungrouped_weight_decay: the ungrouped leaves' weight decay (coupled L2).
-      groups: the rotational groups (a kernel per tensor in a transformer, per unit after
-        BatchNorm); ungrouped leaves get the base optimizer.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.
