@@ -8,6 +8,16 @@ from typing import Any
 import jax
 
 
+def without_variable_value(path: Sequence[Any]) -> tuple[Any, ...]:
+    """``path`` without the trailing ``value`` attribute of a Flax ``nnx.Variable``, so that a
+    parameter has the same path in an ``nnx.State`` and in the arrays ``nnx.Optimizer``
+    updates."""
+    path = tuple(path)
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        return path[:-1]
+    return path
+
+
 def path_str(path: Sequence[Any]) -> str:
     """The ``a/b/0`` form of a ``jax.tree_util`` key path (``jax.tree_util.keystr``).
 
@@ -21,7 +31,6 @@ def path_str(path: Sequence[Any]) -> str:
       >>> [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path({"a": [1, {"b": 2}]})]
       ['a/0', 'a/1/b']
     """
-    path = tuple(path)
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+    return (
+        jax.tree_util.keystr(without_variable_value(path), simple=True, separator="/") or "<root>"
+    )

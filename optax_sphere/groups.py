@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sphere._dtypes import accumulation_dtype
-from optax_sphere._paths import path_str
+from optax_sphere._paths import path_str, without_variable_value
 
 PyTree = Any
 LeafSpec = Union[None, str, int, Sequence[int]]
@@ -272,15 +272,13 @@ def key_names(path: Sequence[Any]) -> tuple[Any, ...]:
       ``jax.tree_util`` key paths; the rules of :func:`resolve_groups` match these names.
     """
     names = []
-    for key in path:
+    for key in without_variable_value(path):
         for attr in ("key", "name", "idx"):
             if hasattr(key, attr):
                 names.append(getattr(key, attr))
                 break
         else:
             names.append(str(key))
-    if names and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
-        names.pop()
     return tuple(names)
 
 
