@@ -10,8 +10,10 @@ directly on the unit sphere (Cho & Lee, "Riemannian approach to batch normalizat
 * exact parallel transport of a momentum: ``transport_momentum(..., exact=True)``;
 * the aliases :func:`sgdg`, :func:`adamg` (Cho & Lee, as their code does it) and
   :func:`adagradg` (Roburin's thesis sec. 3.4.2, AdamG* of Roburin et al. sec. 3.2), fused: all
-  per-group scalars of a step come from one reduction pass over ``(g, m, x)``, then one element-wise
-  pass.
+  per-group scalars of a step come from one reduction pass over ``(g, m, x)``, then element-wise
+  passes. SGD-G and Adam-G keep their momentum as ``m + c x`` (one ``c`` per group), so that
+  the step writes the new momentum over the old one and then the new point from it and the
+  point alone, with no copy of either (see ``_geodesic_step``).
 
 Zero-norm groups have no direction: the aliases leave them (and their moments) unchanged.
 """
@@ -190,13 +192,14 @@ _ADAGRAD_EPS = 1e-7
 UNIT_EPS = 1e-8
 
 
-def _riemannian_grad_sums(group, g, m, x, grad_clip, omega):
-    """``g`` with the regulariser, the six sums, ``1 / (r + 1e-8)``, ``<g,y>`` (``y`` the
-    point ``x / (r + 1e-8)`` of Cho & Lee's code) and the clip factor ``k`` such that the
-    clipped tangent gradient is ``h = k (g - <g,y> y)``."""
+def _riemannian_grad_sums(group, g, stored, c, x, grad_clip, omega):
+    """``g`` with the regulariser, the six sums (of the momentum ``m = stored - c x``),
+    ``1 / (r + 1e-8)``, ``<g,y>`` (``y`` the point ``x / (r + 1e-8)`` of Cho & Lee's code)
+    and the clip factor ``k`` such that the clipped tangent gradient is
+    ``h = k (g - <g,y> y)``."""
     if _traced(omega) or omega != 0:
         g = g + _orthogonality_gradient(x, group, omega)
-    s = _sums(group, g, m, x)
+    s = _momentum_sums(_sums(group, g, stored, x), c)
     inv_r = jnp.where(s.xx > 0, 1.0 / (jnp.sqrt(s.xx) + UNIT_EPS), 0.0)
     gu = s.gx * inv_r
     # ||g - <g,y> y||^2, with ||y||^2 = xx / (r + eps)^2 just below 1
@@ -222,20 +225,50 @@ def _per_group(coefs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     return tuple(stacked[i] for i in range(len(coefs)))
 
 
-def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign, eps_dir, self_transport):
-    """One exponential-map step and the exact parallel transport of the direction, as two
-    element-wise combinations of ``(x, m, g)`` with per-group coefficients.
+def _momentum_sums(s: _Sums, c: jax.Array) -> _Sums:
+    """The sums of the momentum ``m = S - c x`` from those of its stored form ``S``."""
+    return s._replace(
+        mx=s.mx - c * s.xx,
+        mm=s.mm - 2 * c * s.mx + c * c * s.xx,
+        mg=s.mg - c * s.gx,
+    )
+
+
+def _geodesic_step(
+    g, stored, c, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign, eps_dir, self_transport, in_place
+):  # fmt: skip
+    """One exponential-map step and the exact parallel transport of the direction.
+
+    The momentum is kept as ``S = m + c x`` (``c``: one scalar per group), so that the step
+    writes the new momentum over the old one and then the new point from it and the point
+    alone: no value is read after it is overwritten, and XLA copies no donated buffer.
 
     The direction is ``D = a_m m + a_g g + a_x x`` (tangent at ``u = x / r``, norm ``norm``);
     the point ``y = x / (r + 1e-8)`` moves along ``sign * D / (norm + eps_dir)`` by ``angle``
     (``eps_dir``: Cho & Lee's ``1e-8`` in the units of ``D``):
-    ``y' = y cos(angle) + sign D / (norm + eps_dir) sin(angle)``. The direction is moved by
-    their parallel transports with ``rho = norm / (norm + eps_dir)``: along itself
+    ``y' = y cos(angle) + f D`` with ``f = sign sin(angle) / (norm + eps_dir)``. The direction
+    is moved by their parallel transports with ``rho = norm / (norm + eps_dir)``: along itself
     (``gpt2``, ``self_transport``), ``Gamma(D) = rho D cos(angle) - sign norm sin(angle) y``;
     or as another vector (``gpt``), ``Gamma(D) = D (1 - rho^2 (1 - cos(angle))) - sign norm
-    rho sin(angle) y``; both are ``D cos - sign norm sin y`` without the eps. The per-group
-    coefficients are materialised first (:func:`_per_group`). Zero-norm groups: no step,
-    ``m`` kept.
+    rho sin(angle) y``; both are ``D cos - sign norm sin y`` without the eps.
+
+    Both lie in the plane of ``y`` and ``D``: ``Gamma(D) = d D + e y``. The new stored form
+    is ``S' = Gamma(D) + c' y'`` with ``c' = sign t (norm + eps_dir)``, ``t = tan(angle / 2)``
+    (0 past two thirds of a half turn), so ``S' = K D + (e + c' cos) y`` with
+    ``K = d + t sin(angle)``: 1 without the eps, at least ``rho`` up to two thirds of a half
+    turn and at most ``-rho / 2`` past it (where ``rho`` is 1 to within ``1e-7``: an angle
+    that large needs ``norm >> eps_dir``). ``D`` is recovered from ``S'`` and ``y`` dividing
+    by ``K``, and ``y' = y cos + f D`` takes ``f / K`` (at most ``2 angle / norm``), so this
+    order is as well conditioned as the plain one at every angle (recovering ``D`` from
+    ``Gamma(D)`` alone would divide by ``cos``).
+
+    ``in_place=False`` (parameters below the accumulation dtype, whose rounding would enter
+    ``m = S - c x``): ``c' = 0`` and both outputs from ``(x, m, g)``, as two element-wise
+    combinations. The per-group coefficients are materialised first (:func:`_per_group`).
+    Zero-norm groups: no step, ``m`` kept (``c' = 0``).
+
+    Returns:
+      The update of the point, the new ``S`` and the new ``c``.
     """
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     ok = s.xx > 0
@@ -246,26 +279,76 @@ def _geodesic_step(g, m, x, s, inv_r, a_m, a_g, a_x, norm, angle, sign, eps_dir,
     else:
         d_coef, y_coef = 1 - rho * rho * (1 - cos), -sign * norm * rho * sin
     zero = jnp.zeros_like(cos)
+    # in terms of the stored S: m = S - c x
+    a_x = a_x - a_m * c
+    if in_place:
+        t = jnp.where(cos >= -0.5, sin / jnp.maximum(1 + cos, 0.5), zero)
+        c_new = jnp.where(ok, sign * t * (norm + eps_dir), zero)
+        k = d_coef + t * sin
+        e_new = y_coef + c_new * cos
+    else:
+        c_new, k, e_new = zero, d_coef, y_coef
+    store_coefs = (  # S' = K D + e' y
+        jnp.where(ok, k * a_m, 1),
+        jnp.where(ok, k * a_g, zero),
+        jnp.where(ok, k * a_x + e_new * inv_r, -c),
+    )
+    if in_place:
+        q = geometry.safe_div(f, k)  # y' = (cos - q e') y + q S'
+        coefs = _per_group(store_coefs + (jnp.where(ok, (cos - q * e_new) * inv_r - 1, zero),
+                                          jnp.where(ok, q, zero)))  # fmt: skip
+        sm, sg, sx, ux, us = coefs
+        stored = sm * stored + sg * g + sx * x
+        return ux * x + us * stored, stored, c_new
     step_coefs = (
         jnp.where(ok, f * a_m, zero),
         jnp.where(ok, f * a_g, zero),
         jnp.where(ok, inv_r * cos - 1 + f * a_x, zero),
     )
-    move_coefs = (
-        jnp.where(ok, d_coef * a_m, 1),
-        jnp.where(ok, d_coef * a_g, zero),
-        jnp.where(ok, d_coef * a_x + y_coef * inv_r, zero),
+    sm, sg, sx, um, ug, ux = _per_group(store_coefs + step_coefs)
+    return um * stored + ug * g + ux * x, sm * stored + sg * g + sx * x, c_new
+
+
+def _group_scalars(grp: Any, params: Any) -> Any:
+    """Zeros, one per group of each grouped leaf (``optax.MaskedNode()`` elsewhere)."""
+    return _utils.map_groups(
+        lambda group, p: (
+            optax.MaskedNode()
+            if group is None
+            else _utils.zeros_acc(p, group.scalar_shape(p.shape))
+        ),
+        grp,
+        params,
     )
-    sm, sg, sx, mm, mg, mx = _per_group(step_coefs + move_coefs)
-    return sm * m + sg * g + sx * x, mm * m + mg * g + mx * x
+
+
+def _tangent_momentum(stored: Any, offset: Any, params: Any) -> Any:
+    """``stored - offset * params`` on the grouped leaves, ``stored`` elsewhere."""
+    return jax.tree.map(
+        lambda c, s, x: s if isinstance(c, optax.MaskedNode) else s - c * x.astype(s.dtype),
+        offset,
+        stored,
+        params,
+        is_leaf=lambda v: isinstance(v, optax.MaskedNode),
+    )
 
 
 class SgdgState(NamedTuple):
-    """State of :func:`sgdg`: step count and ``momentum`` (grouped leaves: Cho & Lee's
-    tangent buffer without the learning rate, ``B = M / eta``; other leaves: SGD's trace)."""
+    """State of :func:`sgdg`: step count, ``momentum`` and ``momentum_offset``.
+
+    On grouped leaves the momentum is Cho & Lee's tangent buffer without the learning rate,
+    ``B = M / eta``, kept as ``momentum = B + momentum_offset * params`` (one offset per
+    group), the form the step writes in place; read ``B`` with :meth:`tangent_momentum`.
+    Other leaves: SGD's trace, and no offset (``optax.MaskedNode()``).
+    """
 
     count: jax.Array
     momentum: Any
+    momentum_offset: Any
+
+    def tangent_momentum(self, params: optax.Params) -> optax.Updates:
+        """The momentum ``B`` of every leaf, tangent at ``params`` on the grouped ones."""
+        return _tangent_momentum(self.momentum, self.momentum_offset, params)
 
 
 def sgdg(
@@ -334,8 +417,12 @@ def sgdg(
     _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
 
     def init_fn(params: optax.Params) -> optax.OptState:
-        resolve_groups(groups, params)
-        return SgdgState(jnp.zeros([], jnp.int32), jax.tree.map(_utils.zeros_acc, params))
+        grp = resolve_groups(groups, params)
+        return SgdgState(
+            jnp.zeros([], jnp.int32),
+            jax.tree.map(_utils.zeros_acc, params),
+            _group_scalars(grp, params),
+        )
 
     def update_fn(
         updates: optax.Updates,
@@ -349,15 +436,15 @@ def sgdg(
         lr = _utils.value_at(learning_rate, state.count)
         ulr = _utils.value_at(ungrouped_learning_rate, state.count)
 
-        def leaf(group, g, m, x):
+        def leaf(group, g, m, c, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
             g, x32 = g.astype(acc), x.astype(acc)
             if group is None:
                 # off the sphere: SGD with Nesterov momentum (Cho & Lee), optax.sgd's
                 direction, m = _base.momentum(g, m, ungrouped_momentum, nesterov=True)
                 step = -ulr * direction
-                return step.astype(x.dtype), m
-            g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, grad_clip, omega)
+                return step.astype(x.dtype), m, c
+            g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, c, x32, grad_clip, omega)
             # B' = mu B - k (g - <g,u> u); its norm from the sums
             mh = s.mg - gu * s.mx * inv_r
             mm = jnp.maximum(momentum**2 * s.mm - 2 * momentum * k * mh + k * k * hh, 0)
@@ -365,26 +452,36 @@ def sgdg(
             # B' = a_m B + a_g g + a_x x; the point moves by the angle lr ||B'||
             a_g = -k
             # Cho & Lee's buffer is lr B: its unit vector's eps is 1e-8 / lr in units of B
-            step, transported = _geodesic_step(
-                g, m, x32, s, inv_r, momentum, a_g, -a_g * gu * inv_r, norm, lr * norm, 1.0,
-                geometry.safe_div(UNIT_EPS, jnp.asarray(lr, acc)), True,
+            step, stored, c = _geodesic_step(
+                g, m, c, x32, s, inv_r, momentum, a_g, -a_g * gu * inv_r, norm, lr * norm, 1.0,
+                geometry.safe_div(UNIT_EPS, jnp.asarray(lr, acc)), True, x.dtype == acc,
             )  # fmt: skip
-            return step.astype(x.dtype), transported
+            return step.astype(x.dtype), stored, c
 
-        out = _utils.map_groups(leaf, grp, updates, state.momentum, params)
-        new_updates, mom = _utils.unzip(out, updates, 2)
-        return new_updates, SgdgState(optax.safe_increment(state.count), mom)
+        out = _utils.map_groups(leaf, grp, updates, state.momentum, state.momentum_offset, params)
+        new_updates, mom, offset = _utils.unzip(out, updates, 3)
+        return new_updates, SgdgState(optax.safe_increment(state.count), mom, offset)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class AdamgState(NamedTuple):
-    """State of :func:`adamg`: step count, first moment ``mu`` (shaped like the params) and
-    second moment ``nu`` (one scalar per group on grouped leaves, element-wise elsewhere)."""
+    """State of :func:`adamg`: step count, first moment ``mu`` (shaped like the params),
+    second moment ``nu`` and ``mu_offset`` (one scalar per group each on grouped leaves;
+    ``optax.MaskedNode()`` elsewhere, whose ``mu`` is SGD's trace).
+
+    On grouped leaves the first moment ``m`` is kept as ``mu = m + mu_offset * params``, the
+    form the step writes in place; read ``m`` with :meth:`tangent_momentum`.
+    """
 
     count: jax.Array
     mu: Any
     nu: Any
+    mu_offset: Any
+
+    def tangent_momentum(self, params: optax.Params) -> optax.Updates:
+        """The first moment ``m`` of every leaf, tangent at ``params`` on the grouped ones."""
+        return _tangent_momentum(self.mu, self.mu_offset, params)
 
 
 def adamg(
@@ -445,16 +542,9 @@ def adamg(
     def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
         mu = jax.tree.map(_utils.zeros_acc, params)
-        nu = _utils.map_groups(
-            lambda group, p: (
-                optax.MaskedNode()
-                if group is None
-                else _utils.zeros_acc(p, group.scalar_shape(p.shape))
-            ),
-            grp,
-            params,
+        return AdamgState(
+            jnp.zeros([], jnp.int32), mu, _group_scalars(grp, params), _group_scalars(grp, params)
         )
-        return AdamgState(jnp.zeros([], jnp.int32), mu, nu)
 
     def update_fn(
         updates: optax.Updates,
@@ -469,16 +559,16 @@ def adamg(
         ulr = _utils.value_at(ungrouped_learning_rate, state.count)
         count = optax.safe_increment(state.count)
 
-        def leaf(group, g, m, v, x):
+        def leaf(group, g, m, v, c, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
             g, x32 = g.astype(acc), x.astype(acc)
             if group is None:
                 # off the sphere: SGD with Nesterov momentum (Cho & Lee), optax.sgd's
                 direction, m = _base.momentum(g, m, ungrouped_momentum, nesterov=True)
                 step = -ulr * direction
-                return step.astype(x.dtype), m, v
+                return step.astype(x.dtype), m, v, c
             bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
-            g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, x32, grad_clip, omega)
+            g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, c, x32, grad_clip, omega)
             mh = s.mg - gu * s.mx * inv_r
             mm = jnp.maximum(
                 b1**2 * s.mm + 2 * b1 * (1 - b1) * k * mh + ((1 - b1) * k) ** 2 * hh, 0
@@ -489,15 +579,15 @@ def adamg(
             angle = scale * norm
             # m' = a_m m + a_g g + a_x x
             a_g = (1 - b1) * k
-            step, transported = _geodesic_step(
-                g, m, x32, s, inv_r, b1, a_g, -a_g * gu * inv_r, norm, angle, -1.0,
-                geometry.safe_div(UNIT_EPS, scale), False,
+            step, stored, c = _geodesic_step(
+                g, m, c, x32, s, inv_r, b1, a_g, -a_g * gu * inv_r, norm, angle, -1.0,
+                geometry.safe_div(UNIT_EPS, scale), False, x.dtype == acc,
             )  # fmt: skip
-            return step.astype(x.dtype), transported, jnp.where(s.xx > 0, v_new, v)
+            return step.astype(x.dtype), stored, jnp.where(s.xx > 0, v_new, v), c
 
-        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params)
-        new_updates, mu, nu = _utils.unzip(out, updates, 3)
-        return new_updates, AdamgState(count, mu, nu)
+        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, state.mu_offset, params)
+        new_updates, mu, nu, offset = _utils.unzip(out, updates, 4)
+        return new_updates, AdamgState(count, mu, nu, offset)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -116,14 +116,14 @@ def test_sgdg_momentum_is_tangent_and_keeps_its_norm_through_the_step():
         state = tx.init(x)
         for _ in range(4):
             g = _grad(x)
-            before = state.momentum["k"]
+            before = state.tangent_momentum(x)["k"]
             # B' = mu B - h before the transport (the buffer without the learning rate, as
             # optax.sgd's trace), from the unfused formulas
             h = geometry.tangent_part(g["k"], x["k"], UNIT)
             m_new = 0.9 * before - h
             u, state = tx.update(g, state, x)
             x = optax.apply_updates(x, u)
-            after = state.momentum["k"]
+            after = state.tangent_momentum(x)["k"]
             # kept and tangent up to Cho & Lee's 1e-8 in the unit vectors of the transport
             np.testing.assert_allclose(_norms(after), _norms(m_new), rtol=1e-6)
             np.testing.assert_allclose(jnp.sum(after * x["k"], axis=(0, 1)), 0.0, atol=1e-7)
@@ -236,6 +236,56 @@ def test_sgdg_with_clipping_equals_an_unfused_transcription():
             mom = 0.9 * mom - 0.3 * _clip(geometry.tangent_part(g, u, UNIT), 0.02)
             x, mom = _cl_exp(u, mom), _cl_self_transport(u, mom)
             np.testing.assert_allclose(fused[t]["k"], x, rtol=1e-9, atol=1e-11)
+
+
+def _gradients_with_unit_first_step(x0, steps, seed):
+    """Gradients whose first tangent part has norm 1 in every group (so that the first step
+    turns every group by exactly the learning rate), then arbitrary ones."""
+    rng = np.random.default_rng(seed)
+    first = geometry.tangent_part(jnp.asarray(rng.normal(size=x0.shape)), x0, UNIT)
+    gs = [first / _norms(first)]
+    return gs + [jnp.asarray(rng.normal(size=x0.shape)) for _ in range(steps - 1)]
+
+
+# quarter turn, just below and above two thirds of a half turn, half turn, three quarters
+ANGLES = [np.pi / 2, 2 * np.pi / 3 - 1e-3, 2 * np.pi / 3 + 1e-3, np.pi, 3 * np.pi / 2, 0.3]
+
+
+@pytest.mark.parametrize("angle", ANGLES)
+@pytest.mark.parametrize("name", ["sgdg", "adamg"])
+def test_float32_sphere_steps_stay_within_rounding_of_float64_at_every_angle(name, angle):
+    """The step writes the new momentum first and rebuilds the point from it: at no angle may
+    that divide by a vanishing coefficient (cos(angle) at a quarter turn would)."""
+    steps, lr = 4, float(np.float32(angle))
+    with jax.enable_x64(True):
+        x0 = _params(11, unit_norm=True)["k"]
+        gs = _gradients_with_unit_first_step(x0, steps, seed=12)
+        x, mom, v, ref = x0, jnp.zeros_like(x0), jnp.zeros((1, 1, 6)), []
+        for t, g in enumerate(gs, start=1):  # Cho & Lee's code, float64
+            u = _cl_unit(x)
+            h = geometry.tangent_part(g, u, UNIT)
+            if name == "sgdg":
+                mom = 0.9 * mom - lr * h
+                x, mom = _cl_exp(u, mom), _cl_self_transport(u, mom)
+            else:
+                mom = 0.9 * mom + 0.1 * h
+                v = 0.99 * v + 0.01 * jnp.sum(h * h, axis=(0, 1), keepdims=True)
+                delta = -lr * np.sqrt(1 - 0.99**t) / (1 - 0.9**t) * mom / jnp.sqrt(v + 1e-12)
+                x, mom = _cl_exp(u, delta), _cl_transport(u, delta, mom)
+            ref.append(np.asarray(x))
+        mom = np.asarray(mom / lr if name == "sgdg" else mom)  # the aliases' momentum
+    if name == "sgdg":
+        tx = osp.sgdg(lr, 0.9, groups={"k": "unit"})
+    else:
+        tx = osp.adamg(lr, 0.9, 0.99, 1e-12, groups={"k": "unit"})
+    params = {"k": jnp.asarray(x0, jnp.float32)}
+    state, update = tx.init(params), jax.jit(tx.update)
+    for g, expected in zip(gs, ref):
+        u, state = update({"k": jnp.asarray(g, jnp.float32)}, state, params)
+        params = optax.apply_updates(params, u)
+        np.testing.assert_allclose(params["k"], expected, atol=2e-5)
+    momentum = state.tangent_momentum(params)["k"]
+    np.testing.assert_allclose(momentum, mom, atol=2e-5 * np.max(np.abs(mom)))
 
 
 @pytest.mark.parametrize("layout", ["flax", "leading_units"])
