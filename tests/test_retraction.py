@@ -365,6 +365,27 @@ def test_bf16_params_keep_float32_state():
         assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(state)[1:])
 
 
+@pytest.mark.parametrize("alias", [osp.sgdg, osp.adamg])
+def test_bf16_params_follow_the_float32_trajectory(alias):
+    """Below float32 the momentum is kept as it is (no offset: the parameters' rounding
+    would enter it), and the steps stay those of float32 parameters to bf16 rounding."""
+    params32 = {"k": _params(13, unit_norm=True)["k"].astype(jnp.float32)}
+    params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params32)
+    tx = alias(0.5, groups={"k": "unit"})
+    states = [tx.init(params32), tx.init(params16)]
+    runs = [params32, params16]
+    update = jax.jit(tx.update)
+    for _ in range(3):
+        for i in range(2):
+            g = _grad({"k": runs[i]["k"].astype(jnp.float32), "b": jnp.zeros(6)})
+            u, states[i] = update({"k": g["k"].astype(runs[i]["k"].dtype)}, states[i], runs[i])
+            runs[i] = optax.apply_updates(runs[i], u)
+    np.testing.assert_array_equal(states[1][-1]["k"], 0.0)  # the offset of the momentum
+    assert np.any(states[0][-1]["k"] != 0)  # float32: the offset in use
+    np.testing.assert_allclose(runs[1]["k"].astype(jnp.float32), runs[0]["k"], atol=0.03)
+    np.testing.assert_allclose(_norms(runs[1]["k"].astype(jnp.float32)), 1.0, atol=0.01)
+
+
 @pytest.mark.parametrize(
     "build",
     [

@@ -60,6 +60,11 @@ def home_module(obj: Any, owner: ModuleType, documented: set[str]) -> str:
     return owner.__name__
 
 
+def _own_methods(cls: type) -> list[str]:
+    """The public methods a class defines itself (a state's helpers, not its fields)."""
+    return [n for n, v in vars(cls).items() if not n.startswith("_") and inspect.isfunction(v)]
+
+
 def directive_for(obj: Any) -> str:
     if inspect.isclass(obj):
         return "autoclass"
@@ -112,6 +117,8 @@ def render_module(module: ModuleType, documented: set[str]) -> str:
             options = ""
             if directive == "autoclass" and not _is_namedtuple(obj):
                 options = "\n   :members:\n   :undoc-members:"
+            elif directive == "autoclass" and _own_methods(obj):
+                options = f"\n   :members: {', '.join(_own_methods(obj))}"
             lines.append(f".. {directive}:: {name}.{attr}{options}\n")
     return "\n".join(lines) + "\n"
 
