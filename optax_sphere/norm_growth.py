@@ -20,7 +20,6 @@ Ungrouped leaves are never projected and get the full weight decay.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -158,26 +157,9 @@ def scale_invariant_projection(
     )
 
 
-#: The direction of an inner transformation computed again from the gradients and the inner
-#: state *after* its step, ``(gradients, new_inner_state, anchors) -> direction``, on the
-#: leaves whose anchor is not None. Every scalar of it goes through :func:`_anchored`.
-DirectionAgain = Callable[[optax.Updates, Any, Any], optax.Updates]
-
-
-def _anchored(value: Any, anchor: jax.Array, dtype: Any) -> jax.Array:
-    """``value`` (a scalar) as an array of the leaf's per-group shape computed from
-    ``anchor`` (per-group values of that leaf; where one is NaN, the leaf's sums are too).
-
-    A scalar inside the sums ``<p, x>`` must not be a constant or a value shared by several
-    leaves: XLA broadcasts it once per shape for all its users, and a broadcast with several
-    users is written out in full before XLA:CPU's reduction kernels read it.
-    """
-    return jnp.where(jnp.isnan(anchor), jnp.zeros([], dtype), jnp.asarray(value, dtype))
-
-
 def _projection(
     inner: optax.GradientTransformation,
-    direction_again: DirectionAgain | None,
+    direction_again: _base.DirectionAgain | None,
     *,
     delta: float,
     wd_ratio: float,
@@ -296,42 +278,6 @@ def _projection(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _adam_direction(b1, b2, eps, nesterov) -> DirectionAgain:
-    """Adam's direction from its moments after the step, as the AdamP code computes it:
-    ``m' / (sqrt(v / bc2) + eps) / bc1`` with ``m' = m`` or, with Nesterov,
-    ``b1 m + (1 - b1) g`` (same ``bc1``); ``optax.scale_by_adam``'s without Nesterov."""
-
-    def direction(updates: optax.Updates, state: optax.ScaleByAdamState, anchors) -> Any:
-        def leaf(anchor, g, m, v):
-            if anchor is None:
-                return m
-            bc1, bc2 = _utils.bias_corrections(b1, b2, state.count, m.dtype)
-            c = lambda value: _anchored(value, anchor, m.dtype)  # noqa: E731
-            first = c(b1) * m + c(1 - b1) * g.astype(m.dtype) if nesterov else m
-            return first / c(bc1) / (jnp.sqrt(v / c(bc2)) + c(eps))
-
-        return jax.tree.map(leaf, anchors, updates, state.mu, state.nu, is_leaf=lambda a: a is None)
-
-    return direction
-
-
-def _trace_direction(momentum: float, nesterov: bool) -> DirectionAgain:
-    """``optax.trace``'s direction from its new trace: the trace, or ``g + momentum trace``."""
-
-    def direction(updates: optax.Updates, state: optax.TraceState, anchors) -> Any:
-        if not nesterov:
-            return state.trace
-
-        def leaf(anchor, g, t):
-            if anchor is None:
-                return t
-            return g.astype(t.dtype) + _anchored(momentum, anchor, t.dtype) * t
-
-        return jax.tree.map(leaf, anchors, updates, state.trace, is_leaf=lambda a: a is None)
-
-    return direction
-
-
 def _scale_by_adam_torch(b1, b2, eps, nesterov) -> optax.GradientTransformation:
     """Adam direction as the AdamP code computes it: ``m' / (sqrt(v / bc2) + eps) / bc1`` with
     ``m' = m`` or, with Nesterov, ``b1 m + (1 - b1) g`` (same ``bc1``)."""
@@ -427,7 +373,7 @@ def adamp(
     return optax.chain(
         _projection(
             _scale_by_adam_torch(b1, b2, eps, nesterov),
-            _adam_direction(b1, b2, eps, nesterov),
+            _base.adam_direction_again(b1, b2, eps, nesterov),
             delta=delta,
             wd_ratio=wd_ratio,
             weight_decay=weight_decay,
@@ -501,7 +447,7 @@ def sgdp(
     return optax.chain(
         _projection(
             optax.trace(decay=momentum, nesterov=nesterov),
-            _trace_direction(momentum, nesterov),
+            _base.trace_direction_again(momentum, nesterov),
             delta=delta,
             wd_ratio=wd_ratio,
             weight_decay=decay,
