@@ -81,6 +81,11 @@ PAIRS: dict[str, tuple[dict, str, Callable[[], optax.GradientTransformation]]] =
         "optax.sgd(momentum)",
         lambda: optax.sgd(0.1, 0.9),
     ),
+    "sgdp": (
+        {"learning_rate": 0.1, "momentum": 0.9, "nesterov": True},
+        "optax.sgd(momentum, nesterov)",
+        lambda: optax.sgd(0.1, 0.9, nesterov=True),
+    ),
     "psi_sgdm": (
         {"learning_rate": 0.1, "momentum": 0.9},
         "optax.sgd(momentum)",

@@ -80,26 +80,6 @@ def anchored(value: Any, anchor: jax.Array, dtype: Any) -> jax.Array:
     return jnp.where(jnp.isnan(anchor), jnp.zeros([], dtype), jnp.asarray(value, dtype))
 
 
-def adam_direction_again(b1: Any, b2: Any, eps: Any, nesterov: bool = False) -> DirectionAgain:
-    """Adam's direction from its moments after the step: ``optax.scale_by_adam``'s
-    ``m' / (sqrt(v / bc2) + eps) / bc1`` with ``m' = m`` or, with Nesterov (the AdamP code),
-    ``b1 m + (1 - b1) g``."""
-
-    def direction(updates: optax.Updates, state: optax.ScaleByAdamState, anchors: Any) -> Any:
-        def leaf(anchor, g, m, v):
-            if anchor is None:
-                return m
-            k = state.count.astype(m.dtype)
-            c = lambda value: anchored(value, anchor, m.dtype)  # noqa: E731
-            first = c(b1) * m + c(1 - b1) * g.astype(m.dtype) if nesterov else m
-            bc1, bc2 = 1 - c(b1) ** k, 1 - c(b2) ** k
-            return first / bc1 / (jnp.sqrt(v / bc2) + c(eps))
-
-        return jax.tree.map(leaf, anchors, updates, state.mu, state.nu, is_leaf=_is_none)
-
-    return direction
-
-
 def trace_direction_again(momentum: Any, nesterov: bool) -> DirectionAgain:
     """``optax.trace``'s direction from its new trace: the trace, or ``g + momentum trace``."""
 

@@ -175,8 +175,10 @@ def _projection(
     The direction ``p`` feeds two passes, the per-group sums ``<p, x>`` and the update, and
     XLA writes a value with two consumers out to memory for both to read. Computed twice,
     from the moments through a barrier for the sums, each copy is fused into its one
-    consumer and ``p`` is never written (AdamP: 17 passes instead of 18, SGDP with Nesterov:
-    14 instead of 15, and no full-size temporary).
+    consumer and ``p`` is never written (SGDP with Nesterov: 14 passes instead of 15, and no
+    full-size temporary). AdamP does not use it: its second copy has a square root and a
+    division per element inside the sums, which cost more in a whole train step than reading
+    the written direction (``benchmarks/README.md``).
     """
     _utils.check_rate("delta", delta)
     _utils.check_rate("wd_ratio", wd_ratio)
@@ -373,7 +375,7 @@ def adamp(
     return optax.chain(
         _projection(
             _scale_by_adam_torch(b1, b2, eps, nesterov),
-            _base.adam_direction_again(b1, b2, eps, nesterov),
+            None,  # computed again, Adam's direction measured slower in a train step
             delta=delta,
             wd_ratio=wd_ratio,
             weight_decay=weight_decay,
