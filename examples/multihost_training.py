@@ -149,8 +149,14 @@ def train(args: argparse.Namespace) -> None:
         )
     )
     final_loss = float(loss.addressable_shards[0].data)  # replicated: every host has it
-    print(f"process {me}: final loss {final_loss:.6f}", flush=True)
-    print(f"process {me}: resumed from step {resume_at}: {'identical' if same else 'DIFFERENT'}")
+    # one write per report: the processes of a local launch share one stdout, and a print
+    # writes its text and its newline separately, so two reports could interleave
+    verdict = "identical" if same else "DIFFERENT"
+    sys.stdout.write(
+        f"process {me}: final loss {final_loss:.6f}\n"
+        f"process {me}: resumed from step {resume_at}: {verdict}\n"
+    )
+    sys.stdout.flush()
     multihost_utils.sync_global_devices("done")
     if not same:
         raise SystemExit(1)
