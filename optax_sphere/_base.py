@@ -1,5 +1,4 @@
-"""The base optimizers' steps on single leaves, by optax's own transformations, and their
-directions computed a second time from the state after the step (for per-group sums).
+"""The base optimizers' steps on single leaves, by optax's own transformations.
 
 The leaves outside every group get the optimizer an alias extends (Adam, SGD with momentum,
 AdaGrad) unchanged; its mathematics lives in optax. These helpers run optax's transformation
@@ -10,11 +9,9 @@ hold it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 
@@ -52,50 +49,3 @@ def momentum(
     the new trace (``g + decay trace'`` with Nesterov), as in ``optax.sgd``."""
     direction, state = optax.trace(decay, nesterov).update(g, optax.TraceState(trace))
     return direction, state.trace
-
-
-# --------------------------------------------------------------------------------------------
-# A direction computed a second time, for per-group sums alone.
-#
-# A wrapper that needs per-group sums of its inner direction ``p`` (``<p, x>``, ``||p||^2``)
-# and the update from ``p`` would have XLA write ``p`` out to memory, since a value with
-# several consumers is not fused into them. Computing ``p`` a second time from the inner
-# state after the step (through a barrier, so that XLA keeps the two apart) lets each copy
-# be fused into its consumers: ``p`` is never written, and no full-size temporary is
-# allocated per step.
-
-#: ``(gradients, new_inner_state, anchors) -> direction`` on the leaves whose anchor is not
-#: None (the others are not read). Every scalar in it goes through :func:`anchored`.
-DirectionAgain = Callable[[optax.Updates, Any, Any], optax.Updates]
-
-
-def anchored(value: Any, anchor: jax.Array, dtype: Any) -> jax.Array:
-    """``value`` (a scalar) as an array of a leaf's per-group shape computed from ``anchor``
-    (per-group values of that leaf; where one is NaN, the leaf's sums are NaN anyway).
-
-    A scalar inside per-group sums must not be a constant or a value shared by several
-    leaves: XLA broadcasts it once per shape for all its users, and a broadcast with several
-    users is written out in full before XLA:CPU's reduction kernels read it.
-    """
-    return jnp.where(jnp.isnan(anchor), jnp.zeros([], dtype), jnp.asarray(value, dtype))
-
-
-def trace_direction_again(momentum: Any, nesterov: bool) -> DirectionAgain:
-    """``optax.trace``'s direction from its new trace: the trace, or ``g + momentum trace``."""
-
-    def direction(updates: optax.Updates, state: optax.TraceState, anchors: Any) -> Any:
-        if not nesterov:
-            return state.trace
-
-        def leaf(anchor, g, t):
-            if anchor is None:
-                return t
-            return g.astype(t.dtype) + anchored(momentum, anchor, t.dtype) * t
-
-        return jax.tree.map(leaf, anchors, updates, state.trace, is_leaf=_is_none)
-
-    return direction
-
-
-def _is_none(x: Any) -> bool:
-    return x is None

@@ -46,6 +46,7 @@ class _Decision(NamedTuple):
     layer_hit: jax.Array  # leaf scalar: projected as one vector (when not per group)
     unit_sq: jax.Array  # (||x|| + eps)^2 per group
     layer_sq: jax.Array  # (||x|| + eps)^2 of the leaf
+    gx: jax.Array  # <g, x> per group
 
 
 def _decide(group: Group, g: jax.Array, x: jax.Array, delta: float, eps: float) -> _Decision:
@@ -69,18 +70,18 @@ def _decide(group: Group, g: jax.Array, x: jax.Array, delta: float, eps: float) 
     else:
         cos_layer = jnp.abs(l_gx) / jnp.maximum(jnp.sqrt(l_gg * l_xx), eps)
         layer_hit = cos_layer < delta / math.sqrt(x.size)
-    return _Decision(unit_hit, layer_hit, (jnp.sqrt(s_xx) + eps) ** 2, (jnp.sqrt(l_xx) + eps) ** 2)
+    unit_sq, layer_sq = (jnp.sqrt(s_xx) + eps) ** 2, (jnp.sqrt(l_xx) + eps) ** 2
+    return _Decision(unit_hit, layer_hit, unit_sq, layer_sq, s_gx)
 
 
 def _project(
-    group: Group, p: jax.Array, x: jax.Array, d: _Decision, p_again: jax.Array | None = None
+    group: Group, p: jax.Array, x: jax.Array, d: _Decision, s_px: jax.Array | None = None
 ) -> jax.Array:
     """``p - <p, x_n> x_n`` with ``x_n = x / (||x|| + eps)`` per group or per leaf, or ``p``.
 
-    ``p_again``: the same direction computed a second time, for ``<p, x>`` alone.
+    ``s_px``: ``<p, x>`` per group when known without reducing ``p``.
     """
-    s_px = group_dot(p if p_again is None else p_again, x, group)
-    s_px = jax.lax.optimization_barrier(s_px)
+    s_px = jax.lax.optimization_barrier(group_dot(p, x, group) if s_px is None else s_px)
     coef = jnp.where(
         d.unit_hit, s_px / d.unit_sq, jnp.where(d.layer_hit, jnp.sum(s_px) / d.layer_sq, 0)
     )
@@ -159,7 +160,7 @@ def scale_invariant_projection(
 
 def _projection(
     inner: optax.GradientTransformation,
-    direction_again: _base.DirectionAgain | None,
+    nesterov_momentum: float | None,
     *,
     delta: float,
     wd_ratio: float,
@@ -169,16 +170,17 @@ def _projection(
     mask: Any,
     groups: GroupsLike,
 ) -> optax.GradientTransformationExtraArgs:
-    """:func:`scale_invariant_projection`. ``direction_again``: how to compute ``inner``'s
-    direction a second time from its new state, for the sums ``<p, x>`` alone.
+    """:func:`scale_invariant_projection`. ``nesterov_momentum``: ``inner`` is
+    ``optax.trace(nesterov_momentum, nesterov=True)``, whose direction is
+    ``p = g + nesterov_momentum b`` with ``b`` its new trace.
 
-    The direction ``p`` feeds two passes, the per-group sums ``<p, x>`` and the update, and
-    XLA writes a value with two consumers out to memory for both to read. Computed twice,
-    from the moments through a barrier for the sums, each copy is fused into its one
-    consumer and ``p`` is never written (SGDP with Nesterov: 14 passes instead of 15, and no
-    full-size temporary). AdamP does not use it: its second copy has a square root and a
-    division per element inside the sums, which cost more in a whole train step than reading
-    the written direction (``benchmarks/README.md``).
+    The direction feeds two passes, the per-group sums ``<p, x>`` and the update, and XLA
+    writes a value with two consumers out to memory for both to read: a full-size temporary
+    every step. For SGDP with Nesterov momentum the sums are instead
+    ``<g, x> + nesterov_momentum <b, x>``, the first from the scale-invariance test and the
+    second a reduction of the trace, which is in the state anyway; ``p`` then has one
+    consumer, the update, and is never written (13 passes instead of 15). AdamP's direction
+    has no such split (``benchmarks/README.md``).
     """
     _utils.check_rate("delta", delta)
     _utils.check_rate("wd_ratio", wd_ratio)
@@ -219,40 +221,32 @@ def _projection(
             return _decide(group, g.astype(acc), x.astype(acc), delta, eps)
 
         decisions = _utils.map_groups(decide, grp, updates, params)
-        if direction_again is None:
-            again = direction
-        else:
-            anchors = jax.tree.map(
-                lambda p, d: None if d is None else d.unit_sq,
-                direction,
-                decisions,
-                is_leaf=lambda d: d is None or isinstance(d, _Decision),
-            )
-            g_again, state_again = jax.lax.optimization_barrier(
-                (_utils.to_accumulation(updates), inner_state)
-            )
-            again = direction_again(g_again, state_again, anchors)
+        # what the direction is built from: its new trace for SGDP with Nesterov
+        traces = direction if nesterov_momentum is None else inner_state.trace
 
-        def leaf(group, p, x, d, g, decay, p_again):
+        def leaf(group, p, x, d, g, decay, b):
             acc = accumulation_dtype(jnp.result_type(p, x))
             p32, x32 = p.astype(acc), x.astype(acc)
             if group is None:
                 return (p32 + decay * x32).astype(g.dtype)
             ratio = jnp.where(d.unit_hit | d.layer_hit, wd_ratio, 1)
+            s_px = None
+            if nesterov_momentum is not None:
+                s_px = d.gx + nesterov_momentum * group_dot(b.astype(acc), x32, group)
             # the update in the gradient's dtype
-            projected = _project(group, p32, x32, d, p_again.astype(acc))
+            projected = _project(group, p32, x32, d, s_px)
             return (projected + ratio * decay * x32).astype(g.dtype)
 
         # the parameters' tree first: its None leaves (Equinox) are empty subtrees
         new_updates = jax.tree.map(
-            lambda p, x, d, g, decay, group, p_again: leaf(group, p, x, d, g, decay, p_again),
+            lambda p, x, d, g, decay, group, b: leaf(group, p, x, d, g, decay, b),
             direction,
             params,
             decisions,
             updates,
             decays,
             grp,
-            again,
+            traces,
         )
         if project_momentum:
 
@@ -449,7 +443,7 @@ def sgdp(
     return optax.chain(
         _projection(
             optax.trace(decay=momentum, nesterov=nesterov),
-            _base.trace_direction_again(momentum, nesterov),
+            momentum if nesterov else None,
             delta=delta,
             wd_ratio=wd_ratio,
             weight_decay=decay,
