@@ -30,6 +30,7 @@ __all__ = [
     "unzip",
     "require_params",
     "zeros_acc",
+    "group_zeros",
     "to_accumulation",
     "bias_corrections",
 ]
@@ -227,6 +228,19 @@ def zeros_acc(p: jax.Array, shape: tuple[int, ...] | None = None) -> jax.Array:
     if shape is None or tuple(shape) == tuple(p.shape):
         return jnp.zeros_like(p, dtype=dtype)
     return jnp.zeros(shape, dtype, device=_reduced_sharding(p, tuple(shape)))
+
+
+def group_zeros(groups: PyTree, params: PyTree) -> PyTree:
+    """Zeros in the accumulation dtype, one per group of each grouped leaf (``keepdims``
+    shape, laid out like the leaf), and ``optax.MaskedNode()`` on the ungrouped leaves:
+    the per-group scalars of a state. ``groups``: resolved, like ``params``."""
+    return map_groups(
+        lambda group, p: (
+            optax.MaskedNode() if group is None else zeros_acc(p, group.scalar_shape(p.shape))
+        ),
+        groups,
+        params,
+    )
 
 
 def to_accumulation(tree: PyTree) -> PyTree:

@@ -309,19 +309,6 @@ def _geodesic_step(
     return um * stored + ug * g + ux * x, sm * stored + sg * g + sx * x, c_new
 
 
-def _group_scalars(grp: Any, params: Any) -> Any:
-    """Zeros, one per group of each grouped leaf (``optax.MaskedNode()`` elsewhere)."""
-    return _utils.map_groups(
-        lambda group, p: (
-            optax.MaskedNode()
-            if group is None
-            else _utils.zeros_acc(p, group.scalar_shape(p.shape))
-        ),
-        grp,
-        params,
-    )
-
-
 def _tangent_momentum(stored: Any, offset: Any, params: Any) -> Any:
     """``stored - offset * params`` on the grouped leaves, ``stored`` elsewhere."""
     return jax.tree.map(
@@ -421,7 +408,7 @@ def sgdg(
         return SgdgState(
             jnp.zeros([], jnp.int32),
             jax.tree.map(_utils.zeros_acc, params),
-            _group_scalars(grp, params),
+            _utils.group_zeros(grp, params),
         )
 
     def update_fn(
@@ -543,7 +530,10 @@ def adamg(
         grp = resolve_groups(groups, params)
         mu = jax.tree.map(_utils.zeros_acc, params)
         return AdamgState(
-            jnp.zeros([], jnp.int32), mu, _group_scalars(grp, params), _group_scalars(grp, params)
+            jnp.zeros([], jnp.int32),
+            mu,
+            _utils.group_zeros(grp, params),
+            _utils.group_zeros(grp, params),
         )
 
     def update_fn(

@@ -272,15 +272,10 @@ def rotational_rms_control(
         def norm_of(group, p):
             return optax.MaskedNode() if group is None else _centred_norm(p, group, center)
 
-        def zeros_of(group, p):
-            if group is None:
-                return optax.MaskedNode()
-            return _utils.zeros_acc(p, group.scalar_shape(p.shape))
-
         return RotationalRmsControlState(
             count=jnp.zeros([], jnp.int32),
             norm=_utils.map_groups(norm_of, grp, params),
-            q=_utils.map_groups(zeros_of, grp, params),
+            q=_utils.group_zeros(grp, params),
             inner=inner.init(_utils.to_accumulation(params)),
         )
 
