@@ -59,12 +59,12 @@ from optax_sphere import _utils, geometry
 from optax_sphere._dtypes import accumulation_dtype
 from optax_sphere._paths import path_str
 from optax_sphere.groups import (
+    UNSET,
     Group,
     GroupsLike,
     group_dot,
     group_mean,
     group_sq_norm,
-    per_unit,
     resolve_groups,
 )
 
@@ -217,7 +217,7 @@ def _is_scalar(value: Any) -> bool:
 def geometry_stats(
     params_before: PyTree,
     params_after: PyTree,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = UNSET,
     *,
     step_scale: Any = None,
 ) -> GeometryStats:
@@ -225,7 +225,8 @@ def geometry_stats(
 
     Args:
       params_before, params_after: ``x_k`` and ``x_{k+1}`` (same tree structure).
-      groups: the radially invariant groups (see :mod:`optax_sphere.groups`).
+      groups: the radially invariant groups (see :mod:`optax_sphere.groups`); the default,
+        every optimizer's, groups nothing and warns at ``init``.
       step_scale: optional ``s_k = eta_k / (d^{-1/2} ||b_k||)`` of the generic scheme of
         Roburin et al. eqs. 3-4: a number (the learning rate of SGD / SGD with momentum), or a tree
         like the params with per-group ``keepdims`` arrays on grouped leaves (as returned by
@@ -288,7 +289,7 @@ def _maybe_record(every: int, state: MonitorState, compute: Callable[[], Geometr
 
 
 def monitor(
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = UNSET,
     *,
     step_scale: optax.ScalarOrSchedule | None = None,
     every: int = 1,
@@ -302,7 +303,8 @@ def monitor(
     with ``step_scale``). Read it with :func:`metrics` or :class:`History`.
 
     Args:
-      groups: the radially invariant groups.
+      groups: the radially invariant groups (see :mod:`optax_sphere.groups`); the default,
+        every optimizer's, groups nothing and warns at ``init``.
       step_scale: optional step scale ``s_k`` of the generic scheme of Roburin et al. eqs. 3-4 (a
         number or a schedule of the monitor's step count): the learning rate for SGD and
         SGD with momentum, with or without L2 (``b = 1``). Enables ``effective_lr`` and
@@ -354,7 +356,7 @@ def monitor(
 
 def monitored(
     inner: optax.GradientTransformation,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = UNSET,
     *,
     step_scale: Callable[[Any, PyTree], Any] | None = None,
     every: int = 1,
@@ -366,7 +368,8 @@ def monitored(
 
     Args:
       inner: the whole optimizer (learning rate included).
-      groups: the radially invariant groups.
+      groups: the radially invariant groups (see :mod:`optax_sphere.groups`); the default,
+        every optimizer's, groups nothing and warns at ``init``.
       step_scale: optional ``step_scale(inner_state, params) -> s_k`` evaluated on the state
         after the step and the params before it, returning a number or a tree of per-group
         ``keepdims`` arrays, e.g. :func:`adam_step_scale` for optax's Adam and Adam + L2.
@@ -441,7 +444,7 @@ def adam_step_scale(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
-    groups: GroupsLike = per_unit,
+    groups: GroupsLike = UNSET,
 ) -> Callable[[Any, PyTree], PyTree]:
     r"""Step scale ``s_k = eta_k / (d^{-1/2} ||b_k||)`` of optax's Adam, for :func:`monitored`.
 
@@ -664,9 +667,27 @@ class History:
     def __len__(self) -> int:
         return len(self.steps)
 
+    @property
+    def radial_gradient_measured(self) -> bool:
+        """Whether a recorded step measured ``radial_gradient`` (:func:`monitored` does;
+        :func:`monitor` at the end of a chain sees no gradient and does not)."""
+        return any(key.endswith("/radial_gradient/flagged") for key in self.scalars)
+
     def flagged(self) -> list[str]:
         """Paths of the grouped parameters with a group flagged as not radially invariant
-        (``radial_gradient`` above :data:`RADIAL_GRADIENT_THRESHOLD`) at some recorded step."""
+        (``radial_gradient`` above :data:`RADIAL_GRADIENT_THRESHOLD`) at some recorded step.
+
+        Raises:
+          ValueError: no recorded step measured the radial gradient (nothing was checked,
+            which is not the same as nothing flagged; see :attr:`radial_gradient_measured`).
+        """
+        if not self.radial_gradient_measured:
+            raise ValueError(
+                "History.flagged(): the radial gradient was not measured at any recorded step "
+                f"({len(self.steps)} recorded), so no group was checked. `monitor()` at the end "
+                "of a chain sees the updates, not the gradients: wrap the optimizer in "
+                "`optax_sphere.monitored(tx, groups=...)` to measure it."
+            )
         out = []
         for key, values in self.scalars.items():
             if key.endswith("/radial_gradient/flagged") and np.nanmax(values) > 0:

@@ -462,13 +462,119 @@ def find_groups(
         rows.append(GroupReport(path, shape, choice, size, count, measured, note))
     found = FoundGroups(tuple(rows), tolerance, time.perf_counter() - start)
     if not found.grouped:
+        causes = _causes_of_no_groups(
+            f, treedef, values, inputs, _has_batch_statistics(model, args)
+        )
         warnings.warn(
-            "find_groups: no radially invariant group in this model (no normalisation after "
-            "any parameter?): every parameter is left ungrouped, and the optimizers of this "
-            "library reduce to their base optimizers.",
+            "find_groups: no radially invariant group in this model: every parameter is left "
+            "ungrouped, and the optimizers of this library reduce to their base optimizers. "
+            + (
+                "Checked causes: " + " ".join(causes)
+                if causes
+                else "None of the checked causes applies (running averages in use, a batch "
+                "too small for the normalisation, dropout on): the model normalises no "
+                "parameter's output."
+            ),
             stacklevel=2,
         )
     return found
+
+
+def _primitive_names(jaxpr: Any) -> set[str]:
+    """Every primitive of a closed jaxpr, nested jaxprs (``jit``, ``scan``, ``cond``...)
+    included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names |= _primitive_names(inner)
+    return names
+
+
+def _has_batch_statistics(model: Any, args: tuple) -> bool | None:
+    """Whether the model keeps running statistics (linen collections besides ``params``, nnx
+    ``BatchStat`` variables, an Equinox ``State`` among the inputs); ``None`` for a plain
+    function, which cannot say."""
+    nnx = getattr(sys.modules.get("flax"), "nnx", None)
+    linen = getattr(sys.modules.get("flax"), "linen", None)
+    eqx = sys.modules.get("equinox")
+    if nnx is not None and isinstance(model, nnx.Module):
+        return bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+    if linen is not None and isinstance(model, linen.Module):
+        return any(jax.tree.leaves(v) for k, v in args[0].items() if k != "params")
+    if eqx is not None and isinstance(model, eqx.Module):
+        state = getattr(getattr(eqx, "nn", None), "State", None)
+        return state is not None and any(isinstance(a, state) for a in args)
+    return None
+
+
+def _causes_of_no_groups(
+    f: Callable, treedef: Any, values: list, inputs: tuple, batch_statistics: bool | None
+) -> list[str]:
+    """The checkable reasons why a model with normalisation layers shows no invariant group:
+    a batch of one, outputs that ignore the rest of the batch (running averages), randomness
+    (dropout)."""
+    params = jax.tree.unflatten(treedef, values)
+    causes = []
+    arrays = [x for x in jax.tree.leaves(inputs) if hasattr(x, "shape") and len(x.shape) >= 1]
+    batch = {int(x.shape[0]) for x in arrays}
+    if batch == {1}:
+        causes.append(
+            "the example batch holds one example: a normalisation over the batch "
+            "(BatchNorm in training mode) of one example has a constant output, so no weight "
+            "before it is seen; pass a batch of several examples."
+        )
+    elif len(batch) == 1 and min(batch) >= 2:
+        (size,) = batch
+
+        def other_rows(x):  # every example but the first replaced by another one
+            x = jnp.asarray(x)
+            if x.shape[0] != size:
+                return x
+            moved = jnp.roll(x[1:], 1, axis=0) if size > 2 else x[1:]
+            if jnp.issubdtype(x.dtype, jnp.inexact):
+                moved = 2 * moved + 1
+            return jnp.concatenate([x[:1], moved], axis=0)
+
+        try:
+            a = _float_outputs(f(params, *inputs))
+            b = _float_outputs(f(params, *jax.tree.map(other_rows, inputs)))
+            rows = [(x[0], y[0]) for x, y in zip(a, b) if x.ndim >= 1 and x.shape[0] == size]
+        except Exception:  # a model that cannot take the changed batch says nothing here
+            rows = []
+        independent = rows and all(
+            np.allclose(np.asarray(x), np.asarray(y), rtol=1e-6) for x, y in rows
+        )
+        if independent and batch_statistics is not False:
+            causes.append(
+                "the outputs of one example do not depend on the other examples of the "
+                + (
+                    "batch, and the model keeps running statistics: its BatchNorm runs on "
+                    "its running averages (eval mode); "
+                    if batch_statistics
+                    else "batch: if the model has a BatchNorm, it runs on its running "
+                    "averages (eval mode); "
+                )
+                + "call it in training mode (train=True, use_running_average=False, "
+                "inference=False)."
+            )
+    try:
+        randomness = _primitive_names(jax.make_jaxpr(lambda p: f(p, *inputs))(params).jaxpr) & {
+            "random_bits",
+            "threefry2x32",
+            "random_wrap",
+        }
+    except Exception:
+        randomness = set()
+    if randomness:
+        causes.append(
+            "the model draws random numbers (dropout on?): turn dropout off for the probe "
+            "(deterministic=True, train=False for dropout, inference=True)."
+        )
+    return causes
 
 
 def _scalar_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:

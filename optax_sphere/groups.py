@@ -15,8 +15,9 @@ Accepted forms of ``groups``:
 * the strings ``"unit"`` / ``"unit_out_first"`` / ``"tensor"``, shorthands for
   :func:`per_unit`, :func:`per_unit_out_first` and :func:`per_tensor`
   (``optax.inject_hyperparams`` takes any callable argument for a schedule, so a callable spec
-  given to an injected optimizer must be named in its ``static_args=("groups",)``, while a
-  string, a spec tree or a found spec needs nothing);
+  given to an injected optimizer must be named in its ``static_args=("groups",)``: without it
+  ``init`` raises, naming ``static_args``; a string, a spec tree or a found spec needs
+  nothing);
 * ``None``: no leaf is grouped (every transformation reduces to its base optimizer);
 * ``"unset"``, every transformation's default: no leaf is grouped, and ``init`` warns that the
   groups were not given (which groups are radially invariant depends on the model, not on the
@@ -42,8 +43,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import jax
@@ -97,7 +99,8 @@ class Group:
 UNSET = "unset"
 
 _UNSET_MESSAGE = (
-    "no `groups` given: no parameter is grouped, so this optimizer is its base optimizer. "
+    "no `groups` given: no parameter is grouped, so this optimizer is its base optimizer (a "
+    "monitor records nothing). "
     "Which weights are radially invariant depends on the model, not on the shapes; find them "
     "with `optax_sphere.find_groups(model_fn, params, *example_inputs)` and pass the result as "
     "`groups=` (or give a spec: groups='unit' for Flax layouts (..., out), 'unit_out_first' "
@@ -139,7 +142,48 @@ def named_axes(spec: str, ndim: int) -> tuple[int, ...]:
     return NAMED_SPECS[spec](ndim)
 
 
+_SCHEDULED_GROUPS = (
+    "`optax.inject_hyperparams` treats every callable argument as a schedule and called the "
+    "callable given as `groups` with its step count, so it would have grouped nothing. Name "
+    "it static: `optax.inject_hyperparams(optimizer, static_args=('groups',))(...)`; a string "
+    "('unit', 'tensor'), a spec tree or `optax_sphere.find_groups`'s result needs nothing."
+)
+
+
+def _is_step_count(x: Any) -> bool:
+    """A scalar integer array: what ``optax.inject_hyperparams`` calls a schedule with."""
+    dtype = getattr(x, "dtype", None)
+    return (
+        getattr(x, "shape", None) == () and dtype is not None and jnp.issubdtype(dtype, jnp.integer)
+    )
+
+
+def _check_not_a_schedule(params: Any, rule: str) -> None:
+    if _is_step_count(params):
+        raise ValueError(
+            f"groups={rule} was called with a step count, not parameters: " + _SCHEDULED_GROUPS
+        )
+
+
+def _check_not_scheduled() -> None:
+    """Raises when the caller is ``optax.inject_hyperparams`` with ``groups`` taken as a
+    schedule: the groups it passes on are the callable's value at the step count (``None`` for
+    every rule of this module and most user rules), a silent change to no groups at all."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("init_fn", "update_fn") and code.co_filename.endswith("_inject.py"):
+            scheduled = frame.f_locals.get("sched_hps")
+            if isinstance(scheduled, Mapping) and "groups" in scheduled:
+                raise ValueError(_SCHEDULED_GROUPS)
+        frame = frame.f_back
+
+
 def _per_unit_spec(params: PyTree, spec: str) -> PyTree:
+    _check_not_a_schedule(
+        params, {"unit": "per_unit", "unit_out_first": "per_unit_out_first"}[spec]
+    )
+
     def leaf(p):
         shape = tuple(getattr(p, "shape", ()))
         if len(shape) < 2 or Group(named_axes(spec, len(shape))).size(shape) < 2:
@@ -239,6 +283,7 @@ def per_tensor(params: PyTree) -> PyTree:
     References:
       Kosson et al., "Rotational Equilibrium", sec. 2 (whole-layer invariance under LayerNorm).
     """
+    _check_not_a_schedule(params, "per_tensor")
     return jax.tree.map(lambda p: "tensor" if _ndim(p) >= 2 else None, params)
 
 
@@ -360,6 +405,7 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
     References:
       Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2.
     """
+    _check_not_scheduled()
     if isinstance(groups, str) and groups == UNSET:
         warnings.warn(_UNSET_MESSAGE, stacklevel=3)
         groups = None

@@ -118,7 +118,7 @@ def _layer_lines(
         if all(v is not None and np.ndim(v) == 0 for v in values) and len(set(values)) == 1:
             prediction = values[0]  # the same for every layer: one red line
     shared = prediction is not None and not isinstance(prediction, Mapping)
-    flagged = set(history.flagged())
+    flagged = set(history.flagged()) if history.radial_gradient_measured else set()
     for color, layer in zip(colors, layers):
         # a group that is not radially invariant: its angles and norms mean nothing
         mark = layer in flagged

@@ -217,6 +217,8 @@ def _roburin() -> dict[str, Preset]:
                 hp["momentum"] = 0.9
             else:
                 hp["b1"], hp["b2"] = 0.9, b2
+            if opt == "adamg":  # the weights off the sphere: Cho & Lee's SGD rate (sec. 5)
+                hp["ungrouped_learning_rate"] = 0.01
             rows = [(opt, hp)]
             if opt == "adam_s":
                 rows.append(("adam_st", dict(hp)))

@@ -21,6 +21,7 @@ Zero-norm groups have no direction: the aliases leave them (and their moments) u
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -29,6 +30,7 @@ import optax
 
 from optax_sphere import _base, _utils, geometry
 from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere._paths import path_str
 from optax_sphere.groups import Group, GroupsLike, group_dot, resolve_groups
 
 __all__ = [
@@ -173,8 +175,37 @@ def _traced(value: Any) -> bool:
 
 
 def _check_ungrouped(learning_rate, momentum) -> None:
-    _utils.check_rate("ungrouped_learning_rate", learning_rate)
+    if learning_rate is not None:
+        _utils.check_rate("ungrouped_learning_rate", learning_rate)
     _utils.check_beta("ungrouped_momentum", momentum)
+
+
+class _PaperDefault(float):
+    """A default hyperparameter that knows it was not given, so that ``init`` can say what it
+    assumes (a plain float everywhere else, ``optax.inject_hyperparams`` included)."""
+
+
+#: SGD-G's default learning rate: Cho & Lee's, for one group per filter or unit
+SGDG_LEARNING_RATE = _PaperDefault(0.2)
+
+
+def _warn_default_rate_on_tensor_groups(grp: Any, params: Any) -> None:
+    """Warns when SGD-G's default rate meets groups that span a whole tensor of ndim >= 2."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    whole = [
+        f"'{path_str(path)}' {tuple(p.shape)}"
+        for (path, p), group in zip(flat, treedef.flatten_up_to(grp))
+        if isinstance(group, Group) and p.ndim >= 2 and len(group.axes) == p.ndim
+    ]
+    if whole:
+        warnings.warn(
+            f"sgdg: the default learning_rate={float(SGDG_LEARNING_RATE)} is Cho & Lee's for one "
+            f"group per filter or unit, but {', '.join(whole)} are grouped per tensor: the "
+            "tangent gradient of a unit-norm tensor is larger than a unit's (by about the "
+            "square root of its number of units), so 0.2 turns these groups too far per step "
+            "and can diverge. Pass learning_rate= explicitly (smaller) for per-tensor groups.",
+            stacklevel=3,
+        )
 
 
 def _check_sphere_args(learning_rate, grad_clip, omega) -> None:
@@ -339,12 +370,12 @@ class SgdgState(NamedTuple):
 
 
 def sgdg(
-    learning_rate: optax.ScalarOrSchedule = 0.2,
+    learning_rate: optax.ScalarOrSchedule = SGDG_LEARNING_RATE,
     momentum: float = 0.9,
     *,
     grad_clip: float | None = None,
     omega: float = 0.0,
-    ungrouped_learning_rate: optax.ScalarOrSchedule = 0.01,
+    ungrouped_learning_rate: optax.ScalarOrSchedule | None = None,
     ungrouped_momentum: float = 0.9,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
@@ -366,8 +397,9 @@ def sgdg(
     regulariser ``(omega/2) ||Y Y^T - I||^2`` (``Y``: rows = unit vectors of the groups of a
     leaf) before the projection. Ungrouped leaves (biases, norm scales, a classifier head) get
     what Cho & Lee give the weights off the sphere (sec. 5): SGD with Nesterov momentum,
-    ``optax.sgd(ungrouped_learning_rate, ungrouped_momentum, nesterov=True)``, with its own
-    learning rate (0.01 there, for a sphere learning rate of 0.2), never the sphere's.
+    ``optax.sgd(ungrouped_learning_rate, ungrouped_momentum, nesterov=True)``, at
+    ``learning_rate`` unless ``ungrouped_learning_rate`` is given (Cho & Lee give it 0.01 for
+    a sphere learning rate of 0.2).
     Every normalisation is Cho & Lee's ``v / (||v|| + 1e-8)`` (``gutils.unit``: the point,
     the direction of the exponential map and of the transport), so that the trajectories of
     their code are reproduced to rounding in float64. Equal, up to that ``1e-8``, for a
@@ -376,12 +408,17 @@ def sgdg(
     retract_to_sphere("exp")), exact=True)`` on the groups.
 
     Args:
-      learning_rate: the sphere's learning rate (a number or an ``optax`` schedule).
+      learning_rate: the sphere's learning rate (a number or an ``optax`` schedule). The
+        default, Cho & Lee's 0.2, is for one group per filter or unit: ``init`` warns when
+        it meets groups that span a whole tensor, which it turns too far per step.
       momentum: the momentum coefficient, transported along the geodesic.
       grad_clip: clip the norm of each group's tangent gradient to it (``None``: off).
       omega: weight of Cho & Lee's orthogonality regulariser (0: off).
       ungrouped_learning_rate, ungrouped_momentum: SGD with Nesterov momentum for the leaves
-        off the sphere (Cho & Lee's treatment of the other parameters).
+        off the sphere (Cho & Lee's treatment of the other parameters). ``None``: the
+        ``learning_rate`` given, so that with nothing grouped the optimizer is
+        ``optax.sgd(learning_rate, ungrouped_momentum, nesterov=True)``. Cho & Lee use 0.2 on
+        the sphere and 0.01 off it: ``sgdg(0.2, ungrouped_learning_rate=0.01)``.
       groups: the groups kept on the sphere.
 
     Returns:
@@ -402,9 +439,12 @@ def sgdg(
     _check_sphere_args(learning_rate, grad_clip, omega)
     _utils.check_beta("momentum", momentum)
     _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
+    off_sphere_rate = learning_rate if ungrouped_learning_rate is None else ungrouped_learning_rate
 
     def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
+        if isinstance(learning_rate, _PaperDefault):
+            _warn_default_rate_on_tensor_groups(grp, params)
         return SgdgState(
             jnp.zeros([], jnp.int32),
             jax.tree.map(_utils.zeros_acc, params),
@@ -421,7 +461,7 @@ def sgdg(
         params = _utils.require_params(params, "sgdg")
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
-        ulr = _utils.value_at(ungrouped_learning_rate, state.count)
+        ulr = _utils.value_at(off_sphere_rate, state.count)
 
         def leaf(group, g, m, c, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
@@ -479,7 +519,7 @@ def adamg(
     *,
     grad_clip: float | None = None,
     omega: float = 0.0,
-    ungrouped_learning_rate: optax.ScalarOrSchedule = 0.01,
+    ungrouped_learning_rate: optax.ScalarOrSchedule | None = None,
     ungrouped_momentum: float = 0.9,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
@@ -495,8 +535,8 @@ def adamg(
     ``v`` is one scalar per group, a sum of squares (not a mean), with ``eps`` inside the
     root; :math:`\Gamma` is the exact parallel transport along the geodesic followed.
     ``grad_clip``, ``omega`` and the ungrouped leaves (SGD with Nesterov momentum at
-    ``ungrouped_learning_rate``, Cho & Lee sec. 5) as in :func:`sgdg`; ``nu`` holds nothing
-    for them.
+    ``ungrouped_learning_rate``, by default ``learning_rate``, Cho & Lee sec. 5) as in
+    :func:`sgdg`; ``nu`` holds nothing for them.
 
     Args:
       learning_rate: the sphere's learning rate (a number or an ``optax`` schedule).
@@ -525,6 +565,7 @@ def adamg(
     _utils.check_beta("b2", b2)
     _utils.check_rate("eps", eps)
     _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
+    off_sphere_rate = learning_rate if ungrouped_learning_rate is None else ungrouped_learning_rate
 
     def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
@@ -546,7 +587,7 @@ def adamg(
         params = _utils.require_params(params, "adamg")
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
-        ulr = _utils.value_at(ungrouped_learning_rate, state.count)
+        ulr = _utils.value_at(off_sphere_rate, state.count)
         count = optax.safe_increment(state.count)
 
         def leaf(group, g, m, v, c, x):

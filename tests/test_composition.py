@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tolerances import assert_trees_close, float32_bound
 
 import optax_sphere as osp
 
@@ -100,6 +101,26 @@ def test_inject_hyperparams_with_groups_as_a_static_argument(case):
         **{**case.kwargs, "groups": spec}
     )
     _close(_run(injected, _params(), 3)[0], _run(case.make(groups=spec), _params(), 3)[0])
+
+
+def _user_rule(params):
+    return jax.tree.map(lambda x: "unit" if x.ndim >= 2 else None, params)
+
+
+@pytest.mark.parametrize(
+    "rule", [osp.per_unit, osp.per_tensor, _user_rule], ids=lambda r: r.__name__
+)
+@pytest.mark.parametrize("case", alias_cases.params())
+def test_inject_hyperparams_with_a_callable_groups_not_named_static_raises(case, rule):
+    """Taken for a schedule, a callable spec would be called with the step count and group
+    nothing: ``init`` raises, naming ``static_args``; named static, it is the alias itself."""
+    injected = optax.inject_hyperparams(case.factory)(**{**case.kwargs, "groups": rule})
+    with pytest.raises(ValueError, match=r"static_args=\('groups',\)"):
+        injected.init(_params())
+    static = optax.inject_hyperparams(case.factory, static_args=("groups",))
+    got = _run(static(**{**case.kwargs, "groups": rule}), _params(), 3)[0]
+    # the same float32 arithmetic, with the hyperparameters as arrays instead of constants
+    assert_trees_close(got, _run(case.make(groups=rule), _params(), 3)[0], float32_bound(3, 10))
 
 
 @pytest.mark.parametrize("case", alias_cases.params())

@@ -67,16 +67,16 @@ def _build(name):
     wd, kind = CASES[name]
     if kind == "sgd":
         inner = optax.chain(optax.add_decayed_weights(wd), optax.sgd(LR))
-        return optax.chain(inner, D.monitor(step_scale=LR)), lambda k: LR
+        return optax.chain(inner, D.monitor(step_scale=LR, groups="unit")), lambda k: LR
     if kind == "sgdm":
         sched = lambda k: LR * 0.8**k
         inner = optax.chain(optax.add_decayed_weights(wd), optax.sgd(sched, momentum=0.9))
-        return optax.chain(inner, D.monitor(step_scale=sched)), sched
+        return optax.chain(inner, D.monitor(step_scale=sched, groups="unit")), sched
     inner = optax.chain(optax.add_decayed_weights(wd), optax.adam(LR, B1, B2, EPS))
     if name == "adam_s_l2":
         inner = osp.adam_s(LR, B1, B2, EPS, weight_decay=wd, groups="unit")
-    scale = D.adam_step_scale(LR, b1=B1, b2=B2, eps=EPS)
-    return D.monitored(inner, step_scale=scale), lambda k: LR
+    scale = D.adam_step_scale(LR, b1=B1, b2=B2, eps=EPS, groups="unit")
+    return D.monitored(inner, step_scale=scale, groups="unit"), lambda k: LR
 
 
 def _close(a, b, rtol=1e-11):
@@ -150,7 +150,8 @@ def test_table_1_adam_srt_row():
             params, grad = _problem(1)
             opt = D.monitored(
                 alias(LR, B1, B2, EPS, weight_decay=WD, groups="unit"),
-                step_scale=D.adam_step_scale(LR, b1=B1, b2=B2, eps=EPS),
+                step_scale=D.adam_step_scale(LR, b1=B1, b2=B2, eps=EPS, groups="unit"),
+                groups="unit",
             )
             state = opt.init(params)
             v = jnp.zeros((1, UNITS))
@@ -167,7 +168,9 @@ def test_table_1_adam_srt_row():
                 updates, state = opt.update(g, state, params)
                 new = optax.apply_updates(params, updates)
                 recorded = state.monitor.stats.effective_lr["w"][None]
-                pure = D.geometry_stats(params, new, step_scale={"bias": None, "w": LR / nb})
+                pure = D.geometry_stats(
+                    params, new, "unit", step_scale={"bias": None, "w": LR / nb}
+                )
                 _close(recorded, pure.effective_lr["w"][None], rtol=1e-10)
                 nu_r = r * nb
                 closed = LR / (r * nu_r) / (1 - LR * WD * r / nu_r)
@@ -189,7 +192,7 @@ def test_known_rotation_is_recovered(theta):
         v /= np.linalg.norm(v, axis=0)
         rho = np.array([0.5, 1.0, 2.5])
         x1 = rho * np.linalg.norm(x, axis=0) * (np.cos(theta) * u + np.sin(theta) * v)
-        stats = D.geometry_stats({"w": jnp.asarray(x)}, {"w": jnp.asarray(x1)})
+        stats = D.geometry_stats({"w": jnp.asarray(x)}, {"w": jnp.asarray(x1)}, "unit")
         _close(stats.angular_update["w"], np.full(3, theta), rtol=1e-12)
         _close(stats.radius_ratio["w"], rho, rtol=1e-12)
         _close(stats.taylor_term["w"], np.tan(theta) * np.ones(3), rtol=1e-9)
@@ -199,7 +202,7 @@ def test_known_rotation_is_recovered(theta):
     if theta >= 1e-5:  # float32 inputs cannot hold a smaller rotation of x
         # read to a small fraction of the angle, not of its cosine
         x32, x1_32 = jnp.asarray(x, jnp.float32), jnp.asarray(x1, jnp.float32)
-        stats = D.geometry_stats({"w": x32}, {"w": x1_32})
+        stats = D.geometry_stats({"w": x32}, {"w": x1_32}, "unit")
         np.testing.assert_allclose(stats.angular_update["w"], theta, rtol=1e-2)
 
 
@@ -214,7 +217,7 @@ def test_monitor_matches_pure_function_and_passes_updates_through():
     updates, state = jax.jit(opt.update)(g, state, params)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), updates, ref_updates))
     recorded = D.find_monitor_state(state).stats
-    pure = D.geometry_stats(params, optax.apply_updates(params, updates))
+    pure = D.geometry_stats(params, optax.apply_updates(params, updates), "unit")
     for name in ("radius", "angular_update", "update_norm", "radius_ratio", "radial_term"):
         np.testing.assert_allclose(
             getattr(recorded, name)["w"], getattr(pure, name)["w"], 1e-4, 1e-7
@@ -251,7 +254,7 @@ def test_degenerate_groups_do_not_produce_nans():
         "e": jnp.zeros((0, 3)),
     }
     after = {"w": params["w"].at[:, 0].set(0.5), "s": jnp.float32(2.0), "e": params["e"]}
-    stats = D.geometry_stats(params, after, step_scale=0.0)
+    stats = D.geometry_stats(params, after, "unit", step_scale=0.0)
     for name, tree in stats._asdict().items():
         for leaf in jax.tree.leaves(tree):
             assert leaf.dtype == jnp.float32, name
@@ -357,3 +360,35 @@ def test_sharded_group_axis_gives_the_same_stats():
         np.testing.assert_allclose(
             getattr(got.stats, name)["w"], getattr(ref.stats, name)["w"], rtol=1e-5
         )
+
+
+def test_monitor_default_groups_are_the_optimizers_and_warn():
+    """``monitor``, ``monitored`` and ``geometry_stats`` default to ``"unset"`` as every
+    optimizer does: nothing monitored, with the warning, never a guess by shape."""
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    for tx in (osp.monitor(), osp.monitored(optax.sgd(0.1))):
+        with pytest.warns(UserWarning, match="no `groups` given"):
+            state = tx.init(params)
+        assert osp.metrics(state) == {}
+    with pytest.warns(UserWarning, match="no `groups` given"):
+        D.geometry_stats(params, params)
+
+
+def test_flagged_says_when_the_radial_gradient_was_not_measured():
+    params = {"w": jnp.asarray([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
+    grads = {"w": jnp.asarray([[0.1, 0.2], [0.0, -0.1], [0.3, 0.0]])}
+    history = osp.History()
+    with pytest.raises(ValueError, match="not measured"):
+        history.flagged()  # nothing recorded
+    tx = optax.chain(optax.sgd(0.1), osp.monitor(groups="unit"))
+    _, state = tx.update(grads, tx.init(params), params)
+    history.record(0, state)
+    assert not history.radial_gradient_measured
+    with pytest.raises(ValueError, match="monitored"):
+        history.flagged()
+    tx = osp.monitored(optax.sgd(0.1), groups="unit")
+    _, state = tx.update(grads, tx.init(params), params)
+    measured = osp.History()
+    with pytest.warns(UserWarning, match="not radially invariant"):
+        measured.record(0, state)
+    assert measured.radial_gradient_measured and measured.flagged() == ["w"]

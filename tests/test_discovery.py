@@ -499,3 +499,75 @@ def test_low_precision_parameters_are_probed_in_float32():
         "params": jax.tree.map(lambda p: p.astype(jnp.bfloat16), variables["params"]),
     }
     assert _found(ResNet(), half, x) == _found(ResNet(), variables, x)
+
+
+class _BNNet(nn.Module):
+    dropout: bool = False
+
+    @nn.compact
+    def __call__(self, x, train=True):
+        x = nn.Dense(8, use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        if self.dropout:
+            x = nn.Dropout(0.5, deterministic=False)(x)
+        return nn.Dense(3)(x)
+
+
+@pytest.mark.parametrize(
+    "case, cause",
+    [
+        ("eval mode", "running averages"),
+        ("batch of one", "batch holds one example"),
+        ("eval mode, dropout on", "dropout on"),
+    ],
+)
+def test_no_groups_warning_names_the_cause_it_can_check(case, cause):
+    x = jax.random.normal(jax.random.key(0), (16, 5))
+    net = _BNNet(dropout="dropout" in case)
+    variables = _BNNet().init(jax.random.key(1), x)
+    inputs = x[:1] if case == "batch of one" else x
+    kwargs = {"train": case == "batch of one", "rngs": {"dropout": jax.random.key(2)}}
+    with pytest.warns(UserWarning, match=cause):
+        found = osp.find_groups(net, variables, inputs, **kwargs)
+    assert found.grouped == []
+    # in training mode, on a batch, the same model's kernel is found
+    assert osp.find_groups(_BNNet(), variables, x, train=True).grouped == ["Dense_0/kernel"]
+
+
+class _Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(nn.tanh(nn.Dense(8)(x)))
+
+
+def test_no_groups_warning_without_a_checkable_cause_says_so():
+    x = jax.random.normal(jax.random.key(0), (16, 5))
+    variables = _Mlp().init(jax.random.key(1), x)
+    with pytest.warns(UserWarning, match="None of the checked causes applies"):
+        osp.find_groups(_Mlp(), variables, x)
+
+    def mlp(p, x):  # a function cannot say whether it keeps running statistics
+        return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+    params = {"w1": jnp.ones((5, 8)) / 3, "w2": jnp.ones((8, 2)) / 3}
+    with pytest.warns(UserWarning, match="if the model has a BatchNorm"):
+        osp.find_groups(mlp, params, x)
+
+
+def test_no_groups_warning_names_running_averages_of_an_nnx_model_in_eval_mode():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(5, 8, use_bias=False, rngs=rngs)
+            self.norm = nnx.BatchNorm(8, rngs=rngs)
+            self.head = nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.norm(self.dense(x))))
+
+    model = Net(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (16, 5))
+    model.eval()
+    with pytest.warns(UserWarning, match="keeps running statistics"):
+        assert osp.find_groups(model, x).grouped == []
+    model.train()
+    assert osp.find_groups(model, x).grouped == ["dense/kernel"]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tolerances import assert_within
 
 LOW = [jnp.bfloat16, jnp.float16]
 
@@ -123,7 +124,7 @@ def test_bfloat16_run_stays_close_to_float32(case):
         moved = np.abs(full - start[name]).max()
         assert moved > 0.05, f"{case.name}/{name}: the float32 run barely moved ({moved})"
         err = np.abs(low - full).max()
-        assert err < 0.05, f"{case.name}/{name}: bf16 is {err:.3g} away from float32"
+        assert_within(err, 0.05, f"{case.name}/{name}: bf16 away from float32")
 
 
 @pytest.mark.parametrize("case", alias_cases.params())

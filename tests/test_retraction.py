@@ -1,7 +1,10 @@
 """Sphere retraction, exact transport, and SGDG / AdamG / AdaGradG: on the sphere at every
 step, equal to unfused transcriptions of the published algorithms, BN training."""
 
+import warnings
+
 import bn_training
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,7 +138,7 @@ def test_sgdg_momentum_is_tangent_and_keeps_its_norm_through_the_step():
 def test_sgdg_equals_the_chain_of_primitives_with_exact_transport():
     with jax.enable_x64(True):
         params = _params(4, unit_norm=True)
-        fused, _ = _run(osp.sgdg(0.1, 0.9, groups="unit"), params, 12)
+        fused, _ = _run(osp.sgdg(0.1, 0.9, ungrouped_learning_rate=0.01, groups="unit"), params, 12)
         sphere = osp.transport_momentum(
             optax.chain(
                 osp.project_tangent(groups="unit"),
@@ -507,3 +510,43 @@ def test_sphere_optimizers_under_nnx_optimizer_and_nnx_jit(alias):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     kernel = model.hidden.kernel[...]
     np.testing.assert_allclose(np.linalg.norm(kernel, axis=0), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sgdg", "adamg"])
+def test_with_nothing_grouped_the_learning_rate_given_is_sgd_nesterovs(name):
+    """The leaves off the sphere step at ``learning_rate`` unless ``ungrouped_learning_rate``
+    is given: with nothing grouped the alias is ``optax.sgd(lr, 0.9, nesterov=True)``, and it
+    converges on Rosenbrock's function as that does."""
+
+    def rosenbrock(p):
+        return (1 - p["x"]) ** 2 + 100 * (p["y"] - p["x"] ** 2) ** 2
+
+    def run(tx, steps):
+        p = {"x": jnp.asarray(-1.0), "y": jnp.asarray(1.0)}
+        state = tx.init(p)
+
+        @jax.jit
+        def step(p, state):
+            updates, state = tx.update(jax.grad(rosenbrock)(p), state, p)
+            return optax.apply_updates(p, updates), state
+
+        for _ in range(steps):
+            p, state = step(p, state)
+        return p
+
+    alias = getattr(osp, name)
+    got = run(alias(learning_rate=1e-3, groups=None), 2000)
+    chex.assert_trees_all_equal(got, run(optax.sgd(1e-3, momentum=0.9, nesterov=True), 2000))
+    assert float(rosenbrock(got)) < 1e-6
+    slower = run(alias(learning_rate=1e-3, ungrouped_learning_rate=1e-4, groups=None), 50)
+    chex.assert_trees_all_equal(slower, run(optax.sgd(1e-4, momentum=0.9, nesterov=True), 50))
+
+
+def test_sgdg_default_learning_rate_warns_on_per_tensor_groups_only():
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    with pytest.warns(UserWarning, match=r"default learning_rate=0.2 .* 'w' \(4, 3\)"):
+        osp.sgdg(groups={"w": "tensor", "b": None}).init(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        osp.sgdg(groups={"w": "unit", "b": None}).init(params)  # the groups it is made for
+        osp.sgdg(0.2, groups={"w": "tensor", "b": None}).init(params)  # a rate given

@@ -17,6 +17,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tolerances import assert_within
 
 import optax_sphere as osp
 
@@ -114,7 +115,7 @@ def _assert_close(actual, expected, what: str) -> None:
         err = float(np.max(np.abs(a - e), initial=0.0)) / scale
         second_moment = any(getattr(k, "name", None) in PER_GROUP_SUMS for k in path)
         rtol = RTOL_SECOND_MOMENT if second_moment else RTOL
-        assert err <= rtol, f"{what}{jax.tree_util.keystr(path)}: relative error {err:.2e}"
+        assert_within(err, rtol, f"{what}{jax.tree_util.keystr(path)}: relative error")
 
 
 def _expected_sharding(mesh: Mesh, spec: P, param_shape, leaf_shape) -> NamedSharding | None:
