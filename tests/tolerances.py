@@ -142,15 +142,21 @@ def _ratio(actual: Any, desired: Any, rtol: float, atol: float) -> float | None:
 
 
 def _wrap(fn: Callable, ratio_of: Callable[..., float | None]) -> Callable:
+    """``fn`` recording its ratio when the comparison holds (an assertion that passes, an
+    ``allclose`` that is true): a comparison that fails is an assertion of a difference
+    (``assert not np.allclose(...)``), whose margin is not a rounding question."""
+
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        try:
-            r = ratio_of(*args, **kwargs)
-        except Exception:  # the audit never changes a test's outcome
-            r = None
-        if r is not None:
-            record(r)
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
+        if result is None or bool(result):
+            try:
+                r = ratio_of(*args, **kwargs)
+            except Exception:  # the audit never changes a test's outcome
+                r = None
+            if r is not None:
+                record(r)
+        return result
 
     return wrapped
 
@@ -186,6 +192,8 @@ class _AuditedApprox:
             self._rel = 0.0
 
     def __eq__(self, actual: Any) -> bool:
+        if not self._approx == actual:
+            return False
         try:
             values = self._expected
             if isinstance(values, dict):
@@ -200,7 +208,7 @@ class _AuditedApprox:
             record(float(np.max(r, initial=0.0)))
         except Exception:
             pass
-        return self._approx == actual
+        return True
 
     __hash__ = None
 
