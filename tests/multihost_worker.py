@@ -7,8 +7,8 @@ holding row ``i``. For every alias of ``test_sharding.ALIASES``, on the tree of
 ``test_sharding.LEAVES`` (a group axis split over all 8 devices, so per-group sums cross the
 processes; units split across the processes; one per-tensor group over every device):
 
-1. the sharded run of 3 steps, gathered, equals the single-process run that each process
-   computes on its own first device;
+1. the sharded run of 3 steps (in float64, as ``test_sharding``), gathered, equals the
+   single-process run that each process computes on its own first device;
 2. the run checkpointed with ``orbax`` after 2 steps (both processes write their shards to
    ``CHECKPOINT_DIR``), restored into the same shardings and stepped once equals the
    uninterrupted run bit for bit.
@@ -27,6 +27,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
+# the comparisons of test_sharding are exact claims, checked in float64
+jax.config.update("jax_enable_x64", True)
 
 
 def main(coordinator: str, num_processes: int, process_id: int, checkpoint_dir: str) -> None:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tolerances import assert_within
+from tolerances import assert_within, bfloat16_bound
 
 LOW = [jnp.bfloat16, jnp.float16]
 
@@ -105,8 +105,9 @@ def _unit_directions(params):
 @pytest.mark.parametrize("case", alias_cases.params())
 def test_bfloat16_run_stays_close_to_float32(case):
     """20 steps from the same start with bf16 and float32 params: every unit direction (what a
-    normalised network computes with) and every vector stays within 0.05 of the float32 run.
-    bf16 has 8 significant bits, so each weight is rounded to about 0.4% every step."""
+    normalised network computes with) and every vector stays within the bf16 rounding of 20
+    steps of the float32 run, and moves as far. bf16 has 8 significant bits, so each weight is
+    rounded to about 0.2% every step."""
     finals = {}
     for dtype in (jnp.float32, jnp.bfloat16):
         params = _params(dtype)
@@ -124,7 +125,9 @@ def test_bfloat16_run_stays_close_to_float32(case):
         moved = np.abs(full - start[name]).max()
         assert moved > 0.05, f"{case.name}/{name}: the float32 run barely moved ({moved})"
         err = np.abs(low - full).max()
-        assert_within(err, 0.05, f"{case.name}/{name}: bf16 away from float32")
+        assert_within(err, bfloat16_bound(steps=20), f"{case.name}/{name}: bf16 from float32")
+        # and it moves: rounding does not stall it (a bf16 step below half an ulp is lost)
+        assert np.abs(low - start[name]).max() > 0.5 * moved, f"{case.name}/{name}: bf16 stalled"
 
 
 @pytest.mark.parametrize("case", alias_cases.params())

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tolerances import assert_trees_close, float32_bound
 
 import optax_sphere as osp
 
@@ -133,8 +134,9 @@ def test_inject_hyperparams_keeps_the_state_structure(name):
     assert jax.tree.structure(state.inner_state) == jax.tree.structure(plain)
     ours, _ = injected.update(_grads(params), state, params)
     reference, _ = _make(name).update(_grads(params), plain, params)
-    # the injected learning rate is a float32 array: equal to its rounding
-    chex.assert_trees_all_close(ours, reference, rtol=1e-4)
+    # the injected hyperparameters are float32 arrays: one step of float32 rounding apart,
+    # through AdamP's divisions by norms and cosines (condition up to 1e3)
+    assert_trees_close(ours, reference, float32_bound(steps=1, condition=1e3))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -149,9 +151,9 @@ def test_state_from_unsharded_params_works_once_they_are_sharded(name):
         step = jax.jit(lambda p, s, tx=tx: tx.update(_grads(p), s, p))
         updates, _ = step(sharded, state)
         expected, _ = tx.update(_grads(params), state, params)
-        # a split reduction sums in another order: float32 rounding, amplified by the
-        # rotational normalisation of a group (rtol 1e-4 measured)
-        chex.assert_trees_all_close(updates, expected, rtol=5e-4, atol=1e-7)
+        # a split reduction sums in another order: one step of float32 rounding, amplified by
+        # the rotational normalisation of a group (a division by a difference of sums)
+        assert_trees_close(updates, expected, float32_bound(steps=1, condition=100))
         assert label
 
 

@@ -6,6 +6,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from tolerances import assert_approximately  # noqa: E402
+
 from optax_sphere import GeometryStats, History, plots  # noqa: E402
 
 
@@ -59,12 +61,13 @@ def test_unit_panel_shows_the_spread_of_units():
     ax = plots.plot_unit_angular_updates(hist, "b", prediction=0.003, max_units=3)
     (band,) = ax.collections
     low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
-    assert low == pytest.approx(0.001, rel=0.05) and high == pytest.approx(0.005, rel=0.05)
+    # the synthetic units turn by 0.001 to 0.005 each step, with noise
+    assert_approximately([low, high], [0.001, 0.005], rel=0.05)
     mean = [ln for ln in ax.get_lines() if ln.get_label() == "layer mean"][0]
     np.testing.assert_allclose(mean.get_ydata(), hist.series("b", "angular_update"), rtol=1e-6)
     assert len(ax.get_lines()) == 3 + 2  # three units, the mean, the prediction
     lo, mid, hi = hist.unit_spread("b")
-    assert hi / lo == pytest.approx(5, rel=0.05) and mid == pytest.approx(0.003, rel=0.05)
+    assert_approximately([hi / lo, mid], [5, 0.003], rel=0.05)
     lo, _, hi = hist.unit_spread("a")
     assert hi / lo < 1.1
 

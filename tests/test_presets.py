@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tolerances import float32_bound
 
 import optax_sphere
 from optax_sphere import presets
@@ -29,9 +30,8 @@ def test_roburin_table_values():
     assert srt == {"learning_rate": 1e-3, "weight_decay": K / 128, "b1": 0.9, "b2": 0.99}
     sgdm = presets.get("roburin2022/cifar10_resnet20/sgdm").hyperparams
     assert sgdm == {"learning_rate": 0.1, "weight_decay": 2.5e-4, "momentum": 0.9}
-    assert presets.get("roburin2022/cifar10_resnet20/sgdm_rt").hyperparams["weight_decay"] == (
-        pytest.approx(0.000031, abs=5e-7)
-    )
+    # printed as 3.1e-5 in table 4: the grid value 1e-3 / 32
+    assert presets.get("roburin2022/cifar10_resnet20/sgdm_rt").hyperparams["weight_decay"] == K / 32
     assert presets.get("roburin2022/cifar10_resnet20/adamg").hyperparams["learning_rate"] == 0.01
     assert presets.get("roburin2022/cifar100_resnet18/adam_srt").hyperparams["weight_decay"] == 0
     assert presets.get("roburin2022/svhn_vgg16/adam_srt").hyperparams["b2"] == 0.999
@@ -118,7 +118,9 @@ def test_step_schedule_jumps_at_the_papers_epochs():
 
 def test_cosine_schedule_warms_up_then_decays():
     sched = presets.get("kosson2024/cifar10_resnet20/adamw").learning_rate_schedule(200)
-    assert float(sched(0)) == pytest.approx(1e-6, rel=1e-2)
+    # optax's warm-up computes (init - peak) + peak in float32: a cancellation of condition
+    # peak / init = 5e4
+    assert float(sched(0)) == pytest.approx(1e-6, rel=float32_bound(condition=5e-2 / 1e-6))
     assert float(sched(5)) == pytest.approx(5e-2, rel=1e-5)  # 5 of 200 epochs of warm-up
     assert float(sched(199)) < 1e-3
 

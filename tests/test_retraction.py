@@ -12,6 +12,7 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import bfloat16_bound, float32_bound
 
 import optax_sphere as osp
 from optax_sphere import geometry
@@ -128,8 +129,9 @@ def test_sgdg_momentum_is_tangent_and_keeps_its_norm_through_the_step():
             x = optax.apply_updates(x, u)
             after = state.tangent_momentum(x)["k"]
             # kept and tangent up to Cho & Lee's 1e-8 in the unit vectors of the transport
-            np.testing.assert_allclose(_norms(after), _norms(m_new), rtol=1e-6)
-            np.testing.assert_allclose(jnp.sum(after * x["k"], axis=(0, 1)), 0.0, atol=1e-7)
+            np.testing.assert_allclose(_norms(after), _norms(m_new), rtol=CHO_LEE_EPS_F32)
+            tangent = jnp.sum(after * x["k"], axis=(0, 1))
+            np.testing.assert_allclose(tangent, 0.0, atol=CHO_LEE_EPS_F32 * _norms(after).max())
 
 
 # --- the aliases against the published algorithms ---------------------------------------
@@ -155,9 +157,19 @@ def test_sgdg_equals_the_chain_of_primitives_with_exact_transport():
         )
         ref, _ = _run(chain, params, 12)
         for a, b in zip(fused, ref):
-            # the same algorithm up to Cho & Lee's 1e-8 in every normalisation
-            np.testing.assert_allclose(a["k"], b["k"], rtol=1e-5, atol=1e-7)
+            # the same algorithm up to Cho & Lee's 1e-8 in every normalisation: a relative
+            # change of 1e-8 / ||v|| per step, with momentum norms ||v|| down to 1e-3 here
+            np.testing.assert_allclose(a["k"], b["k"], rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(a["b"], b["b"], rtol=1e-10, atol=1e-12)
+
+
+#: a float32 point on the sphere after 4 steps, from a float64 transcription: each step
+#: rebuilds the point from the momentum through a coefficient of at least 1/2 and takes a sine
+#: and a cosine of an angle up to 3 pi / 2 (condition <= 10), over groups of 54 elements
+SPHERE_STEP_F32 = float32_bound(steps=4, condition=10, length=54)
+#: float32 steps plus Cho & Lee's 1e-8 in the unit vector of the transport (about 1e-8 / ||m||
+#: relative, ||m|| ~ 1e-2 here)
+CHO_LEE_EPS_F32 = float32_bound(steps=4, condition=10) + 4e-6
 
 
 # Cho & Lee's code normalises as unit(v) = v / (||v|| + 1e-8) (gutils.unit), per group: the
@@ -222,8 +234,9 @@ def test_adamg_equals_an_unfused_transcription(clip, omega):
             osp.adamg(0.05, 0.9, 0.99, 1e-8, grad_clip=clip, omega=omega, groups="unit"), params, 10
         )
         for a, b in zip(fused, ref):
-            # the regulariser's unit vectors are exact here, Cho & Lee's unit() has 1e-8
-            tol = 1e-7 if omega else 1e-9
+            # the regulariser's unit vectors are exact here, Cho & Lee's unit() has 1e-8: a
+            # relative change of 1e-8 / ||v|| per normalisation, ||v|| down to 1e-2 here
+            tol = 1e-6 if omega else 1e-7
             np.testing.assert_allclose(a["k"], b, rtol=tol, atol=tol / 100)
             np.testing.assert_allclose(_norms(a["k"]), 1.0, rtol=1e-7)  # their 1e-8
 
@@ -286,9 +299,9 @@ def test_float32_sphere_steps_stay_within_rounding_of_float64_at_every_angle(nam
     for g, expected in zip(gs, ref):
         u, state = update({"k": jnp.asarray(g, jnp.float32)}, state, params)
         params = optax.apply_updates(params, u)
-        np.testing.assert_allclose(params["k"], expected, atol=2e-5)
+        np.testing.assert_allclose(params["k"], expected, atol=SPHERE_STEP_F32)
     momentum = state.tangent_momentum(params)["k"]
-    np.testing.assert_allclose(momentum, mom, atol=2e-5 * np.max(np.abs(mom)))
+    np.testing.assert_allclose(momentum, mom, atol=SPHERE_STEP_F32 * np.max(np.abs(mom)))
 
 
 @pytest.mark.parametrize("layout", ["flax", "leading_units"])
@@ -385,8 +398,10 @@ def test_bf16_params_follow_the_float32_trajectory(alias):
             runs[i] = optax.apply_updates(runs[i], u)
     np.testing.assert_array_equal(states[1][-1]["k"], 0.0)  # the offset of the momentum
     assert np.any(states[0][-1]["k"] != 0)  # float32: the offset in use
-    np.testing.assert_allclose(runs[1]["k"].astype(jnp.float32), runs[0]["k"], atol=0.03)
-    np.testing.assert_allclose(_norms(runs[1]["k"].astype(jnp.float32)), 1.0, atol=0.01)
+    # four bf16 roundings a step (the gradient, the update, the sum, the renormalised point)
+    bf16 = bfloat16_bound(steps=3, roundings=4)
+    np.testing.assert_allclose(runs[1]["k"].astype(jnp.float32), runs[0]["k"], atol=bf16)
+    np.testing.assert_allclose(_norms(runs[1]["k"].astype(jnp.float32)), 1.0, atol=bf16)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 import reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tolerances import assert_within
+from tolerances import assert_approximately, assert_within, float32_bound
 
 import optax_sphere as osp
 from optax_sphere.theory import equilibrium
@@ -209,9 +209,9 @@ def test_mean_angular_update_matches_eta_r(alias):
     eta_r = equilibrium(alias[3:], dim=1, **hyper, **kw).angular_update
     for key in ("conv", "dense"):
         angles = _angles(history, key)[20:]
-        assert np.mean(angles) == pytest.approx(eta_r, rel=0.1)
+        assert_approximately(np.mean(angles), eta_r, rel=0.1, what=f"{alias} mean")
         rms_per_unit = np.sqrt(np.mean(angles**2, 0))
-        np.testing.assert_allclose(rms_per_unit, eta_r, rtol=0.05)
+        assert_approximately(rms_per_unit, eta_r, rel=0.05, what=f"{alias} RMS")
 
 
 def test_explicit_eta_r_and_schedules():
@@ -557,7 +557,11 @@ def test_mostly_radial_direction_in_float32():
         upd, state = jax.jit(tx.update)({"w": u}, state, x)
         x = optax.apply_updates(x, upd)
     expected = _algorithm_1(x0, directions, (0,), eta_r=0.05, beta=0.9, eps=1e-8, center=True)
-    np.testing.assert_allclose(np.asarray(x["w"]), expected[-1], rtol=1e-4, atol=1e-5)
+    # float32 steps against a float64 transcription, through a mostly radial direction: its
+    # tangent part, what moves the point, is a difference of numbers 10 times larger
+    scale = float(np.max(np.abs(expected[-1])))
+    bound = float32_bound(steps=3, condition=100, length=64) * scale
+    np.testing.assert_allclose(np.asarray(x["w"]), expected[-1], rtol=0, atol=bound)
 
 
 def test_direction_with_a_large_common_offset_in_float32():

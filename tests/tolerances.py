@@ -42,6 +42,7 @@ import numpy as np
 UNIT_ROUNDOFF = {
     "float64": float(np.finfo(np.float64).eps) / 2,
     "float32": float(np.finfo(np.float32).eps) / 2,
+    "bfloat16": 2.0**-9,
 }
 #: the factor between a tolerance and the largest error the margin rule allows
 MARGIN = 10.0
@@ -61,6 +62,36 @@ def float64_bound(steps: int = 1, condition: float = 1.0, length: int = 1) -> fl
     return MARGIN * u * max(steps, 1) * max(condition, 1.0) * math.sqrt(max(length, 1))
 
 
+def bfloat16_bound(steps: int = 1, roundings: int = 2) -> float:
+    """An absolute bound on unit-scale values after ``steps`` steps with bfloat16 parameters:
+    every step rounds ``roundings`` values at the bfloat16 unit roundoff (``2^-9``; the update
+    and the new parameter, plus the gradient where it is bfloat16 too), and these add up:
+    ``MARGIN * u_bf16 * steps * roundings``."""
+    return MARGIN * UNIT_ROUNDOFF["bfloat16"] * max(steps, 1) * max(roundings, 1)
+
+
+def assert_approximately(
+    value: Any,
+    expected: Any,
+    *,
+    rel: float = 0.0,
+    abs: float = 0.0,  # noqa: A002
+    what: str = "",
+) -> None:
+    """``value`` within ``max(rel |expected|, abs)`` of ``expected``, elementwise, for a claim
+    that is itself an approximation (a prediction of a theory, the mean of a simulated walk):
+    the bound is the approximation's size, not a rounding error, and the audit lists it apart.
+    Such a run is deterministic (fixed seeds), so a CPU can move it only by its rounding,
+    orders of magnitude below the approximation."""
+    v, e = np.asarray(value, np.float64), np.asarray(expected, np.float64)
+    tol = np.maximum(rel * np.abs(e), abs)
+    diff = np.abs(v - e)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(np.max(np.where(diff == 0, 0.0, diff / tol), initial=0.0))
+    record(ratio, kind="approximation")
+    assert np.all(diff <= tol), f"{what}: {value} not within {rel=}, {abs=} of {expected}"
+
+
 # -- the audit -----------------------------------------------------------------------------
 
 _AUDIT_DIR = os.environ.get("TOLERANCE_AUDIT")
@@ -76,7 +107,7 @@ def _caller() -> str:
     return "?"
 
 
-def record(ratio: float, where: str | None = None) -> None:
+def record(ratio: float, where: str | None = None, kind: str = "rounding") -> None:
     """Records the ratio of a measured error to its bound (only with ``TOLERANCE_AUDIT``)."""
     if _AUDIT_DIR is None or not math.isfinite(ratio) and ratio != math.inf:
         return
@@ -85,6 +116,7 @@ def record(ratio: float, where: str | None = None) -> None:
             "where": where or _caller(),
             "test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0],
             "ratio": float(ratio),
+            "kind": kind,
         }
     )
 
