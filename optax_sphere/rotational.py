@@ -197,6 +197,7 @@ def rotational_rms_control(
     center: bool = True,
     eps: float = 1e-8,
     weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rotational RMS control around any inner direction (Kosson et al. app. M, alg. 1).
@@ -235,6 +236,8 @@ def rotational_rms_control(
       eps: added to the RMS ``a`` (not inside the square root).
       weight_decay: decoupled weight decay of the ungrouped leaves (0 by default; rotational
         groups never get weight decay).
+      mask: which ungrouped leaves ``weight_decay`` applies to, as ``optax.adamw``'s ``mask``
+        (``None``: all; a pytree of bools or a callable of the params returning one).
       groups: the rotational groups (see :mod:`optax_sphere.groups`): per output unit by
         default, ``"tensor"`` for whole-layer (LayerNorm) invariance.
 
@@ -300,11 +303,12 @@ def rotational_rms_control(
         rate = _utils.value_at(eta_r, state.count)
         lr = _utils.value_at(learning_rate, state.count)
         wd = _utils.value_at(weight_decay, state.count)
+        decays = _utils.masked_rate(wd, mask, params)
 
-        def leaf(group, u, norm, q, x, g):
+        def leaf(group, u, norm, q, x, g, decay):
             if group is None:
                 acc = accumulation_dtype(jnp.result_type(u, x))
-                step = -lr * (u.astype(acc) + wd * x.astype(acc))
+                step = -lr * (u.astype(acc) + decay * x.astype(acc))
                 return step.astype(g.dtype), q
             step, q = _rotational_step(
                 group,
@@ -320,7 +324,7 @@ def rotational_rms_control(
             )
             return step.astype(g.dtype), q  # the update in the gradient's dtype
 
-        out = _utils.map_groups(leaf, grp, direction, state.norm, state.q, params, updates)
+        out = _utils.map_groups(leaf, grp, direction, state.norm, state.q, params, updates, decays)
         new_updates, q = _utils.unzip(out, direction, 2)
         return new_updates, RotationalRmsControlState(count, state.norm, q, inner_state)
 
@@ -363,13 +367,15 @@ _RV_KEYWORDS = (
     "center",
     "rotational_eps",
     "ungrouped_weight_decay",
+    "mask",
     "groups",
 )
 
 
 def _rv_keywords(arguments: dict[str, Any]) -> dict[str, Any]:
-    """The RV aliases' shared keywords, from an alias's ``locals()``."""
-    return {k: arguments[k] for k in _RV_KEYWORDS}
+    """The RV aliases' shared keywords, from an alias's ``locals()`` (``mask``: ``None`` for
+    the wrapper, whose ungrouped decay is coupled)."""
+    return {k: arguments.get(k) for k in _RV_KEYWORDS}
 
 
 def _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay) -> None:
@@ -377,7 +383,26 @@ def _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_deca
     _utils.check_rate("learning_rate", learning_rate)
     _utils.check_rate("weight_decay", weight_decay)
     _utils.check_rate("rotational_eps", rotational_eps)
-    _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
+    if ungrouped_weight_decay is not None:
+        _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
+
+
+def _ungrouped_decay(weight_decay, ungrouped_weight_decay):
+    """The ungrouped leaves' decay: the base optimizer's ``weight_decay`` unless given."""
+    return weight_decay if ungrouped_weight_decay is None else ungrouped_weight_decay
+
+
+def _ungrouped_and(groups: GroupsLike, mask: Any):
+    """The ungrouped leaves that ``mask`` (optax's weight-decay mask) also selects."""
+    ungrouped = _ungrouped_mask(groups)
+    if mask is None:
+        return ungrouped
+
+    def both(params):
+        keep = mask(params) if callable(mask) else mask
+        return jax.tree.map(lambda a, b: bool(a) and bool(b), ungrouped(params), keep)
+
+    return both
 
 
 def _rotational_variant(
@@ -391,7 +416,8 @@ def _rotational_variant(
     rms_decay: float,
     center: bool,
     rotational_eps: float,
-    ungrouped_weight_decay: optax.ScalarOrSchedule,
+    ungrouped_weight_decay: optax.ScalarOrSchedule | None,
+    mask: Any,
     decoupled_ungrouped_decay: bool,
     groups: GroupsLike,
 ) -> optax.GradientTransformationExtraArgs:
@@ -400,6 +426,7 @@ def _rotational_variant(
     around ``direction``. ``decoupled_ungrouped_decay``: the ungrouped leaves' weight decay is
     applied after the direction (AdamW, Lion), else it is already inside ``direction``."""
     _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
+    ungrouped_weight_decay = _ungrouped_decay(weight_decay, ungrouped_weight_decay)
     if eta_r is None:
         eta_r = _equilibrium_eta_r(kind, learning_rate, weight_decay, **coefficients)
     return rotational_rms_control(
@@ -410,6 +437,7 @@ def _rotational_variant(
         center=center,
         eps=rotational_eps,
         weight_decay=ungrouped_weight_decay if decoupled_ungrouped_decay else 0.0,
+        mask=mask if decoupled_ungrouped_decay else None,
         groups=groups,
     )
 
@@ -425,7 +453,8 @@ def rv_adamw(
     center: bool = True,
     eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
-    ungrouped_weight_decay: optax.ScalarOrSchedule = 0.0,
+    ungrouped_weight_decay: optax.ScalarOrSchedule | None = None,
+    mask: Any = None,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-AdamW (Kosson et al. app. M): Adam's direction under rotational RMS control.
@@ -436,7 +465,9 @@ def rv_adamw(
     Rotational groups rotate by :math:`\hat\eta_r = \sqrt{2\eta\lambda(1-b_1)/(1+b_1)}` per step on
     average (Table 1, the AdamW equilibrium for the current, possibly scheduled, ``learning_rate``
     and ``weight_decay``) at fixed norm; ``weight_decay`` acts only through :math:`\hat\eta_r`.
-    Ungrouped leaves get AdamW with ``ungrouped_weight_decay`` (0: plain Adam). ``eta_r`` overrides
+    Ungrouped leaves get ``optax.adamw(learning_rate, b1, b2, eps, weight_decay, mask=mask)``
+    (``ungrouped_weight_decay`` replaces its decay), so that with nothing grouped the alias is
+    exactly ``optax.adamw``, as REQ gives its non-rotational weights. ``eta_r`` overrides
     the Table 1 value. See :func:`rotational_rms_control` for ``rms_decay``, ``center``,
     ``rotational_eps`` and ``groups``. State: ``optax.scale_by_adam``'s (moments in at least
     float32) plus two float32 scalars per group and a step count.
@@ -450,7 +481,9 @@ def rv_adamw(
       center: remove each group's mean from its direction and its weights.
       eta_r: overrides Table 1's angular update (a number or a schedule).
       rotational_eps: added to the RMS of :math:`U_\perp`.
-      ungrouped_weight_decay: the ungrouped leaves' weight decay (decoupled, as AdamW's).
+      ungrouped_weight_decay: the ungrouped leaves' weight decay (decoupled, as AdamW's);
+        ``None``: ``weight_decay``, optax's.
+      mask: which ungrouped leaves get the weight decay, as ``optax.adamw``'s ``mask``.
       groups: the rotational groups (a kernel per tensor in a transformer, per unit after
         BatchNorm); ungrouped leaves get the base optimizer.
 
@@ -491,14 +524,17 @@ def rv_sgdm(
     center: bool = True,
     eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
-    ungrouped_weight_decay: optax.ScalarOrSchedule = 0.0,
+    ungrouped_weight_decay: optax.ScalarOrSchedule | None = None,
+    mask: Any = None,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-SGDM (Kosson et al. app. M): SGD momentum's direction under rotational RMS control.
 
     Direction ``b <- momentum b + grad`` (``optax.trace``); rotational groups rotate by
     :math:`\hat\eta_r = \sqrt{2\eta\lambda/(1+\alpha)}` per step on average (Table 1).
-    Ungrouped leaves get SGD momentum with coupled L2 ``ungrouped_weight_decay`` (0: plain
+    Ungrouped leaves get SGD momentum with coupled L2 ``ungrouped_weight_decay`` (``None``:
+    ``weight_decay``, so that with nothing grouped the alias is
+    ``chain(add_decayed_weights(weight_decay, mask), sgd(learning_rate, momentum))``; 0: plain
     SGD momentum), as the authors' code.
 
     Args:
@@ -506,7 +542,9 @@ def rv_sgdm(
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       momentum: SGD's momentum coefficient :math:`\alpha`.
       weight_decay, rms_decay, center, eta_r, rotational_eps, groups: as :func:`rv_adamw`.
-      ungrouped_weight_decay: the ungrouped leaves' weight decay (coupled L2, as the authors' code).
+      ungrouped_weight_decay: the ungrouped leaves' weight decay (coupled L2, as the authors'
+        code); ``None``: ``weight_decay``.
+      mask: which ungrouped leaves get the L2, as ``optax.add_decayed_weights``'s ``mask``.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.
@@ -528,8 +566,8 @@ def rv_sgdm(
     _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     # the coupled decay is always in the chain (adding 0 is exact), so that the state has one
     # structure whatever the value, also under inject_hyperparams (checkpoints restore)
-    coupled = optax.add_decayed_weights(ungrouped_weight_decay)
-    inner = optax.chain(optax.masked(coupled, _ungrouped_mask(groups)), optax.trace(momentum))
+    coupled = optax.add_decayed_weights(_ungrouped_decay(weight_decay, ungrouped_weight_decay))
+    inner = optax.chain(optax.masked(coupled, _ungrouped_and(groups, mask)), optax.trace(momentum))
     return _rotational_variant(
         inner,
         "sgdm",
@@ -578,21 +616,26 @@ def rv_lion(
     center: bool = True,
     eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
-    ungrouped_weight_decay: optax.ScalarOrSchedule = 0.0,
+    ungrouped_weight_decay: optax.ScalarOrSchedule | None = None,
+    mask: Any = None,
     groups: GroupsLike = "unset",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-Lion (Kosson et al. app. M): Lion's sign direction under rotational RMS control.
 
     Rotational groups rotate by :math:`\hat\eta_r = \sqrt{\pi\eta\lambda}
     \sqrt{(1-b_1)^2 + b_1^2(1-b_2)/(1+b_2)}` per step on average (Table 1, eq. 72).
-    Ungrouped leaves get Lion with decoupled ``ungrouped_weight_decay`` (0 by default).
+    Ungrouped leaves get ``optax.lion(learning_rate, b1, b2, weight_decay, mask=mask)``
+    (``ungrouped_weight_decay`` replaces its decay): with nothing grouped, the alias is
+    ``optax.lion``.
 
     Args:
       learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       b1, b2: Lion's interpolation and momentum decays, as ``optax.lion``'s.
       weight_decay, rms_decay, center, eta_r, rotational_eps, groups: as :func:`rv_adamw`.
-      ungrouped_weight_decay: the ungrouped leaves' weight decay (decoupled, as Lion's).
+      ungrouped_weight_decay: the ungrouped leaves' weight decay (decoupled, as Lion's);
+        ``None``: ``weight_decay``.
+      mask: which ungrouped leaves get the weight decay, as ``optax.lion``'s ``mask``.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.

@@ -238,7 +238,8 @@ def test_adamg_equals_an_unfused_transcription(clip, omega):
             # relative change of 1e-8 / ||v|| per normalisation, ||v|| down to 1e-2 here
             tol = 1e-6 if omega else 1e-7
             np.testing.assert_allclose(a["k"], b, rtol=tol, atol=tol / 100)
-            np.testing.assert_allclose(_norms(a["k"]), 1.0, rtol=1e-7)  # their 1e-8
+            # unit norm up to their 1e-8 added to the norm (1e-8 / ||x|| per step, 10 steps)
+            np.testing.assert_allclose(_norms(a["k"]), 1.0, rtol=1e-6)
 
 
 def test_sgdg_with_clipping_equals_an_unfused_transcription():

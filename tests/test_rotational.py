@@ -243,8 +243,9 @@ def test_weight_decay_acts_only_through_eta_r():
     """Rotational leaves: with eta_r fixed, weight decay changes nothing (RV-AdamW), and
     the wrapped Adam+L2 differs from RV-AdamW only through L2 in its second moment."""
     params = osp.center_groups(_params(15), groups="unit")
+    fixed = dict(eta_r=0.02, ungrouped_weight_decay=0.0, groups="unit")
     runs = {
-        wd: _run(osp.rv_adamw(1e-2, weight_decay=wd, eta_r=0.02, groups="unit"), params, 4)[0][-1]
+        wd: _run(osp.rv_adamw(1e-2, weight_decay=wd, **fixed), params, 4)[0][-1]
         for wd in (0.01, 10.0)
     }
     _leaves_close(runs[0.01], runs[10.0], 0)
@@ -265,13 +266,17 @@ def _leaves_close(a, b, tol):
 @pytest.mark.parametrize(
     "alias, base",
     [
-        (lambda g: osp.rv_adamw(1e-2, weight_decay=0.1, groups=g), optax.adam(1e-2)),
+        # the ungrouped leaves' decay is the base optimizer's unless given
+        (
+            lambda g: osp.rv_adamw(1e-2, weight_decay=0.1, groups=g),
+            optax.adamw(1e-2, weight_decay=0.1),
+        ),
         (
             lambda g: osp.rv_adamw(1e-2, weight_decay=0.1, ungrouped_weight_decay=0.3, groups=g),
             optax.adamw(1e-2, weight_decay=0.3),
         ),
         (
-            lambda g: osp.rv_lion(1e-3, weight_decay=1.0, groups=g),
+            lambda g: osp.rv_lion(1e-3, weight_decay=1.0, ungrouped_weight_decay=0.0, groups=g),
             optax.lion(1e-3, weight_decay=0.0),
         ),
         (
@@ -336,7 +341,9 @@ def test_degenerate_inputs_do_not_make_nans():
     assert np.all(np.isfinite(history[-1]["w"]))
     np.testing.assert_array_equal(history[-1]["w"][:, 0], 0)  # zero group stays zero
     zero_grads = lambda x, t: jax.tree.map(jnp.zeros_like, x)
-    history, _ = _run(tx, osp.center_groups(_params(9), groups="unit"), 3, grads=zero_grads)
+    # no decay of the ungrouped leaves either: a zero gradient then moves nothing
+    still = osp.rv_adamw(1e-2, weight_decay=0.1, ungrouped_weight_decay=0.0, groups="unit")
+    history, _ = _run(still, osp.center_groups(_params(9), groups="unit"), 3, grads=zero_grads)
     _leaves_close(history[-1], history[0], 1e-6)
     # bf16 params: moments in float32, norms kept to bf16 precision
     p16 = jax.tree.map(
@@ -584,3 +591,35 @@ def test_direction_with_a_large_common_offset_in_float32():
     upd, state = jax.jit(tx.update)({"w": offset[0]}, state, x)
     expected = _algorithm_1(x0, offset, (0,), eta_r=0.05, beta=0.9, eps=1e-8, center=True)
     np.testing.assert_allclose(x0 + upd["w"], expected[-1], rtol=1e-5, atol=1e-6)
+
+
+_MASK = {"conv": {"kernel": True}, "dense": {"kernel": True, "bias": False}}
+_BASES = {
+    "rv_adamw": (
+        dict(learning_rate=1e-2, weight_decay=0.1),
+        lambda mask: optax.adamw(1e-2, weight_decay=0.1, mask=mask),
+    ),
+    "rv_sgdm": (
+        dict(learning_rate=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda mask: optax.chain(
+            optax.add_decayed_weights(1e-2, mask), optax.sgd(0.1, momentum=0.9)
+        ),
+    ),
+    "rv_lion": (
+        dict(learning_rate=1e-3, weight_decay=1.0),
+        lambda mask: optax.lion(1e-3, weight_decay=1.0, mask=mask),
+    ),
+}
+
+
+@pytest.mark.parametrize("mask", [None, _MASK], ids=["no mask", "mask"])
+@pytest.mark.parametrize("alias", sorted(_BASES))
+def test_with_nothing_grouped_a_rotational_variant_is_its_optax_base(alias, mask):
+    """REQ gives the weights outside its rotational groups their base optimizer with its own
+    weight decay: with no group, RV-AdamW is optax.adamw (weight decay and mask included),
+    RV-SGDM SGD momentum with L2, RV-Lion optax.lion, bit for bit."""
+    kwargs, base = _BASES[alias]
+    tx = getattr(osp, alias)(**kwargs, mask=mask, groups=None)
+    params = _params(3)
+    got = _run(tx, params, 10, grads=_random_grads)[0][-1]
+    chex.assert_trees_all_equal(got, _run(base(mask), params, 10, grads=_random_grads)[0][-1])

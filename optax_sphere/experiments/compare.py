@@ -61,6 +61,10 @@ KOSSON = "kosson2024/cifar10_resnet20/"
 # Roburin et al.'s 2.5e-4.
 SGDM_L2 = {"weight_decay": 5e-4}
 
+# The rotational variants' weights off the rotational groups (BatchNorm scales and offsets,
+# the head) run without weight decay, as REQ's 1-D parameters in the authors' runs.
+RV_UNGROUPED = {"ungrouped_weight_decay": 0.0}
+
 # name: (family, base, hyperparameters' source: a preset name or (values, where they are
 # from), overrides of the preset's values)
 OPTIMIZERS: dict[str, tuple[Any, ...]] = {
@@ -72,9 +76,9 @@ OPTIMIZERS: dict[str, tuple[Any, ...]] = {
     "sgdm": (SGD, None, ROBURIN + "sgdm", SGDM_L2),
     "sgdm_rt": (SGD, "sgdm", ROBURIN + "sgdm_rt"),
     "psi_sgdm": (SGD, "sgdm", ({"learning_rate": 0.1, "momentum": 0.9}, "Yi et al. sec. 6")),
-    "rv_sgdm": (SGD, "sgdm", ROBURIN + "sgdm", SGDM_L2),
+    "rv_sgdm": (SGD, "sgdm", ROBURIN + "sgdm", SGDM_L2, RV_UNGROUPED),
     "adamw": (ADAMW, None, KOSSON + "adamw"),
-    "rv_adamw": (ADAMW, "adamw", KOSSON + "adamw"),
+    "rv_adamw": (ADAMW, "adamw", KOSSON + "adamw", RV_UNGROUPED),
     "adamp": (ADAMW, "adamw", KOSSON + "adamw"),
 }
 LABELS = {
