@@ -183,11 +183,18 @@ def masked_rate(rate: Any, mask: Any, params: PyTree) -> PyTree:
     """``rate`` on the leaves that ``mask`` selects and ``0.0`` elsewhere, as a tree like
     ``params``: the weight-decay mask of ``optax.adamw`` (``None``: every leaf; a pytree of
     bools; or a callable of the params returning one)."""
+    keep = resolve_mask(mask, params)
+    return jax.tree.map(lambda _, k: rate if k else 0.0, params, keep)
+
+
+def resolve_mask(mask: Any, params: PyTree) -> PyTree:
+    """An optax weight-decay ``mask`` (``None``, a pytree of bools or a callable of the
+    params) as a tree of bools like ``params``; a ``ValueError`` when it does not fit."""
     if mask is None:
-        return jax.tree.map(lambda _: rate, params)
+        return jax.tree.map(lambda _: True, params)
     keep = mask(params) if callable(mask) else mask
     try:
-        return jax.tree.map(lambda _, k: rate if k else 0.0, params, keep)
+        return jax.tree.map(lambda _, k: bool(k), params, keep)
     except (ValueError, TypeError) as err:
         raise ValueError(
             f"the weight-decay `mask` does not match the parameter tree ({err})."

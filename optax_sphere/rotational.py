@@ -395,14 +395,9 @@ def _ungrouped_decay(weight_decay, ungrouped_weight_decay):
 def _ungrouped_and(groups: GroupsLike, mask: Any):
     """The ungrouped leaves that ``mask`` (optax's weight-decay mask) also selects."""
     ungrouped = _ungrouped_mask(groups)
-    if mask is None:
-        return ungrouped
-
-    def both(params):
-        keep = mask(params) if callable(mask) else mask
-        return jax.tree.map(lambda a, b: bool(a) and bool(b), ungrouped(params), keep)
-
-    return both
+    return lambda params: jax.tree.map(
+        lambda a, b: a and b, ungrouped(params), _utils.resolve_mask(mask, params)
+    )
 
 
 def _rotational_variant(

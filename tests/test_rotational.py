@@ -623,3 +623,26 @@ def test_with_nothing_grouped_a_rotational_variant_is_its_optax_base(alias, mask
     params = _params(3)
     got = _run(tx, params, 10, grads=_random_grads)[0][-1]
     chex.assert_trees_all_equal(got, _run(base(mask), params, 10, grads=_random_grads)[0][-1])
+
+
+def test_with_nothing_grouped_rv_adamw_is_adamw_on_an_equinox_tree_in_one_compilation():
+    """The (out, in) layout with None leaves (an Equinox MLP filtered to its arrays), under
+    jit: the same step as optax.adamw, compiled once."""
+    import equinox as eqx
+
+    model = eqx.nn.MLP(4, 3, 8, 2, key=jax.random.key(0))
+    params = eqx.filter(model, eqx.is_inexact_array)
+    grads = jax.tree.map(lambda p: jnp.cos(p), params)
+    outs = []
+    for tx in (
+        osp.rv_adamw(1e-2, weight_decay=0.1, groups=None),
+        optax.adamw(1e-2, weight_decay=0.1),
+    ):
+        step = jax.jit(tx.update)
+        state, p = tx.init(params), params
+        for _ in range(3):
+            updates, state = step(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        outs.append(p)
+        assert step._cache_size() == 1
+    chex.assert_trees_all_equal(*outs)
