@@ -19,7 +19,13 @@ from optax_sphere.diagnostics import (
     monitor,
     monitored,
 )
-from optax_sphere.discovery import FoundGroups, GroupReport, find_groups
+from optax_sphere.discovery import (
+    FoundGroups,
+    GroupReport,
+    check_groups,
+    find_groups,
+    rotational_groups,
+)
 from optax_sphere.groups import Group, per_tensor, per_unit, per_unit_out_first, resolve_groups
 from optax_sphere.norm_growth import (
     ScaleInvariantProjectionState,
@@ -94,6 +100,8 @@ __all__ = [
     "Group",
     "GroupReport",
     "find_groups",
+    "check_groups",
+    "rotational_groups",
     "per_tensor",
     "per_unit",
     "per_unit_out_first",

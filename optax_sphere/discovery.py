@@ -32,25 +32,27 @@ unchanged to ``check_rtol``; a leaf that fails it is left ungrouped with a warni
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_sphere._models import as_function, has_batch_statistics
 from optax_sphere._paths import path_str
-from optax_sphere.groups import Group, key_names, named_axes
+from optax_sphere.groups import Group, key_names, named_axes, resolve_groups
+from optax_sphere.structure import LeafStructure, ModelStructure, trace_structure
 
-__all__ = ["FoundGroups", "GroupReport", "find_groups"]
+__all__ = ["FoundGroups", "GroupReport", "check_groups", "find_groups", "rotational_groups"]
 
 PyTree = Any
 
-#: Candidate groupings, in order of preference: the finest invariant one is chosen.
+#: The named groupings of a leaf whose structure is not known, and their names in words.
 _UNIT_LAST = "unit"
 _UNIT_FIRST = "unit_out_first"
 _TENSOR = "tensor"
@@ -58,55 +60,174 @@ _LABELS = {
     _UNIT_LAST: "per unit (out last)",
     _UNIT_FIRST: "per unit (out first)",
     _TENSOR: "per tensor",
-    None: "not grouped",
 }
+#: at most this many candidate groupings per leaf (a leaf with many unit and stack axes)
+_MAX_CANDIDATES = 32
 
 
-def _candidates(shape: tuple[int, ...], layout: str) -> list[str]:
-    """The groupings tried for a leaf: per unit in the model's layout first, then the other
-    layout, then per tensor; never one whose groups hold fewer than 2 elements."""
-    units = [_UNIT_LAST, _UNIT_FIRST] if layout == "out_last" else [_UNIT_FIRST, _UNIT_LAST]
-    kinds = (units if len(shape) >= 2 else []) + [_TENSOR]
-    return [k for k in kinds if Group(named_axes(k, len(shape))).size(shape) >= 2]
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    """One grouping tried for a leaf: ``spec`` is what ``groups=`` takes for it (a named spec
+    when one fits, else the tuple of reduced axes), ``axes`` the axes one group spans."""
+
+    spec: str | tuple[int, ...]
+    axes: tuple[int, ...]
+    words: str
+
+    @property
+    def key(self) -> str:
+        return self.spec if isinstance(self.spec, str) else f"axes{self.spec}".replace(" ", "")
+
+
+def _named_spec(axes: tuple[int, ...], ndim: int) -> str | tuple[int, ...]:
+    """The named spec that spans ``axes`` of a leaf of ``ndim`` axes, or the axes."""
+    for name in (_TENSOR, _UNIT_LAST, _UNIT_FIRST):
+        if (name == _TENSOR or ndim >= 2) and named_axes(name, ndim) == axes:
+            return name
+    return axes
+
+
+def _subsets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def _words(axes: tuple[int, ...], shape: tuple[int, ...], leaf: LeafStructure | None) -> str:
+    """The grouping in words: "per unit", "per head (axis 1)", "per layer of a stack of 4,
+    per unit", "per tensor"..."""
+    ndim, reduced = len(shape), set(axes)
+    if leaf is None or not leaf.known:
+        stack = [a for a in (leaf.stack_axes if leaf else ()) if a not in reduced]
+        spec = _named_spec(axes, ndim)
+        base = (
+            _LABELS.get(spec, f"over axes {axes}")
+            if isinstance(spec, str)
+            else (f"over axes {axes}")
+        )
+        if stack:
+            layers = math.prod(shape[a] for a in stack)
+            return f"per layer of a stack of {layers}" + (
+                "" if reduced | set(stack) == set(range(ndim)) else f", {base}"
+            )
+        return base
+    units, stack = set(leaf.unit_axes), set(leaf.stack_axes)
+    parts = []
+    kept_stack = sorted(stack - reduced)
+    if kept_stack:
+        layers = math.prod(shape[a] for a in kept_stack)
+        parts.append(f"per layer of a stack of {layers}")
+    heads = sorted(units - reduced)
+    if not heads:
+        if not kept_stack:
+            parts.append("per tensor")
+    elif set(heads) == units:
+        spec = _named_spec(axes, ndim)
+        if leaf.lookup:
+            parts.append("per row")
+        else:
+            parts.append(_LABELS[spec] if spec in (_UNIT_LAST, _UNIT_FIRST) else "per unit")
+    else:
+        where = ", ".join(map(str, heads))
+        parts.append(f"per head (axis {where})" if len(heads) == 1 else f"per head (axes {where})")
+    if stack and stack <= reduced and units - reduced:
+        parts.append(f"across the stack of {math.prod(shape[a] for a in stack)}")
+    return ", ".join(parts)
+
+
+def _candidates(
+    shape: tuple[int, ...], layout: str, leaf: LeafStructure | None
+) -> list[_Candidate]:
+    """The groupings tried for a leaf, in order of preference (the first invariant one wins).
+
+    Where the model's structure is known: every superset of one unit's inputs within one
+    layer of a stack (per unit, per head, per layer), finest first, then the same across the
+    stack. Where it is not: per unit in the model's layout, in the other layout, per tensor
+    (each within one layer of a known stack). Never a grouping of one-element groups."""
+    ndim = len(shape)
+    if leaf is not None and leaf.known:
+        inputs = set(leaf.input_axes)
+        sets = [
+            (len(b), tuple(sorted(inputs | set(a) | set(b))))
+            for b in _subsets(leaf.stack_axes)
+            for a in _subsets(leaf.unit_axes)
+        ]
+        sets.sort(key=lambda t: (t[0], math.prod(shape[x] for x in t[1]), len(t[1])))
+        axes_sets = [s for _, s in sets]
+    else:
+        stack = set(leaf.stack_axes) if leaf is not None else set()
+        layer = [a for a in range(ndim) if a not in stack]
+        units = [_UNIT_LAST, _UNIT_FIRST] if layout == "out_last" else [_UNIT_FIRST, _UNIT_LAST]
+        if stack:
+            sub = len(layer)
+            axes_sets = [tuple(layer[i] for i in named_axes(k, sub)) for k in units if sub >= 2] + [
+                tuple(layer),
+                tuple(range(ndim)),
+            ]
+        else:
+            axes_sets = [named_axes(k, ndim) for k in (units if ndim >= 2 else []) + [_TENSOR]]
+    out, seen = [], set()
+    for axes in axes_sets:
+        if not axes or axes in seen or Group(axes).size(shape) < 2:
+            continue
+        seen.add(axes)
+        out.append(_Candidate(_named_spec(axes, ndim), axes, _words(axes, shape, leaf)))
+    return out[:_MAX_CANDIDATES]
 
 
 @dataclasses.dataclass(frozen=True)
 class GroupReport:
-    """What :func:`find_groups` found for one parameter: its ``path`` (``a/b/kernel``) and
-    ``shape``; the ``grouping`` (``"unit"``, ``"unit_out_first"``, ``"tensor"`` or ``None``:
-    not grouped), the ``group_size`` (elements per group, ``None`` when not grouped) and
-    ``num_groups`` (0 when not grouped); the ``sensitivity`` of each candidate grouping tried
-    (module docstring), ``{grouping: value}``, empty when the outputs do not depend on the
-    leaf; and a ``note`` that says, in words, why it is not grouped.
+    """What :func:`find_groups` found for one parameter.
+
+    Attributes:
+      path: the parameter's path, ``a/b/kernel``.
+      shape: its shape.
+      grouping: the spec ``groups=`` takes for it: ``"unit"``, ``"unit_out_first"``,
+        ``"tensor"``, a tuple of the axes one group spans (``(1,)`` for one layer of a stack,
+        ``(0, 2)`` per head), or ``None`` (not grouped).
+      group_size: elements per group (``None`` when not grouped).
+      num_groups: number of groups (0 when not grouped).
+      sensitivity: the radial sensitivity of each candidate grouping tried (module
+        docstring), keyed by its spec (``"axes(0,2)"`` for a tuple); empty when the outputs
+        do not depend on the leaf.
+      note: why it is not grouped, in words.
+      description: the grouping in words (``"per layer of a stack of 4, per unit"``,
+        ``"per head (axis 1)"``).
+      structure: how the model uses the leaf, in words (:mod:`optax_sphere.structure`), or
+        why it could not be read, in which case the named groupings were tried.
     """
 
     path: str
     shape: tuple[int, ...]
-    grouping: str | None
+    grouping: str | tuple[int, ...] | None
     group_size: int | None
     num_groups: int
     sensitivity: dict[str, float]
     note: str
+    description: str = "not grouped"
+    structure: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class FoundGroups:
-    """The radially invariant groups of a model, as found by :func:`find_groups`.
+    """The radially invariant groups of a model, as found by :func:`find_groups` (or chosen
+    from its structure by :func:`rotational_groups`).
 
     Pass it as ``groups=`` to any transformation of this library. Parameters are matched by
     path (:func:`~optax_sphere.groups.key_names`), so it fits every form of the same
     parameters: a Flax ``params`` dict, an ``nnx.State`` of ``nnx.Param`` nodes and the pure
     arrays of ``nnx.Optimizer``, an Equinox tree with ``None`` leaves, and the views of
     ``optax.masked`` / ``optax.multi_transform``. A parameter it has not seen raises at
-    ``init``. ``str(found)`` (or :meth:`table`) is the report, one row per parameter.
+    ``init``. ``str(found)`` (or :meth:`table`) is the report, one row per parameter;
+    :meth:`check` checks another spec against the model's structure.
     """
 
     reports: tuple[GroupReport, ...]
     tolerance: float
     seconds: float
+    structure: ModelStructure | None = None
+    method: str = "radial probe"
 
     @property
-    def specs(self) -> dict[tuple[Any, ...], str | None]:
+    def specs(self) -> dict[tuple[Any, ...], str | tuple[int, ...] | None]:
         return {_path_key(r.path): r.grouping for r in self.reports}
 
     def spec_for(self, params: PyTree) -> PyTree:
@@ -130,17 +251,26 @@ class FoundGroups:
         """Paths of the grouped parameters."""
         return [r.path for r in self.reports if r.grouping is not None]
 
+    def check(self, groups: Any, params: PyTree) -> None:
+        """Checks a ``groups`` spec for ``params`` against the model's structure
+        (:func:`check_groups`)."""
+        if self.structure is None:
+            raise ValueError("check: the model's structure could not be read.")
+        _raise_problems(_spec_problems(self.structure, groups, params))
+
     def table(self) -> str:
         """The report as a plain-text table."""
         header = ("parameter", "shape", "grouping", "size", "groups", "radial sensitivity")
+        if self.method != "radial probe":
+            header = header[:-1] + ("why",)
         rows = []
         for r in self.reports:
-            sens = " ".join(f"{_short(k)}={v:.1e}" for k, v in r.sensitivity.items()) or r.note
+            sens = " ".join(f"{k}={v:.1e}" for k, v in r.sensitivity.items()) or r.note
             rows.append(
                 (
                     r.path,
                     "x".join(map(str, r.shape)) or "scalar",
-                    _LABELS[r.grouping],
+                    r.description,
                     "-" if r.group_size is None else str(r.group_size),
                     "-" if not r.num_groups else str(r.num_groups),
                     sens,
@@ -149,76 +279,28 @@ class FoundGroups:
         widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(header), line("-" * w for w in widths)] + [line(r) for r in rows]
-        out.append(
-            f"{len(self.grouped)} of {len(self.reports)} parameters grouped; tolerance "
-            f"{self.tolerance:g} on the radial sensitivity; found in {self.seconds:.1f} s."
-        )
+        unknown = [r.path for r in self.reports if r.structure.startswith("structure unknown")]
+        footer = f"{len(self.grouped)} of {len(self.reports)} parameters grouped"
+        if self.method == "radial probe":
+            footer += f"; tolerance {self.tolerance:g} on the radial sensitivity"
+        else:
+            footer += f", {self.method}"
+        out.append(f"{footer}; found in {self.seconds:.1f} s.")
+        if self.structure is None:
+            out.append("The model's structure could not be read: the named groupings were tried.")
+        elif unknown and self.method == "radial probe":
+            out.append(
+                f"Structure not read for {len(unknown)} parameters (used elementwise, or not "
+                "followed): the named groupings were tried there."
+            )
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.table()
 
 
-def _short(kind: str) -> str:
-    return {_UNIT_LAST: "unit", _UNIT_FIRST: "unit_out_first", _TENSOR: "tensor"}[kind]
-
-
 def _path_key(path: str) -> tuple[str, ...]:
     return tuple(path.split("/"))
-
-
-def _as_function(model: Any, args: tuple, kwargs: dict) -> tuple[Callable, PyTree, tuple, str]:
-    """``(f, params, inputs, layout)`` with ``f(params, *inputs)`` the model's outputs."""
-    nnx = getattr(sys.modules.get("flax"), "nnx", None)  # imported only if the user did
-    linen = getattr(sys.modules.get("flax"), "linen", None)
-    eqx = sys.modules.get("equinox")
-    if nnx is not None and isinstance(model, nnx.Module):
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def f_nnx(p, *inputs):
-            # fresh Variables inside the trace: the model's own are not mutated
-            state = jax.tree.map(lambda v: v, rest)
-            return nnx.merge(graphdef, p, state)(*inputs, **kwargs)
-
-        return f_nnx, params, args, "out_last"
-    if linen is not None and isinstance(model, linen.Module):
-        if not args or not isinstance(args[0], Mapping) or "params" not in args[0]:
-            raise ValueError(
-                "find_groups(linen_module, variables, *inputs): the second argument must "
-                "be the module's variables ({'params': ..., 'batch_stats': ...})."
-            )
-        variables, inputs = args[0], args[1:]
-        mutable = [c for c in variables if c != "params"] or False
-
-        def f_linen(p, *inputs):
-            out = model.apply({**variables, "params": p}, *inputs, mutable=mutable, **kwargs)
-            return out[0] if mutable else out
-
-        return f_linen, variables["params"], inputs, "out_last"
-    if eqx is not None and isinstance(model, eqx.Module):
-        params, static = eqx.partition(model, eqx.is_inexact_array)
-
-        def f_eqx(p, *inputs):
-            return eqx.combine(p, static)(*inputs, **kwargs)
-
-        return f_eqx, params, args, "out_first"
-    if not callable(model):
-        raise TypeError(f"find_groups: expected a model or a function, got {type(model).__name__}.")
-    if not args:
-        raise ValueError("find_groups(fn, params, *inputs): the parameters are missing.")
-
-    def f(p, *inputs):
-        return model(p, *inputs, **kwargs)
-
-    params = args[0]
-    is_module = lambda x: eqx is not None and isinstance(x, eqx.Module)
-    nodes = jax.tree.leaves(params, is_leaf=is_module)
-    return (
-        f,
-        params,
-        args[1:],
-        "out_first" if is_module(params) or any(map(is_module, nodes)) else "out_last",
-    )
 
 
 def _check_leaves(params: PyTree) -> list[tuple[Any, jax.Array]]:
@@ -276,7 +358,7 @@ class _Sums:
     ``<g, t_G>^2`` (``t_G`` a random tangent of the norm of ``x_G``), accumulated in float64 on
     the host, one gradient at a time."""
 
-    def __init__(self, leaves: list, kinds: list[list[str]], rng: np.random.Generator):
+    def __init__(self, leaves: list, kinds: list[list[_Candidate]], rng: np.random.Generator):
         self.leaves = [p.astype(np.float64) for p in leaves]
         self.kinds = kinds
         self.tangents: list[dict[str, np.ndarray]] = []
@@ -287,7 +369,7 @@ class _Sums:
             noise = rng.standard_normal(p.shape)
             tangents = {}
             for kind in leaf_kinds:
-                axes = named_axes(kind, p.ndim)
+                axes = kind.axes
                 pp = np.sum(p * p, axis=axes, keepdims=True)
                 safe_pp = np.where(pp > 0, pp, 1)
                 t = noise - np.sum(noise * p, axis=axes, keepdims=True) / safe_pp * p
@@ -303,7 +385,7 @@ class _Sums:
             effect = math.sqrt(float(np.sum(g * g)) * float(np.sum(p * p)))
             self.effect[i] = max(self.effect[i], effect)
             for kind in self.kinds[i]:
-                axes = named_axes(kind, p.ndim)
+                axes = kind.axes
                 self.radial[i][kind] = self.radial[i][kind] + np.sum(g * p, axis=axes) ** 2
                 t = self.tangents[i][kind]
                 self.tangent[i][kind] = self.tangent[i][kind] + np.sum(g * t, axis=axes) ** 2
@@ -318,7 +400,7 @@ class _Sums:
             seen = tangent > (_UNSEEN_GROUP**2) * np.max(tangent)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(seen, radial / tangent, 0.0)
-            out[kind] = float(np.sqrt(np.max(ratio)))
+            out[kind.key] = float(np.sqrt(np.max(ratio)))
         return out
 
 
@@ -393,7 +475,7 @@ def find_groups(
       radially invariant groups the method measures).
     """
     start = time.perf_counter()
-    f, params, inputs, layout = _as_function(model, args, kwargs)
+    f, params, inputs, layout = as_function(model, args, kwargs)
     flat = _check_leaves(params)
     paths = [path_str(p) for p, _ in flat]
     treedef = jax.tree.structure(params)
@@ -412,7 +494,9 @@ def find_groups(
     if not reference:
         raise ValueError("find_groups: the model returned no floating-point output.")
 
-    kinds = [_candidates(tuple(v.shape), layout) for v in values]
+    structure = _read_structure(f, params, inputs)
+    leaves = list(structure) if structure is not None else [None] * len(values)
+    kinds = [_candidates(tuple(v.shape), layout, s) for v, s in zip(values, leaves)]
     rng = np.random.default_rng(seed)
     host = [np.asarray(jax.device_get(v)) for v in values]
 
@@ -438,33 +522,31 @@ def find_groups(
     for i, (path, v) in enumerate(zip(paths, values)):
         effect = effects[i] if effects[i] > _NO_EFFECT * largest else 0.0
         per_point = [s.sensitivity(i) for _, s in points]
-        measured = {kind: max(m[kind] for m in per_point) for kind in kinds[i]}
+        measured = {k.key: max(m[k.key] for m in per_point) for k in kinds[i]}
         choice, note = None, ""
         if not kinds[i]:
             note = "scalar or one element: no direction"
         elif effect == 0 or not np.isfinite(effect):
             measured, note = {}, "outputs do not depend on it"
         else:
-            ok = [kind for kind in kinds[i] if measured[kind] < tolerance]
+            ok = [k for k in kinds[i] if measured[k.key] < tolerance]
             choice = ok[0] if ok else None
             note = "" if ok else "outputs change with its scale"
         specs.append(choice)
-        reports.append((path, tuple(v.shape), choice, measured, note))
+        reports.append((path, tuple(v.shape), measured, note))
 
-    specs = _check_by_scaling(outputs, points[0][0], specs, paths, check_rtol, seed)
-
+    kept = _check_by_scaling(
+        outputs, points[0][0], [c and c.axes for c in specs], paths, check_rtol, seed
+    )
     rows = []
-    for (path, shape, _, measured, note), choice in zip(reports, specs):
-        size = None if choice is None else Group(named_axes(choice, len(shape))).size(shape)
-        count = 0 if choice is None else math.prod(shape) // size
+    for (path, shape, measured, note), choice, axes, leaf in zip(reports, specs, kept, leaves):
+        choice = choice if axes is not None else None
         if choice is None and not note:
             note = "failed the scaling check"
-        rows.append(GroupReport(path, shape, choice, size, count, measured, note))
-    found = FoundGroups(tuple(rows), tolerance, time.perf_counter() - start)
+        rows.append(_report(path, shape, choice, measured, note, leaf))
+    found = FoundGroups(tuple(rows), tolerance, time.perf_counter() - start, structure)
     if not found.grouped:
-        causes = _causes_of_no_groups(
-            f, treedef, values, inputs, _has_batch_statistics(model, args)
-        )
+        causes = _causes_of_no_groups(f, treedef, values, inputs, has_batch_statistics(model, args))
         warnings.warn(
             "find_groups: no radially invariant group in this model: every parameter is left "
             "ungrouped, and the optimizers of this library reduce to their base optimizers. "
@@ -480,6 +562,42 @@ def find_groups(
     return found
 
 
+def _read_structure(f: Callable, params: PyTree, inputs: tuple) -> ModelStructure | None:
+    """The model's structure (:func:`~optax_sphere.structure.trace_structure`); ``None``, with
+    a warning, when it cannot be traced (the probe then tries the named groupings)."""
+    try:
+        return trace_structure(f, params, *inputs)
+    except Exception as err:  # the probe does not need the structure; it says so
+        warnings.warn(
+            f"find_groups: the model's structure could not be read ({type(err).__name__}: "
+            f"{err}); the named groupings are tried for every parameter.",
+            stacklevel=3,
+        )
+        return None
+
+
+def _report(
+    path: str,
+    shape: tuple[int, ...],
+    choice: _Candidate | None,
+    measured: dict[str, float],
+    note: str,
+    leaf: LeafStructure | None,
+) -> GroupReport:
+    size = None if choice is None else Group(choice.axes).size(shape)
+    return GroupReport(
+        path,
+        shape,
+        None if choice is None else choice.spec,
+        size,
+        0 if size is None else math.prod(shape) // size,
+        measured,
+        note,
+        "not grouped" if choice is None else choice.words,
+        "" if leaf is None else leaf.describe(),
+    )
+
+
 def _primitive_names(jaxpr: Any) -> set[str]:
     """Every primitive of a closed jaxpr, nested jaxprs (``jit``, ``scan``, ``cond``...)
     included."""
@@ -492,23 +610,6 @@ def _primitive_names(jaxpr: Any) -> set[str]:
                 if hasattr(inner, "eqns"):
                     names |= _primitive_names(inner)
     return names
-
-
-def _has_batch_statistics(model: Any, args: tuple) -> bool | None:
-    """Whether the model keeps running statistics (linen collections besides ``params``, nnx
-    ``BatchStat`` variables, an Equinox ``State`` among the inputs); ``None`` for a plain
-    function, which cannot say."""
-    nnx = getattr(sys.modules.get("flax"), "nnx", None)
-    linen = getattr(sys.modules.get("flax"), "linen", None)
-    eqx = sys.modules.get("equinox")
-    if nnx is not None and isinstance(model, nnx.Module):
-        return bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
-    if linen is not None and isinstance(model, linen.Module):
-        return any(jax.tree.leaves(v) for k, v in args[0].items() if k != "params")
-    if eqx is not None and isinstance(model, eqx.Module):
-        state = getattr(getattr(eqx, "nn", None), "State", None)
-        return state is not None and any(isinstance(a, state) for a in args)
-    return None
 
 
 def _causes_of_no_groups(
@@ -577,22 +678,19 @@ def _causes_of_no_groups(
     return causes
 
 
-def _scalar_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return Group(named_axes(kind, len(shape))).scalar_shape(shape)
-
-
 def _check_by_scaling(
     outputs: Callable, leaves: list, specs: list, paths: Sequence[str], rtol: float, seed: int
 ) -> list:
-    """Scales every group found by a random factor in [1/2, 2] and compares the outputs; the
-    leaves that break the invariance (found one at a time) are left ungrouped."""
+    """Scales every group found (``specs``: the axes one group spans, or ``None``) by a random
+    factor in [1/2, 2] and compares the outputs; the leaves that break the invariance (found
+    one at a time) are left ungrouped."""
     if not any(specs):
         return specs
     rng = np.random.default_rng(seed + 1)
     factors = [
         None
         if s is None
-        else np.exp(rng.uniform(-math.log(2), math.log(2), _scalar_shape(s, v.shape)))
+        else np.exp(rng.uniform(-math.log(2), math.log(2), Group(s).scalar_shape(v.shape)))
         for s, v in zip(specs, leaves)
     ]
     jitted = jax.jit(outputs)
@@ -623,3 +721,177 @@ def _check_by_scaling(
             stacklevel=3,
         )
     return [None if i in failed else s for i, s in enumerate(specs)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs checked against the structure, and the rotational variants' groups
+
+
+def _spec_problems(structure: ModelStructure, groups: Any, params: PyTree) -> list[str]:
+    """Every grouped leaf whose groups cross a stack axis or split one unit's inputs."""
+    by_path = {leaf.path: leaf for leaf in structure}
+    resolved = resolve_groups(groups, params)
+    problems = []
+    for path, group in jax.tree_util.tree_flatten_with_path(
+        resolved, is_leaf=lambda x: x is None or isinstance(x, Group)
+    )[0]:
+        leaf = by_path.get(path_str(path))
+        if group is None or leaf is None:
+            continue
+        axes = set(group.axes)
+        crossed = [a for a in leaf.stack_axes if a in axes and leaf.shape[a] > 1]
+        if crossed:
+            layers = math.prod(leaf.shape[a] for a in crossed)
+            problems.append(
+                f"'{leaf.path}' (shape {leaf.shape}): its groups span axes {group.axes}, which "
+                f"cross the stack on axis {', '.join(map(str, crossed))}: one group holds "
+                f"weights of {layers} layers; one layer's groups leave out "
+                f"{tuple(crossed)}."
+            )
+        split = [a for a in leaf.input_axes if a not in axes and leaf.shape[a] > 1]
+        if split:
+            problems.append(
+                f"'{leaf.path}' (shape {leaf.shape}): its groups span axes {group.axes}, but "
+                f"one unit's inputs are on axes {leaf.input_axes} ({leaf.describe()}): axes "
+                f"{tuple(split)} of one unit's inputs are split across groups."
+            )
+    return problems
+
+
+def _raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise ValueError(
+            "groups that do not fit the model's structure:\n  - "
+            + "\n  - ".join(problems)
+            + "\nUse optax_sphere.find_groups (measured) or optax_sphere.rotational_groups "
+            "(from the structure), or give axes that hold one unit's inputs within one layer."
+        )
+
+
+def check_groups(groups: Any, model: Any, *args: Any, **kwargs: Any) -> None:
+    """Checks a ``groups`` spec against the structure of a model.
+
+    The model is traced once (no FLOPs) and every grouped parameter is compared with how the
+    model uses it (:mod:`optax_sphere.structure`): a group that crosses a stack axis (it holds
+    the weights of several layers of an ``nn.scan`` / ``nnx.scan`` / stacked Equinox layer) or
+    that splits the inputs of one unit (``"unit"`` given for an ``(out, in)`` kernel) is
+    reported with the parameter's path and axes. Leaves whose structure cannot be read pass.
+
+    Args:
+      groups: the spec to check (anything ``groups=`` takes).
+      model: the model, in any form :func:`find_groups` takes, followed by its parameters
+        or variables and example inputs in ``*args``.
+      *args: as for :func:`find_groups`.
+      **kwargs: passed to the model.
+
+    Raises:
+      ValueError: listing every parameter whose groups do not fit, with its axes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax_sphere
+      >>> def model(p, x):  # an (out, in) kernel, as in PyTorch and Equinox
+      ...     return jnp.tanh(x @ p["w"].T)
+      >>> p, x = {"w": jnp.ones((4, 3))}, jnp.ones((2, 3))
+      >>> optax_sphere.check_groups("unit_out_first", model, p, x)
+      >>> optax_sphere.check_groups("unit", model, p, x)
+      Traceback (most recent call last):
+      ...
+      ValueError: groups that do not fit the model's structure: ...
+
+    References:
+      Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2 (a group
+      is the inputs of one unit).
+    """
+    f, params, inputs, _ = as_function(model, args, kwargs)
+    _raise_problems(_spec_problems(trace_structure(f, params, *inputs), groups, params))
+
+
+def rotational_groups(
+    model: Any,
+    *args: Any,
+    head: bool = True,
+    embedding: bool = True,
+    **kwargs: Any,
+) -> FoundGroups:
+    """Kosson et al.'s rotational groups, read from the model's structure: every linear and
+    convolutional kernel per output unit.
+
+    The rotational variants (:func:`~optax_sphere.rv_adamw`, :func:`~optax_sphere.rv_sgdm`,
+    :func:`~optax_sphere.rv_lion`) "apply rotational updates to all convolutional and linear
+    layers" (Kosson et al. sec. 4), one group per output unit, whether or not a
+    normalisation makes the layer scale-invariant (a transformer's are not: add a learnable
+    gain, :mod:`optax_sphere.gains`, where the norm matters). This reads each kernel's units
+    from the computation (:func:`~optax_sphere.structure.trace_structure`), so the groups
+    are right in any layout (``(in, out)``, ``(out, in)``, attention kernels
+    ``(in, heads, head_dim)``) and one layer at a time in a stack (``nn.scan``, ``nnx.scan``,
+    stacked Equinox layers). Every other leaf (biases, gains, norm scales, positions added
+    elementwise) is left ungrouped: its base optimizer with its own weight decay, as REQ treats
+    its non-rotational weights. Nothing is measured: use :func:`find_groups` for the groups
+    that are radially invariant.
+
+    Args:
+      model: the model, in any form :func:`find_groups` takes, followed by its parameters
+        or variables and example inputs in ``*args``.
+      *args: as for :func:`find_groups`.
+      head: group the output layer too (a kernel whose outputs reach the model's outputs
+        with no other parameterised layer after it), as REQ does (every matrix with weight
+        decay); ``False`` gives it its base optimizer.
+      embedding: group the rows of an embedding (a kernel indexed by the data), as REQ does;
+        ``False`` gives it its base optimizer. A tied embedding and head is grouped only if
+        both are.
+      **kwargs: passed to the model.
+
+    Returns:
+      A :class:`FoundGroups`: pass it as ``groups=``; print it for the report.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, optax_sphere
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         x = nn.gelu(nn.Dense(8)(nn.LayerNorm()(x)))
+      ...         return nn.Dense(3)(x)
+      >>> x = jnp.ones((4, 5))
+      >>> variables = Net().init(jax.random.key(0), x)
+      >>> groups = optax_sphere.rotational_groups(Net(), variables, x, head=False)
+      >>> groups.grouped
+      ['Dense_0/kernel']
+      >>> tx = optax_sphere.rv_adamw(1e-3, weight_decay=0.1, groups=groups)
+
+    References:
+      Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
+      Networks", sec. 4 and app. M, O.
+    """
+    start = time.perf_counter()
+    f, params, inputs, _ = as_function(model, args, kwargs)
+    _check_leaves(params)
+    structure = trace_structure(f, params, *inputs)
+    rows = []
+    for leaf in structure:
+        layered = {"dot_general", "conv_general_dilated"} & set(leaf.consumers)
+        reason = ""
+        if not leaf.known:
+            reason = leaf.note
+        elif not layered and not leaf.lookup:
+            reason = "not a linear, convolutional or embedding layer"
+        elif leaf.head and not head:
+            reason = "the output layer (head=False)"
+        elif leaf.lookup and not embedding:
+            reason = "an embedding (embedding=False)"
+        choice = None
+        if not reason:
+            axes = leaf.input_axes
+            if Group(axes).size(leaf.shape) < 2 if axes else True:
+                reason = "one input per unit: no direction"
+            else:
+                choice = _Candidate(
+                    _named_spec(axes, len(leaf.shape)), axes, _words(axes, leaf.shape, leaf)
+                )
+        rows.append(_report(leaf.path, leaf.shape, choice, {}, reason, leaf))
+    return FoundGroups(
+        tuple(rows),
+        math.nan,
+        time.perf_counter() - start,
+        structure,
+        method="from the structure (Kosson et al.: every linear and convolutional layer)",
+    )

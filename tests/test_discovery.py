@@ -95,13 +95,20 @@ def test_pre_ln_transformer_block_has_no_invariant_group():
     assert shapes["Embed_0/embedding"] == (32, 16)
 
 
-def test_attention_with_qk_norm_groups_the_query_and_key_kernels_per_tensor():
+def test_attention_with_qk_norm_groups_the_query_and_key_kernels_per_head():
+    # the QK-norm normalises each head's query over head_dim: kernel (in, heads, head_dim)
+    # = (16, 2, 8) is invariant per head, 2 groups of 16 * 8 (axes 0 and 2), and no finer
     tokens = jax.random.randint(jax.random.key(0), (4, 6), 0, 32)
     variables = PreLNBlock(qk_norm=True).init(jax.random.key(1), tokens)
-    found = _found(PreLNBlock(qk_norm=True), variables, tokens)
+    report = osp.find_groups(PreLNBlock(qk_norm=True), variables, tokens)
+    found = {r.path: r.grouping for r in report.reports}
     attention = "MultiHeadDotProductAttention_0"
-    assert found[f"{attention}/query/kernel"] == "tensor"
-    assert found[f"{attention}/key/kernel"] == "tensor"
+    for name in ("query", "key"):
+        row = next(r for r in report.reports if r.path == f"{attention}/{name}/kernel")
+        assert row.grouping == (0, 2)
+        assert (row.num_groups, row.group_size) == (2, 128)
+        assert row.description == "per head (axis 1)"
+        assert row.sensitivity["axes(0,)"] > 10 * report.tolerance  # per unit: not invariant
     assert found[f"{attention}/value/kernel"] is None
     assert found[f"{attention}/out/kernel"] is None
     assert found["Embed_0/embedding"] is None
