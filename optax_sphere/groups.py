@@ -193,6 +193,36 @@ def _per_unit_spec(params: PyTree, spec: str) -> PyTree:
     return jax.tree.map(leaf, params)
 
 
+#: the leaf name of each framework's kernels, and the layout it implies
+_LAYOUT_OF_NAME = {
+    "weight": ("unit", "unit_out_first", "the (out, ...) layout of PyTorch and Equinox"),
+    "kernel": ("unit_out_first", "unit", "the (..., out) layout of Flax and Haiku"),
+}
+
+
+def _warn_other_layout(spec: PyTree, rule: str) -> PyTree:
+    """Warns when a rule groups leaves whose name says they are in the other layout (a Flax
+    ``kernel`` grouped ``"unit_out_first"``, a PyTorch / Equinox ``weight`` grouped
+    ``"unit"``): their groups would split one unit's inputs."""
+    for name, (wrong, right, layout) in _LAYOUT_OF_NAME.items():
+        if rule != wrong:
+            continue
+        named = [
+            path_str(p)
+            for p, s in jax.tree_util.tree_flatten_with_path(spec)[0]
+            if s == rule and key_names(p)[-1:] == (name,)
+        ]
+        if named:
+            axes = "all axes but the last" if rule == "unit" else "all axes but the first"
+            warnings.warn(
+                f"groups {rule!r} group {axes}, but {named} are named {name!r} as in "
+                f"{layout}; use groups={right!r}, optax_sphere.find_groups or "
+                "optax_sphere.check_groups.",
+                stacklevel=4,
+            )
+    return spec
+
+
 def per_unit(params: PyTree) -> PyTree:
     """One group per output unit for the Flax / Haiku layout ``(..., out)``.
 
@@ -222,20 +252,7 @@ def per_unit(params: PyTree) -> PyTree:
       Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2 (one
       radially invariant group per filter after BatchNorm).
     """
-    spec = _per_unit_spec(params, "unit")
-    named_weight = [
-        path_str(p)
-        for p, s in jax.tree_util.tree_flatten_with_path(spec)[0]
-        if s == "unit" and key_names(p)[-1:] == ("weight",)
-    ]
-    if named_weight:
-        warnings.warn(
-            "groups 'unit' group all axes but the last (the Flax layout (..., out)), but "
-            f"{named_weight} are named 'weight' as in the (out, ...) layout of PyTorch and "
-            "Equinox; use groups='unit_out_first' or optax_sphere.find_groups.",
-            stacklevel=3,
-        )
-    return spec
+    return _warn_other_layout(_per_unit_spec(params, "unit"), "unit")
 
 
 def per_unit_out_first(params: PyTree) -> PyTree:
@@ -244,7 +261,9 @@ def per_unit_out_first(params: PyTree) -> PyTree:
     Leaves of ndim >= 2 (an ``eqx.nn.Linear`` weight ``(out, in)``, an ``eqx.nn.Conv2d``
     weight ``(out, in, kh, kw)``) are grouped over all axes but the first; other leaves, and
     leaves whose groups would hold one element (an Equinox conv bias ``(out, 1, 1)``), are
-    not grouped.
+    not grouped. Leaves named ``kernel`` (the ``(..., out)`` layout of Flax and Haiku) are
+    grouped as asked, with a warning: use :func:`per_unit` or :func:`optax_sphere.find_groups`
+    there.
 
     Args:
       params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``).
@@ -262,7 +281,7 @@ def per_unit_out_first(params: PyTree) -> PyTree:
     References:
       Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2.
     """
-    return _per_unit_spec(params, "unit_out_first")
+    return _warn_other_layout(_per_unit_spec(params, "unit_out_first"), "unit_out_first")
 
 
 def per_tensor(params: PyTree) -> PyTree:

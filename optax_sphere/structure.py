@@ -328,11 +328,20 @@ class _Tracer:
                         v, "contracted with a constant or another parameter before the data"
                     )
             return _CONSTANT
-        same = [
-            v.origins for v in ins if v.origins is not None and len(v.origins) == len(out_shape)
-        ]
-        if same and all(_shape(var) in (out_shape, ()) for var in eqn.invars):
-            return _Value(_union(same))  # elementwise: a gain, a normalised direction
+        shapes = [_shape(var) for var in eqn.invars]
+        broadcast = all(
+            s == () or (len(s) == len(out_shape) and all(a in (1, b) for a, b in zip(s, out_shape)))
+            for s in shapes
+        )
+        if broadcast:
+            # elementwise (size-1 axes broadcast): a gain, a normalised direction; an axis of
+            # size 1 carries nothing
+            same = [
+                tuple(o if a == b else frozenset() for o, a, b in zip(v.origins, s, out_shape))
+                for v, s in zip(ins, shapes)
+                if v.origins is not None and len(s) == len(out_shape)
+            ]
+            return _Value(_union(same) if same else tuple(frozenset() for _ in out_shape))
         for v in ins:
             if v.origins is not None:
                 self.rec.note(v, f"passed through `{name}`, whose axes are not followed")
@@ -383,7 +392,9 @@ class _Tracer:
                 return self.structural(eqn, ins)
             return self._data(ins)
         numbers = eqn.params["dimension_numbers"]
-        indexed = set(numbers.start_index_map)
+        shape, sizes = _shape(eqn.invars[0]), eqn.params["slice_sizes"]
+        # an axis indexed by the data and sliced to less than its size: the rows
+        indexed = {d for d in numbers.start_index_map if sizes[d] < shape[d]}
         batched = set(getattr(numbers, "operand_batching_dims", ()))
         roles = [
             STACK if d in batched else UNIT if d in indexed else INPUT
