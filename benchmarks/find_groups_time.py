@@ -1,11 +1,14 @@
-"""Wall time of ``optax_sphere.find_groups`` on a ResNet-18 and on a 12-block transformer.
+"""Wall time of ``optax_sphere.find_groups`` on a ResNet-18 and on 12-block transformers.
 
     python benchmarks/find_groups_time.py [--out benchmarks/results/find_groups.json]
 
-Both models are Flax linen modules: the ResNet-18 of He et al. (BatchNorm after every
+The models are Flax linen modules: the ResNet-18 of He et al. (BatchNorm after every
 convolution, 11.2M parameters, CIFAR-sized inputs, batch 8) and a pre-LN transformer of 12
-blocks (width 256, 4 heads, sequence 64, batch 4, QK-norm in the attention). The time includes
-compiling the model (the first call), as a user sees it; the grouping found is summarised.
+blocks (width 256, 4 heads, sequence 64, batch 4, QK-norm in the attention), written once as
+12 separate blocks and once as one block scanned 12 times (``nn.scan``: every kernel a leaf
+``(12, ...)``). The time includes reading the structure (one trace) and compiling the model
+(the first call), as a user sees it; ``optax_sphere.rotational_groups`` (the structure alone)
+is timed too. The groupings found are summarised in words.
 """
 
 from __future__ import annotations
@@ -74,20 +77,47 @@ class Transformer(nn.Module):
         return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 
+class ScannedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return Block()(x), None
+
+
+class ScannedTransformer(nn.Module):
+    blocks: int = 12
+    vocab: int = 256
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab, 256)(tokens)
+        stack = nn.scan(
+            ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=12
+        )
+        x, _ = stack(name="blocks")(x, None)
+        return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
 def measure(name: str, model: nn.Module, example: jax.Array) -> dict:
     variables = model.init(jax.random.key(0), example)
     params = variables["params"]
     start = time.perf_counter()
     found = osp.find_groups(model, variables, example)
     seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    rotational = osp.rotational_groups(model, variables, example)
+    structure_seconds = time.perf_counter() - start
     counts: dict[str, int] = {}
     for r in found.reports:
-        counts[str(r.grouping)] = counts.get(str(r.grouping), 0) + 1
+        counts[r.description] = counts.get(r.description, 0) + 1
     sizes = sum(x.size for x in jax.tree.leaves(params))
     print(f"{name}: {sizes / 1e6:.1f}M parameters, {len(found.reports)} leaves, {seconds:.1f} s")
     print(f"  groupings: {counts}")
+    print(
+        f"  rotational_groups: {len(rotational.grouped)} kernels grouped, {structure_seconds:.2f} s"
+    )
     return {"parameters": sizes, "leaves": len(found.reports), "seconds": seconds,
-            "groupings": counts}  # fmt: skip
+            "groupings": counts, "rotational_groups_seconds": structure_seconds,
+            "rotational_groups_grouped": len(rotational.grouped)}  # fmt: skip
 
 
 def main() -> None:
@@ -99,6 +129,9 @@ def main() -> None:
     results = {
         "resnet18": measure("ResNet-18", ResNet18(), images),
         "transformer_12_blocks": measure("transformer, 12 blocks", Transformer(), tokens),
+        "transformer_12_blocks_scanned": measure(
+            "transformer, 12 blocks scanned", ScannedTransformer(), tokens
+        ),
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),

@@ -10,14 +10,16 @@ split. The model is a pre-LayerNorm decoder (GPT-like) with learned positions.
 
 This is the case where the rotational variants help (Kosson et al. sec. 5 "Training poorly
 normalized networks", table 2, GPT-like on Wikitext): LayerNorm makes at most a whole layer
-scale-invariant, not each neuron, so the weights of one matrix rotate at unequal speeds under
-AdamW, and RV-AdamW (``optax_sphere.rv_adamw``, groups per tensor: every kernel of the blocks
-is one group) balances them. Both start from Kosson et al.'s GPT-like preset
-(``kosson2024/wikitext_gpt``: lr 5e-3, weight decay 0.5, b2 0.95; the RV zero-shot) with a
-cosine schedule after a 5% warm-up, and the learning rate is searched over a short grid on the
-validation loss. AdamW decays the matrices (embedding, kernels, head) and not the LayerNorm
-gains and biases; RV-AdamW keeps the norm of every grouped kernel fixed and leaves the
-ungrouped leaves (embeddings, head, gains, biases) to plain Adam.
+scale-invariant, not each neuron, so the neurons of one matrix rotate at unequal speeds under
+AdamW, and RV-AdamW balances them. Its groups are Kosson et al.'s, read from the model's
+structure by ``optax_sphere.rotational_groups``: every linear kernel (attention, MLP, head)
+and the embedding per output unit; the MLP kernels and the head carry a learnable gain
+(``optax_sphere.gains.WithGain``), since in a transformer their norm matters. Both optimizers
+start from Kosson et al.'s GPT-like preset (``kosson2024/wikitext_gpt``: lr 5e-3, weight decay
+0.5, b2 0.95; the RV zero-shot) with a cosine schedule after a 5% warm-up, and the learning
+rate is searched over a short grid on the validation loss. Both decay the matrices (optax's
+``mask``: AdamW's embedding, kernels, head and positions; RV-AdamW's positions, its only
+ungrouped matrix) and not the LayerNorm gains, the learnable gains and the biases.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import optax
 import optax_sphere
 from optax_sphere import presets
 from optax_sphere.experiments import harness
+from optax_sphere.gains import WithGain
 
 
 def stdlib_text(max_bytes: int) -> bytes:
@@ -83,8 +86,8 @@ class Block(nn.Module):
         h = nn.LayerNorm()(x)
         x = x + nn.MultiHeadDotProductAttention(self.heads, use_bias=False)(h, h, mask=mask)
         h = nn.LayerNorm()(x)
-        h = nn.Dense(4 * self.dim, use_bias=False)(h)
-        return x + nn.Dense(self.dim, use_bias=False)(nn.gelu(h))
+        h = WithGain(nn.Dense(4 * self.dim, use_bias=False))(h)
+        return x + WithGain(nn.Dense(self.dim, use_bias=False))(nn.gelu(h))
 
 
 class CharTransformer(nn.Module):
@@ -99,25 +102,21 @@ class CharTransformer(nn.Module):
         x = x + self.param("positions", nn.initializers.normal(0.02), (self.context, self.dim))
         for _ in range(self.layers):
             x = Block(self.dim, self.heads)(x)
-        return nn.Dense(256)(nn.LayerNorm()(x))
+        return WithGain(nn.Dense(256, use_bias=False), name="head")(nn.LayerNorm()(x))
 
 
-def block_kernels(params):
-    """``groups`` spec: every kernel inside a transformer block is one group (per tensor).
-
-    Written by hand, not found by ``optax_sphere.find_groups``: in a pre-LN block no kernel is
-    exactly radially invariant (the residual stream carries its scale), which is what
-    ``find_groups`` reports; Kosson et al. apply rotational control to these kernels all the
-    same (app. M), as this experiment reproduces."""
-
-    def spec(path, leaf):
-        names = [getattr(k, "key", "") for k in path]
-        return "tensor" if names[-1] == "kernel" and names[0].startswith("Block") else None
-
-    return jax.tree_util.tree_map_with_path(spec, params)
+def rotational_groups(model: CharTransformer) -> optax_sphere.FoundGroups:
+    """Kosson et al.'s groups, read from the model's structure: every linear kernel and the
+    embedding per output unit (``optax_sphere.rotational_groups``). In a pre-LN block no
+    kernel is exactly radially invariant (the residual stream carries its scale), which is
+    what ``find_groups`` reports; Kosson et al. apply rotational control to these layers all
+    the same, with gains where the norm matters (sec. 4, app. M, O)."""
+    tokens = jnp.zeros((1, model.context), jnp.int32)
+    variables = model.init(jax.random.key(0), tokens)
+    return optax_sphere.rotational_groups(model, variables, tokens)
 
 
-def lm_task(model: CharTransformer) -> harness.Task:
+def lm_task(model: CharTransformer, groups: optax_sphere.FoundGroups) -> harness.Task:
     def init(key):
         return model.init(key, jnp.zeros((1, model.context), jnp.int32))["params"], {}
 
@@ -133,7 +132,7 @@ def lm_task(model: CharTransformer) -> harness.Task:
         correct = (jnp.argmax(logits, -1) == batch[1]).astype(jnp.float32)
         return {"loss": losses.mean(-1).sum(), "accuracy": correct.mean(-1).sum()}
 
-    return harness.Task(init, loss, evaluate, groups=block_kernels)
+    return harness.Task(init, loss, evaluate, groups=groups)
 
 
 def warmup_cosine(lr: Any, total_steps: int):
@@ -147,7 +146,7 @@ def warmup_cosine(lr: Any, total_steps: int):
     return schedule
 
 
-def candidates() -> list[harness.Candidate]:
+def candidates(groups: optax_sphere.FoundGroups) -> list[harness.Candidate]:
     matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     adamw = presets.get("kosson2024/wikitext_gpt/adamw")
     rv = presets.get("kosson2024/wikitext_gpt/rv_adamw")
@@ -162,10 +161,10 @@ def candidates() -> list[harness.Candidate]:
         ),
         harness.Candidate(
             "rv_adamw",
-            "rv_adamw (per tensor)",
+            "rv_adamw (Kosson et al.'s groups)",
             dict(rv.hyperparams),
             f"preset {rv.name}",
-            lambda **kw: rv.build(groups=block_kernels, **kw),
+            lambda **kw: rv.build(groups=groups, mask=matrices, **kw),
             base="adamw",
             family="AdamW",
         ),
@@ -190,8 +189,10 @@ def main(argv: list[str] | None = None) -> None:
         eval_windows = 32
     model = CharTransformer()
     data = load_text(args.bytes, model.context, eval_windows)
-    task = lm_task(model)
-    chosen = candidates()
+    groups = rotational_groups(model)
+    print(groups)
+    task = lm_task(model, groups)
+    chosen = candidates(groups)
     protocol = harness.Protocol(
         epochs=args.epochs,
         batch_size=args.batch_size,

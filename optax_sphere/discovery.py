@@ -7,6 +7,8 @@ for a function homogeneous of degree 0), the outputs do not move along the radia
 ``J_G x_G = 0``, where ``J_G`` is the Jacobian of the outputs in ``x_G``.
 
 :func:`find_groups` measures this for every candidate grouping of every parameter at once.
+The candidates are read from the model's structure (:mod:`optax_sphere.structure`): the
+inputs of one unit, per unit, per head and per layer of a stack.
 With ``K`` random output directions ``r_k`` it takes the gradients ``g_k = J^T r_k`` (one
 forward and one batched backward pass per probe point) and, per group, compares the radial
 derivative ``<g_k, x_G>`` with the derivative along a random tangent direction ``t_G`` of the
@@ -417,13 +419,19 @@ def find_groups(
     """Finds the radially invariant groups of a model by measuring them.
 
     Every parameter gets the finest grouping under which scaling any one group by ``c > 0``
-    leaves the model's outputs unchanged: one group per output unit (for the Flax / Haiku
-    layout ``(..., out)``, ``"unit"``, or the PyTorch / Equinox layout ``(out, ...)``,
-    ``"unit_out_first"``), one group per tensor (``"tensor"``), or none. Groups of one element
-    are never made, and a parameter the outputs do not depend on is not grouped. The method,
-    the tolerance and why it is not fooled by the zero biases of an initialisation are in the
-    module docstring; it costs two forward and two batched backward passes, plus one forward
-    pass for the final check.
+    leaves the model's outputs unchanged. The candidates come from the model's structure,
+    read from one trace of its computation (:func:`~optax_sphere.structure.trace_structure`):
+    one unit's inputs (the axes a ``dot_general`` or a convolution contracts) plus any set of
+    the unit axes, within one layer of a stack: per unit, per head (``(0, 2)`` for a
+    ``(in, heads, head_dim)`` kernel), per layer; a stack axis is reduced only when nothing
+    finer is invariant (per tensor). Where the structure cannot be read (a parameter used
+    only elementwise), the candidates are per unit in the model's layout (``"unit"`` for
+    Flax / Haiku ``(..., out)``, ``"unit_out_first"`` for PyTorch / Equinox ``(out, ...)``),
+    in the other layout and per tensor, each within one layer of a stack read from a
+    ``scan``. Groups of one element are never made, and a parameter the outputs do not depend
+    on is not grouped. The method, the tolerance and why it is not fooled by the zero biases
+    of an initialisation are in the module docstring; it costs one trace, two forward and two
+    batched backward passes, plus one forward pass for the final check.
 
     The model comes in one of four forms (BatchNorm in training mode, dropout off):
 

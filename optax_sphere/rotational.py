@@ -238,8 +238,10 @@ def rotational_rms_control(
         groups never get weight decay).
       mask: which ungrouped leaves ``weight_decay`` applies to, as ``optax.adamw``'s ``mask``
         (``None``: all; a pytree of bools or a callable of the params returning one).
-      groups: the rotational groups (see :mod:`optax_sphere.groups`): per output unit by
-        default, ``"tensor"`` for whole-layer (LayerNorm) invariance.
+      groups: the rotational groups (see :mod:`optax_sphere.groups`):
+        :func:`optax_sphere.rotational_groups` for Kosson et al.'s (every linear and
+        convolutional kernel per output unit, read from the model), ``"tensor"`` for
+        whole-layer (LayerNorm) invariance.
 
     Returns:
       An ``optax.GradientTransformation`` (state :class:`RotationalRmsControlState`);
@@ -479,20 +481,27 @@ def rv_adamw(
       ungrouped_weight_decay: the ungrouped leaves' weight decay (decoupled, as AdamW's);
         ``None``: ``weight_decay``, optax's.
       mask: which ungrouped leaves get the weight decay, as ``optax.adamw``'s ``mask``.
-      groups: the rotational groups (a kernel per tensor in a transformer, per unit after
-        BatchNorm); ungrouped leaves get the base optimizer.
+      groups: the rotational groups: Kosson et al.'s are every linear and convolutional
+        kernel per output unit, one layer of a stack at a time, which
+        ``optax_sphere.rotational_groups(model, *example)`` reads from the model (any
+        layout, Flax linen, flax.nnx, Equinox); ungrouped leaves get the base optimizer.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.
 
     Example:
-      >>> import jax.numpy as jnp, optax, optax_sphere
-      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-      >>> tx = optax_sphere.rv_adamw(1e-3, weight_decay=1e-2, groups={"w": "unit", "b": None})
+      >>> import jax, jax.numpy as jnp, optax, optax_sphere
+      >>> def model(p, x):  # a two-layer MLP, kernels (in, out)
+      ...     return jax.nn.gelu(x @ p["w"] + p["b"]) @ p["head"]
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2), "head": jnp.ones((2, 1))}
+      >>> groups = optax_sphere.rotational_groups(model, params, jnp.ones((4, 3)))
+      >>> groups.grouped
+      ['head', 'w']
+      >>> tx = optax_sphere.rv_adamw(1e-3, weight_decay=1e-2, groups=groups)
       >>> state = tx.init(params)
       >>> updates, state = tx.update(params, state, params)
       >>> sorted(optax.apply_updates(params, updates))
-      ['b', 'w']
+      ['b', 'head', 'w']
 
     References:
       Kosson, Messmer and Jaggi, "Rotational Equilibrium: How Weight Decay Balances Learning
@@ -547,7 +556,9 @@ def rv_sgdm(
     Example:
       >>> import jax.numpy as jnp, optax, optax_sphere
       >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-      >>> tx = optax_sphere.rv_sgdm(0.1, 0.9, weight_decay=5e-4, groups={"w": "unit", "b": None})
+      >>> layer = lambda p, x: x @ p["w"] + p["b"]
+      >>> groups = optax_sphere.rotational_groups(layer, params, jnp.ones((4, 3)))  # w per unit
+      >>> tx = optax_sphere.rv_sgdm(0.1, 0.9, weight_decay=5e-4, groups=groups)
       >>> state = tx.init(params)
       >>> updates, state = tx.update(params, state, params)
       >>> sorted(optax.apply_updates(params, updates))
@@ -638,7 +649,9 @@ def rv_lion(
     Example:
       >>> import jax.numpy as jnp, optax, optax_sphere
       >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-      >>> tx = optax_sphere.rv_lion(1e-4, weight_decay=1.0, groups={"w": "unit", "b": None})
+      >>> layer = lambda p, x: x @ p["w"] + p["b"]
+      >>> groups = optax_sphere.rotational_groups(layer, params, jnp.ones((4, 3)))  # w per unit
+      >>> tx = optax_sphere.rv_lion(1e-4, weight_decay=1.0, groups=groups)
       >>> state = tx.init(params)
       >>> updates, state = tx.update(params, state, params)
       >>> sorted(optax.apply_updates(params, updates))
