@@ -158,6 +158,7 @@ class _Value:
     origins: Origins | None = None
     data: bool = False
     after: frozenset = frozenset()
+    leaves: frozenset = frozenset()  # the parameters it carries, even with no axis left
 
 
 _CONSTANT = _Value()
@@ -191,7 +192,17 @@ class _Recorder:
 
 
 def _leaves_of(value: _Value) -> set[int]:
-    return {leaf for origin in value.origins or () for leaf, _ in origin}
+    if value.origins is None:
+        return set()
+    return set(value.leaves) | {leaf for origin in value.origins for leaf, _ in origin}
+
+
+def _carrying(value: _Value, ins: Sequence[_Value]) -> _Value:
+    """``value`` (a parameter transformed without the data) with the parameters of ``ins``."""
+    if value.origins is None:
+        return value
+    leaves = frozenset().union(*(_leaves_of(v) for v in ins))
+    return dataclasses.replace(value, leaves=leaves)
 
 
 def _union(origins: Iterable[Origins]) -> Origins:
@@ -207,6 +218,8 @@ def _reshape(origins: Origins, old: tuple[int, ...], new: tuple[int, ...], rec: 
     """The axes of a reshape: runs of axes with equal products map onto each other (a split
     gives its parts the axis split, a merge gives the merged axis all of its parts)."""
     out: list[frozenset] = [frozenset()] * len(new)
+    if 0 in old or 0 in new:  # an empty array: no axis carries anything
+        return tuple(out)
     i = j = 0
     while i < len(old) or j < len(new):
         if i < len(old) and old[i] == 1:
@@ -289,7 +302,7 @@ class _Tracer:
             for v in carried:
                 self.rec.use("elementwise", v, ())
             return [_Value(None, True, after)] * n_out
-        return [self.structural(eqn, ins)] * n_out
+        return [_carrying(self.structural(eqn, ins), ins)] * n_out
 
     def structural(self, eqn: Any, ins: list[_Value]) -> _Value:
         """A parameter transformed without the data: the axes it keeps."""
@@ -413,7 +426,7 @@ class _Tracer:
             roles = [UNIT if sizes[d] < shape[d] else INPUT for d in range(len(shape))]
             self.rec.use("gather", value, roles)
             return _Value(None, True, frozenset(_leaves_of(value)))
-        return _Value(value.origins)
+        return _carrying(_Value(value.origins), [value])
 
     def _data(self, ins: list[_Value]) -> _Value:
         for v in ins:
@@ -430,7 +443,12 @@ class _Tracer:
             self.rec = _Recorder(real.shapes)  # a scratch pass
             outs = self.run(body, consts + carry + xs)
             new = [
-                _Value(c.origins if not o.data else None, c.data or o.data, c.after | o.after)
+                _Value(
+                    c.origins if not o.data else None,
+                    c.data or o.data,
+                    c.after | o.after,
+                    c.leaves if not o.data else frozenset(),
+                )
                 for c, o in zip(carry, outs[: len(carry)])
             ]
             if [(v.data, v.after) for v in new] == [(v.data, v.after) for v in carry]:
@@ -451,12 +469,14 @@ class _Tracer:
             if v.origins is not None and not v.data:
                 for leaf, axis in v.origins[0]:
                     self.rec.stack[leaf].add(axis)
-                sliced.append(_Value(v.origins[1:]))
+                sliced.append(_Value(v.origins[1:], leaves=frozenset(_leaves_of(v))))
             else:
                 sliced.append(v)
         outs, carry = self._loop(eqn.params["jaxpr"], consts, carry, sliced)
         ys = [
-            _Value((frozenset(),) + o.origins, o.data, o.after) if o.origins is not None else o
+            _Value((frozenset(),) + o.origins, o.data, o.after, frozenset(_leaves_of(o)))
+            if o.origins is not None
+            else o
             for o in outs[n_carry:]
         ]
         return list(outs[:n_carry]) + ys
@@ -479,6 +499,9 @@ class _Tracer:
                     None if data or not origins else _union(origins),
                     data,
                     frozenset().union(*(v.after for v in values)),
+                    frozenset().union(*(_leaves_of(v) for v in values))
+                    if not data
+                    else frozenset(),
                 )
             )
         return outs
@@ -534,7 +557,8 @@ def trace_structure(fn: Callable[..., Any], params: PyTree, *inputs: Any) -> Mod
     rec = _Recorder(shapes)
     n_inputs = len(jax.tree.leaves(inputs))
     values = [
-        _Value(tuple(frozenset({(i, a)}) for a in range(len(s)))) for i, s in enumerate(shapes)
+        _Value(tuple(frozenset({(i, a)}) for a in range(len(s))), leaves=frozenset({i}))
+        for i, s in enumerate(shapes)
     ] + [_Value(None, True)] * n_inputs
     outs = _Tracer(rec).run(closed, values)
     heads = frozenset().union(*(v.after for v in outs if v.data))

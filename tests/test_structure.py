@@ -180,7 +180,7 @@ def test_embedding_lookup_tied_head_bias_and_unknown_structures_in_words():
     def fn(p, ids):
         x = p["embed"][ids] + p["bias"]  # (B, D)
         h = x @ (p["a"] @ p["b"])  # a low-rank product: two parameters before the data
-        return h @ p["embed"].T  # tied head
+        return (h @ p["embed"].T) * p["temperature"]  # tied head, a learnable temperature
 
     params = {
         "embed": jnp.ones((7, 4)),
@@ -188,6 +188,8 @@ def test_embedding_lookup_tied_head_bias_and_unknown_structures_in_words():
         "a": jnp.ones((4, 2)),
         "b": jnp.ones((2, 4)),
         "unused": jnp.ones((3, 3)),
+        "temperature": jnp.ones(()),
+        "empty": jnp.ones((0, 4)),
     }
     s = trace_structure(fn, params, jnp.array([1, 2]))
     embed = s["embed"]
@@ -197,6 +199,8 @@ def test_embedding_lookup_tied_head_bias_and_unknown_structures_in_words():
     assert "elementwise" in s["bias"].note
     assert "another parameter" in s["a"].note and "another parameter" in s["b"].note
     assert s["unused"].note == "the outputs do not depend on it"
+    assert "elementwise" in s["temperature"].note  # a scalar is followed too
+    assert s["empty"].note == "the outputs do not depend on it"
     assert "structure unknown" in s["a"].describe()
     assert "rows on axis 0" in embed.describe() and "the head" in embed.describe()
     assert "unused" in s.table()
