@@ -179,22 +179,17 @@ def _candidates(
 class GroupReport:
     """What :func:`find_groups` found for one parameter.
 
-    Attributes:
-      path: the parameter's path, ``a/b/kernel``.
-      shape: its shape.
-      grouping: the spec ``groups=`` takes for it: ``"unit"``, ``"unit_out_first"``,
-        ``"tensor"``, a tuple of the axes one group spans (``(1,)`` for one layer of a stack,
-        ``(0, 2)`` per head), or ``None`` (not grouped).
-      group_size: elements per group (``None`` when not grouped).
-      num_groups: number of groups (0 when not grouped).
-      sensitivity: the radial sensitivity of each candidate grouping tried (module
-        docstring), keyed by its spec (``"axes(0,2)"`` for a tuple); empty when the outputs
-        do not depend on the leaf.
-      note: why it is not grouped, in words.
-      description: the grouping in words (``"per layer of a stack of 4, per unit"``,
-        ``"per head (axis 1)"``).
-      structure: how the model uses the leaf, in words (:mod:`optax_sphere.structure`), or
-        why it could not be read, in which case the named groupings were tried.
+    Its ``path`` (``a/b/kernel``) and ``shape``; the ``grouping``, the spec ``groups=`` takes
+    for it (``"unit"``, ``"unit_out_first"``, ``"tensor"``, a tuple of the axes one group
+    spans: ``(1,)`` for one layer of a stack, ``(0, 2)`` per head; or ``None``: not grouped);
+    the ``group_size`` (elements per group, ``None`` when not grouped) and ``num_groups`` (0
+    when not grouped); the ``sensitivity``, the radial sensitivity of each candidate grouping
+    tried (module docstring), keyed by its spec (``"axes(0,2)"`` for a tuple), empty when the
+    outputs do not depend on the leaf; a ``note`` that says why it is not grouped; the
+    grouping in words, ``description`` (``"per layer of a stack of 4, per unit"``, ``"per head
+    (axis 1)"``); and ``structure``, how the model uses the leaf in words
+    (:mod:`optax_sphere.structure`), or why it could not be read, in which case the named
+    groupings were tried.
     """
 
     path: str

@@ -94,7 +94,7 @@ class LeafStructure:
 
     @property
     def known(self) -> bool:
-        """Whether the structure was read: some operation consumes the leaf with the data."""
+        """True when the structure was read (some operation consumes the leaf with the data)."""
         return bool(self.consumers)
 
     def describe(self) -> str:
