@@ -14,6 +14,7 @@ training step uses an optimizer. See ``benchmarks/README.md`` for how to read th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ import numpy as np
 import optax
 
 import optax_sphere
+from optax_sphere import registry
 from optax_sphere.experiments.environment import environment
 from optax_sphere.experiments.trees import (
     kernels_per_tensor,
@@ -62,43 +64,28 @@ TREES: dict[str, tuple[Callable[[], dict], Any]] = {
 LR_ADAM, LR_SGD, WD = 1e-3, 1e-2, 1e-2
 
 
-def _sgdm(lr=LR_SGD, wd=0.0, nesterov=False):
-    sgd = optax.sgd(lr, momentum=0.9, nesterov=nesterov)
-    return optax.chain(optax.add_decayed_weights(wd), sgd) if wd else sgd
-
-
+# name: the alias's keyword arguments; its baseline is the optax optimizer it extends, at the
+# same values (optax_sphere.registry)
+KEYWORDS: dict[str, dict] = {
+    "adam_s": {"learning_rate": LR_ADAM},
+    "adam_st": {"learning_rate": LR_ADAM},
+    "adam_srt": {"learning_rate": LR_ADAM},
+    "adamg": {"learning_rate": LR_ADAM},
+    "adamp": {"learning_rate": LR_ADAM},
+    "rv_adamw": {"learning_rate": LR_ADAM, "weight_decay": WD},
+    "sgdm_rt": {"learning_rate": LR_SGD, "momentum": 0.9},
+    "psi_sgdm": {"learning_rate": LR_SGD, "momentum": 0.9},
+    "sgdg": {"learning_rate": LR_SGD, "momentum": 0.9},
+    "sgdp": {"learning_rate": LR_SGD, "momentum": 0.9, "nesterov": True},
+    "rv_sgdm": {"learning_rate": LR_SGD, "momentum": 0.9, "weight_decay": WD},
+    "rv_lion": {"learning_rate": 1e-4, "weight_decay": WD},
+    "psi_sgd": {"learning_rate": LR_SGD},
+    "adagradg": {"learning_rate": LR_SGD},
+}
 # name: (alias keyword arguments, baseline name, baseline factory)
 ALIASES: dict[str, tuple[dict, str, Callable[[], optax.GradientTransformation]]] = {
-    "adam_s": ({"learning_rate": LR_ADAM}, "optax.adam", lambda: optax.adam(LR_ADAM)),
-    "adam_st": ({"learning_rate": LR_ADAM}, "optax.adam", lambda: optax.adam(LR_ADAM)),
-    "adam_srt": ({"learning_rate": LR_ADAM}, "optax.adam", lambda: optax.adam(LR_ADAM)),
-    "adamg": ({"learning_rate": LR_ADAM}, "optax.adam", lambda: optax.adam(LR_ADAM)),
-    "adamp": ({"learning_rate": LR_ADAM}, "optax.adam", lambda: optax.adam(LR_ADAM)),
-    "rv_adamw": (
-        {"learning_rate": LR_ADAM, "weight_decay": WD},
-        "optax.adamw",
-        lambda: optax.adamw(LR_ADAM, weight_decay=WD),
-    ),
-    "sgdm_rt": ({"learning_rate": LR_SGD, "momentum": 0.9}, "optax.sgd(momentum)", _sgdm),
-    "psi_sgdm": ({"learning_rate": LR_SGD, "momentum": 0.9}, "optax.sgd(momentum)", _sgdm),
-    "sgdg": ({"learning_rate": LR_SGD, "momentum": 0.9}, "optax.sgd(momentum)", _sgdm),
-    "sgdp": (
-        {"learning_rate": LR_SGD, "momentum": 0.9, "nesterov": True},
-        "optax.sgd(momentum, nesterov)",
-        lambda: _sgdm(nesterov=True),
-    ),
-    "rv_sgdm": (
-        {"learning_rate": LR_SGD, "momentum": 0.9, "weight_decay": WD},
-        "optax.sgd(momentum)+L2",
-        lambda: _sgdm(wd=WD),
-    ),
-    "rv_lion": (
-        {"learning_rate": 1e-4, "weight_decay": WD},
-        "optax.lion",
-        lambda: optax.lion(1e-4, weight_decay=WD),
-    ),
-    "psi_sgd": ({"learning_rate": LR_SGD}, "optax.sgd", lambda: optax.sgd(LR_SGD)),
-    "adagradg": ({"learning_rate": LR_SGD}, "optax.adagrad", lambda: optax.adagrad(LR_SGD)),
+    name: (kw, registry.ALIASES[name].base, functools.partial(registry.build_base, name, **kw))
+    for name, kw in KEYWORDS.items()
 }
 
 

@@ -35,10 +35,10 @@ def conv_filters(params):
 VARIANTS = {
     "adamw": lambda: optax.adamw(1e-3, weight_decay=1e-2),
     "adamw + monitor": lambda: optax.chain(
-        optax.adamw(1e-3, weight_decay=1e-2), osp.monitor(conv_filters)
+        optax.adamw(1e-3, weight_decay=1e-2), osp.monitor(groups=conv_filters)
     ),
     "adamw + monitor(every=10)": lambda: optax.chain(
-        optax.adamw(1e-3, weight_decay=1e-2), osp.monitor(conv_filters, every=10)
+        optax.adamw(1e-3, weight_decay=1e-2), osp.monitor(groups=conv_filters, every=10)
     ),
     "monitored(adam + L2, adam_step_scale)": lambda: osp.monitored(
         optax.chain(optax.add_decayed_weights(1e-4), optax.adam(1e-3)),

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     def step_fn(center):
         # the rotational step alone: the wrapper around the identity direction
         tx = osp.rotational_rms_control(
-            optax.identity(), eta_r=0.01, learning_rate=0.01, center=center, groups="unit"
+            optax.identity(), eta_r=0.01, ungrouped_learning_rate=0.01, center=center, groups="unit"
         )
         state = tx.init(params)
         return jax.jit(lambda u, x: tx.update(u, state, x)[0])

@@ -17,6 +17,7 @@ ratio of the median step times is what the optimizer adds to a real step:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -31,6 +32,7 @@ import numpy as np
 import optax
 
 import optax_sphere
+from optax_sphere import registry
 from optax_sphere.experiments.environment import environment
 
 
@@ -65,37 +67,23 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "ln_mlp": (LayerNormMlp, (1024,), 64),
 }
 
+# alias: its keywords; the baseline is the optax optimizer it extends, at the same values
+# (optax_sphere.registry)
+KEYWORDS: dict[str, dict] = {
+    "adam_s": {"learning_rate": 1e-3},
+    "adam_srt": {"learning_rate": 1e-3},
+    "adamp": {"learning_rate": 1e-3},
+    "adamg": {"learning_rate": 1e-2},
+    "rv_adamw": {"learning_rate": 1e-3, "weight_decay": 1e-2},
+    "sgdm_rt": {"learning_rate": 0.1, "momentum": 0.9},
+    "sgdp": {"learning_rate": 0.1, "momentum": 0.9, "nesterov": True},
+    "psi_sgdm": {"learning_rate": 0.1, "momentum": 0.9},
+    "sgdg": {"learning_rate": 0.1, "momentum": 0.9},
+}
 # alias: (keywords, baseline name, baseline)
 PAIRS: dict[str, tuple[dict, str, Callable[[], optax.GradientTransformation]]] = {
-    "adam_s": ({"learning_rate": 1e-3}, "optax.adam", lambda: optax.adam(1e-3)),
-    "adam_srt": ({"learning_rate": 1e-3}, "optax.adam", lambda: optax.adam(1e-3)),
-    "adamp": ({"learning_rate": 1e-3}, "optax.adam", lambda: optax.adam(1e-3)),
-    "adamg": ({"learning_rate": 1e-2}, "optax.adam", lambda: optax.adam(1e-3)),
-    "rv_adamw": (
-        {"learning_rate": 1e-3, "weight_decay": 1e-2},
-        "optax.adamw",
-        lambda: optax.adamw(1e-3, weight_decay=1e-2),
-    ),
-    "sgdm_rt": (
-        {"learning_rate": 0.1, "momentum": 0.9},
-        "optax.sgd(momentum)",
-        lambda: optax.sgd(0.1, 0.9),
-    ),
-    "sgdp": (
-        {"learning_rate": 0.1, "momentum": 0.9, "nesterov": True},
-        "optax.sgd(momentum, nesterov)",
-        lambda: optax.sgd(0.1, 0.9, nesterov=True),
-    ),
-    "psi_sgdm": (
-        {"learning_rate": 0.1, "momentum": 0.9},
-        "optax.sgd(momentum)",
-        lambda: optax.sgd(0.1, 0.9),
-    ),
-    "sgdg": (
-        {"learning_rate": 0.1, "momentum": 0.9},
-        "optax.sgd(momentum)",
-        lambda: optax.sgd(0.1, 0.9),
-    ),
+    name: (kw, registry.ALIASES[name].base, functools.partial(registry.build_base, name, **kw))
+    for name, kw in KEYWORDS.items()
 }
 
 

@@ -64,7 +64,7 @@ def kernels(params):
 
 
 def make_optimizers(lr: float, wd: float, l2: float, groups: osp.FoundGroups):
-    monitor = osp.monitor(groups)
+    monitor = osp.monitor(groups=groups)
     return {
         "AdamW": optax.chain(optax.adamw(lr, B1, B2, weight_decay=wd, mask=kernels), monitor),
         "Adam+L2": optax.chain(

@@ -34,16 +34,8 @@ from optax_sphere.norm_growth import (
     sgdp,
 )
 from optax_sphere.psi import PsiSgdState, psi_sgd, psi_sgdm, scale_by_psi_metric
-from optax_sphere.retraction import (
-    AdagradgState,
-    AdamgState,
-    SgdgState,
-    adagradg,
-    adamg,
-    project_tangent,
-    retract_to_sphere,
-    sgdg,
-)
+from optax_sphere.retraction import project_tangent, retract_to_sphere
+from optax_sphere.riemannian import AdamgState, SgdgState, adamg, sgdg
 from optax_sphere.rotational import (
     RotationalRmsControlState,
     ScaleByAdamL2DirectionState,
@@ -55,6 +47,7 @@ from optax_sphere.rotational import (
     scale_by_adam_l2_direction,
     wrapped_adam_l2,
 )
+from optax_sphere.spherical_adagrad import AdagradgState, adagradg
 from optax_sphere.standardization import (
     ScaleByStandardizedAdamState,
     adam_s,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -40,6 +41,26 @@ def bias_corrected(moment: jax.Array, decay: Any, count: jax.Array) -> jax.Array
     """``moment / (1 - decay^count)`` (``optax.tree.bias_correction``), ``count`` after the
     step's increment."""
     return optax.tree.bias_correction(moment, decay, count)
+
+
+def bias_correction_factor(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
+    """``1 - decay^count`` in ``dtype`` (float64 stays float64), for a fused formula that
+    divides by it itself; ``count`` after the step's increment."""
+    return 1 - jnp.asarray(decay, dtype) ** count.astype(dtype)
+
+
+def bias_corrections(b1: Any, b2: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Adam's ``1 - b1^k`` and ``1 - b2^k`` in ``dtype``."""
+    return bias_correction_factor(b1, count, dtype), bias_correction_factor(b2, count, dtype)
+
+
+def adam_direction(
+    mu: jax.Array, nu: jax.Array, count: jax.Array, b1: Any, b2: Any, eps: Any
+) -> jax.Array:
+    """Adam's direction ``m_hat / (sqrt(v_hat) + eps)`` from its moments, bias-corrected with
+    optax's helper (``count`` after the step's increment); ``nu`` may be a per-group scalar
+    (Adam-S) and ``mu`` a look-ahead (Nesterov)."""
+    return bias_corrected(mu, b1, count) / (jnp.sqrt(bias_corrected(nu, b2, count)) + eps)
 
 
 def momentum(

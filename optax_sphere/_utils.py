@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_sphere._dtypes import accumulation_dtype
-from optax_sphere._paths import path_str
-from optax_sphere.groups import resolve_groups
+from optax_sphere._paths import check_trees_match
+from optax_sphere.groups import map_groups, resolve_groups
 
 PyTree = Any
 Hyper = Any  # a number, a scalar array, or a schedule ``count -> value``
@@ -32,8 +31,19 @@ __all__ = [
     "zeros_acc",
     "group_zeros",
     "to_accumulation",
-    "bias_corrections",
+    "is_traced",
+    "find_states",
+    "named_fields",
+    "MOMENTUM_FIELDS",
+    "SECOND_MOMENT_FIELDS",
+    "BUFFER_FIELDS",
 ]
+
+
+def is_traced(value: Any) -> bool:
+    """True for a value known only at run time: a hyperparameter traced by
+    ``optax.inject_hyperparams``, or any value inside ``jit``."""
+    return isinstance(value, jax.core.Tracer)
 
 
 def _check_scalar(name: str, value: Any, ok: Callable[[float], bool], expected: str) -> None:
@@ -42,7 +52,7 @@ def _check_scalar(name: str, value: Any, ok: Callable[[float], bool], expected: 
     try:
         v = float(value)
     except (TypeError, ValueError):
-        if isinstance(value, jax.core.Tracer):
+        if is_traced(value):
             return  # traced under inject_hyperparams: value known only at run time
         raise ValueError(f"`{name}` must be a number or a schedule, got {value!r}.") from None
     if not ok(v):
@@ -73,75 +83,56 @@ def value_at(h: Hyper, count: jax.Array) -> Any:
     return h(count) if callable(h) else h
 
 
-def _leaf_paths(tree: PyTree) -> list[str]:
-    # a placeholder (``optax.MaskedNode()``) stands for its parameter: it has a path
-    flat = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
-    )[0]
-    return [path_str(p) for p, _ in flat]
+#: State fields treated as momentum buffers (optax's Adam and Lion, SGD momentum, ours).
+MOMENTUM_FIELDS: tuple[str, ...] = ("mu", "trace", "momentum")
+#: State fields treated as second moments (rescaled by R and RT).
+SECOND_MOMENT_FIELDS: tuple[str, ...] = ("nu",)
+#: Every state field that mirrors the parameters' tree.
+BUFFER_FIELDS: tuple[str, ...] = (*MOMENTUM_FIELDS, *SECOND_MOMENT_FIELDS)
 
 
-def check_trees_match(*trees: PyTree) -> None:
-    """Raises a ``ValueError`` naming the parameter paths when ``trees`` (the first one the
-    parameters or updates of this step, the others the optimizer state built by ``init``) do
-    not have the same structure, or hold leaves whose shapes cannot broadcast together.
-
-    This is what a parameter tree that changed between ``init`` and ``update`` looks like; it
-    is checked when the update is traced (shapes are static), so it costs nothing under jit.
-    """
-    reference, *others = trees
-    ref_def = jax.tree.structure(reference)
-    hint = " Re-run `init` on the new parameter tree (or restore a matching checkpoint)."
-    matched = []
-    for other in others:
-        try:
-            # As jax.tree.map does: a parameter leaf may face a placeholder subtree in the
-            # state (``optax.MaskedNode()`` for an ungrouped leaf, for instance).
-            matched.append(ref_def.flatten_up_to(other))
-            continue
-        except (ValueError, TypeError):
-            pass
-        new, old = _leaf_paths(reference), _leaf_paths(other)
-        added = sorted(set(new) - set(old))
-        removed = sorted(set(old) - set(new))
-        detail = (
-            f"parameters not in the optimizer state: {added or 'none'}; "
-            f"state entries with no parameter: {removed or 'none'}"
-            if added or removed
-            else f"same paths, different containers: {ref_def} vs {jax.tree.structure(other)}"
-        )
-        raise ValueError(
-            "the parameter tree does not match the one the optimizer state was initialised "
-            f"with ({detail}).{hint}"
-        )
-    flat = [jax.tree_util.tree_flatten_with_path(reference)[0], *matched]
-    for (path, leaf), *state_leaves in zip(*flat):
-        shape = tuple(np.shape(leaf))
-        for s in state_leaves:
-            if not hasattr(s, "shape"):
-                continue  # a placeholder subtree, not an array
-            try:
-                np.broadcast_shapes(shape, tuple(np.shape(s)))
-            except ValueError:
-                raise ValueError(
-                    f"parameter '{path_str(path)}' has shape {shape}, but the optimizer state "
-                    f"holds shape {tuple(np.shape(s))} for it: the parameter tree changed "
-                    f"since `init`.{hint}"
-                ) from None
+def _is_named_tuple(node: Any) -> bool:
+    return isinstance(node, tuple) and hasattr(node, "_fields")
 
 
-def _named_fields(state: PyTree, names: tuple[str, ...]) -> list[PyTree]:
-    """Values of every NamedTuple field of ``state`` (nested) named in ``names``."""
+def _children(node: Any) -> list[tuple[Any, Any]]:
+    """The ``(key, child)`` pairs the state walkers enter: the fields of a NamedTuple, the
+    items of a Mapping (``optax.multi_transform``'s ``PartitionState``), tuples and lists."""
+    if _is_named_tuple(node):
+        return [(f, getattr(node, f)) for f in node._fields]
+    if isinstance(node, Mapping):
+        return list(node.items())
+    if isinstance(node, (tuple, list)):
+        return list(enumerate(node))
+    return []
+
+
+def find_states(state: PyTree, predicate: Callable[[Any], bool]) -> list[Any]:
+    """The NamedTuples of an optimizer state that satisfy ``predicate``, at any depth and in
+    any container (the one walker of optimizer states: :func:`named_fields` and
+    :func:`map_state_fields` enter the same containers)."""
+    found: list[Any] = []
+
+    def visit(node):
+        if _is_named_tuple(node) and predicate(node):
+            found.append(node)
+            return
+        for _, child in _children(node):
+            visit(child)
+
+    visit(state)
+    return found
+
+
+def named_fields(state: PyTree, names: tuple[str, ...]) -> list[PyTree]:
+    """Values of every NamedTuple field of ``state`` (at any depth, in any container) named
+    in ``names``."""
     found: list[PyTree] = []
 
-    def visit(tree):
-        if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-            for field in tree._fields:
-                value = getattr(tree, field)
-                found.append(value) if field in names else visit(value)
-        elif isinstance(tree, (tuple, list)):
-            for item in tree:
-                visit(item)
+    def visit(node):
+        named = _is_named_tuple(node)
+        for key, child in _children(node):
+            found.append(child) if named and key in names else visit(child)
 
     visit(state)
     return found
@@ -158,20 +149,10 @@ def check_state_matches(
     one is, so that a changed tree names its paths instead of failing inside the inner step.
     """
     check_trees_match(params, updates)
-    found = [f for f in _named_fields(state, tuple(fields)) if jax.tree.leaves(f)]
+    found = [f for f in named_fields(state, tuple(fields)) if jax.tree.leaves(f)]
     treedef = jax.tree.structure(params)
     matching = [f for f in found if jax.tree.structure(f) == treedef]
     check_trees_match(params, *(matching or found[:1]))
-
-
-def map_groups(fn: Callable[..., Any], groups: PyTree, *trees: PyTree) -> PyTree:
-    """``fn(group, *leaves)`` over the leaves of ``trees`` (``groups`` resolved, same tree).
-
-    ``trees`` are checked with :func:`check_trees_match` first (the first tree is the
-    reference), so a parameter tree that changed since ``init`` gives a clear ``ValueError``.
-    """
-    check_trees_match(*trees)
-    return jax.tree.map(lambda *xs: fn(xs[-1], *xs[:-1]), *trees, groups)
 
 
 def unzip(tree_of_tuples: PyTree, like: PyTree, n: int) -> tuple[PyTree, ...]:
@@ -215,7 +196,7 @@ def _reduced_sharding(p: Any, shape: tuple[int, ...]) -> Any:
     state that follows its computation, so that a jitted step compiles once and a state
     built from unsharded parameters can be used once they are sharded."""
     sharding = getattr(p, "sharding", None) if isinstance(p, jax.Array) else None
-    if isinstance(p, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
+    if is_traced(p) or not isinstance(sharding, NamedSharding):
         return None
     spec = tuple(sharding.spec) + (None,) * (len(p.shape) - len(sharding.spec))
     if len(shape) != len(p.shape):
@@ -237,17 +218,16 @@ def zeros_acc(p: jax.Array, shape: tuple[int, ...] | None = None) -> jax.Array:
     return jnp.zeros(shape, dtype, device=_reduced_sharding(p, tuple(shape)))
 
 
+def group_zero(group: Any, p: jax.Array) -> Any:
+    """Zeros in the accumulation dtype, one per group of the leaf ``p`` (``keepdims`` shape,
+    laid out like the leaf), or ``optax.MaskedNode()`` for an ungrouped leaf: the per-group
+    scalars of a state."""
+    return optax.MaskedNode() if group is None else zeros_acc(p, group.scalar_shape(p.shape))
+
+
 def group_zeros(groups: PyTree, params: PyTree) -> PyTree:
-    """Zeros in the accumulation dtype, one per group of each grouped leaf (``keepdims``
-    shape, laid out like the leaf), and ``optax.MaskedNode()`` on the ungrouped leaves:
-    the per-group scalars of a state. ``groups``: resolved, like ``params``."""
-    return map_groups(
-        lambda group, p: (
-            optax.MaskedNode() if group is None else zeros_acc(p, group.scalar_shape(p.shape))
-        ),
-        groups,
-        params,
-    )
+    """:func:`group_zero` of every leaf. ``groups``: resolved, like ``params``."""
+    return map_groups(group_zero, groups, params)
 
 
 def to_accumulation(tree: PyTree) -> PyTree:
@@ -270,20 +250,13 @@ def to_accumulation(tree: PyTree) -> PyTree:
     return jax.tree.map(leaf, tree)
 
 
-def bias_corrections(
-    b1: Hyper, b2: Hyper, count: jax.Array, dtype: Any
-) -> tuple[jax.Array, jax.Array]:
-    """Adam's ``1 - b1^k`` and ``1 - b2^k`` in ``dtype`` (float64 stays float64)."""
-    k = count.astype(dtype)
-    return 1 - jnp.asarray(b1, dtype) ** k, 1 - jnp.asarray(b2, dtype) ** k
-
-
 def map_state_fields(
     state: Any, names: tuple[str, ...] | list[str], treedef: Any, fn: Callable
 ) -> tuple[Any, int]:
     """Applies ``fn`` to every NamedTuple field of ``state`` named in ``names`` and shaped
-    like the params (same treedef). Returns the new state and how many fields matched."""
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
+    like the params (same treedef), at any depth and in the containers :func:`find_states`
+    enters. Returns the new state and how many fields matched."""
+    if _is_named_tuple(state):
         new, found = {}, 0
         for name in state._fields:
             value = getattr(state, name)
@@ -293,6 +266,9 @@ def map_state_fields(
                 new[name], n = map_state_fields(value, names, treedef, fn)
             found += n
         return state._replace(**new), found
+    if isinstance(state, Mapping):
+        items = {k: map_state_fields(v, names, treedef, fn) for k, v in state.items()}
+        return type(state)({k: s for k, (s, _) in items.items()}), sum(n for _, n in items.values())
     if isinstance(state, (tuple, list)):
         items = [map_state_fields(s, names, treedef, fn) for s in state]
         return type(state)(s for s, _ in items), sum(n for _, n in items)
@@ -323,5 +299,68 @@ def stateless_per_group(
         return map_groups(
             lambda group, u, x: u if group is None else leaf(group, u, x), grp, updates, params
         ), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def stateful_per_group(
+    name: str,
+    groups: Any,
+    state_type: Callable[..., Any],
+    init_leaf: Callable[..., tuple],
+    update_leaf: Callable[..., tuple],
+    *,
+    prepare: Callable[[jax.Array, PyTree], Any] = lambda count, params: count,
+    extra_trees: Callable[[jax.Array, PyTree], tuple[PyTree, ...]] = lambda count, params: (),
+    init_trees: Callable[[PyTree], tuple[PyTree, ...]] = lambda params: (),
+    on_init: Callable[[PyTree, PyTree], None] = lambda groups, params: None,
+    needs_params: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """A per-group transformation with a state, the sibling of :func:`stateless_per_group`.
+
+    The state is ``state_type(count, *fields)``, one tree like the parameters per field.
+    ``init`` calls ``on_init(resolved_groups, params)`` (a check or a warning), then
+    ``init_leaf(group, param, *inits)`` for the tuple of each leaf's fields (``group`` is
+    ``None`` off the groups; each field its own buffer), ``inits`` the trees
+    ``init_trees(params)``. ``update`` requires ``params`` (unless ``needs_params`` is false:
+    then, without them, the groups are resolved against the updates, which have the same
+    tree), computes the step's context ``prepare(count, params)`` once (``count``: the steps
+    done; by default the context is ``count``), and maps ``update_leaf(context, group,
+    update, *fields, param, *extras)`` to ``(update, *fields)`` over the leaves, ``extras``
+    the trees ``extra_trees(count, params)`` (per-leaf rates). The new count is
+    ``optax.safe_increment(count)``; ``name`` is the transformation's, for the errors.
+    """
+    n = len(state_type._fields) - 1  # type: ignore[attr-defined]
+
+    def init_fn(params: optax.Params) -> optax.OptState:
+        grp = resolve_groups(groups, params)
+        on_init(grp, params)
+        fields = map_groups(init_leaf, grp, params, *init_trees(params))
+        fields = unzip(fields, params, n) if n else ()
+        return state_type(jnp.zeros([], jnp.int32), *fields)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
+        del extra_args  # accepted as by optax's aliases; nothing here uses them
+        if needs_params or params is not None:
+            params = require_params(params, name)
+            grp = resolve_groups(groups, params)
+        else:
+            grp = resolve_groups(groups, updates)
+        context = prepare(state.count, params)
+        trees = (params, *extra_trees(state.count, params)) if params is not None else ()
+        out = map_groups(
+            lambda group, u, *rest: update_leaf(context, group, u, *rest),
+            grp,
+            updates,
+            *state[1:],
+            *trees,
+        )
+        new_updates, *fields = unzip(out, updates, n + 1)
+        return new_updates, state_type(optax.safe_increment(state.count), *fields)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

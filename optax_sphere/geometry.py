@@ -250,13 +250,36 @@ def parallel_transport(a: jax.Array, x_old: jax.Array, x_new: jax.Array, group: 
     return a - coef * (u_old + u_new)
 
 
+def step_parts(x: jax.Array, delta: jax.Array, group: Group) -> tuple[jax.Array, ...]:
+    """The per-group sums of a step ``x -> x + delta`` that its angle and the monitor's
+    statistics are made of, ``keepdims``, in at least float32: ``||x||^2``,
+    ``<x, delta>``, ``||delta||^2``, ``along = <x, delta> / r^2`` and
+    ``perp = ||delta - along x||`` (the tangential part, from its own reduction, so that tiny
+    angles keep full relative precision)."""
+    x, delta = _acc(x, delta)
+    xx = group_sq_norm(x, group)
+    xd = group_dot(x, delta, group)
+    dd = group_sq_norm(delta, group)
+    along = safe_div(xd, xx)
+    perp = jnp.sqrt(group_sq_norm(delta - along * x, group))
+    return xx, xd, dd, along, perp
+
+
+def angle_of_step(xx: jax.Array, xd: jax.Array, perp: jax.Array) -> jax.Array:
+    """The angle of a step from :func:`step_parts`: ``atan2(r ||delta_perp||, <x, x +
+    delta>)`` (Kosson et al. eqs. 12, 37), accurate for tiny angles and over ``[0, pi]``;
+    0 for a zero group."""
+    r = jnp.sqrt(xx)
+    return jnp.where(r > 0, jnp.arctan2(r * perp, xx + xd), 0)
+
+
 def angle(x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
     """Angle between ``x_old`` and ``x_new`` per group (Kosson et al. eq. 5), in radians.
 
-    Computed as ``2 atan2(||u_new - u_old||, ||u_new + u_old||)`` from the unit vectors,
-    which is accurate over the whole range: for tiny angles (where ``arccos`` of the cosine
-    is not) and near ``pi`` (where ``arcsin`` of the half chord is not). Zero-norm groups
-    give 0.
+    Computed as ``atan2(r ||delta_perp||, <x_old, x_new>)`` from the tangential part of the
+    step ``delta = x_new - x_old`` (:func:`angle_of_step`, the monitor's formula), which is
+    accurate over the whole range: for tiny angles (where ``arccos`` of the cosine is not)
+    and near ``pi``. Zero-norm groups give 0.
 
     Args:
       x_old, x_new: the group's point before and after the step.
@@ -278,12 +301,8 @@ def angle(x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
       Networks", ICML 2024, eq. 5.
     """
     x_old, x_new = _acc(x_old, x_new)
-    r_old = jnp.sqrt(group_sq_norm(x_old, group))
-    r_new = jnp.sqrt(group_sq_norm(x_new, group))
-    u_old, u_new = safe_div(x_old, r_old), safe_div(x_new, r_new)
-    chord = jnp.sqrt(group_sq_norm(u_new - u_old, group))
-    theta = 2 * jnp.arctan2(chord, jnp.sqrt(group_sq_norm(u_new + u_old, group)))
-    return jnp.where((r_old > 0) & (r_new > 0), theta, 0)
+    xx, xd, _, _, perp = step_parts(x_old, x_new - x_old, group)
+    return jnp.where(group_sq_norm(x_new, group) > 0, angle_of_step(xx, xd, perp), 0)
 
 
 def exp_map(u: jax.Array, v: jax.Array, group: Group) -> jax.Array:

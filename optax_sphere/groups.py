@@ -8,10 +8,12 @@ parameter leaf either ``None`` (not radially invariant) or which axes one group 
 Accepted forms of ``groups``:
 
 * a callable ``params -> spec tree`` (like an optax mask), for example :func:`per_unit`
-  (the default) or :func:`per_tensor`;
+  or :func:`per_tensor`;
 * the result of :func:`optax_sphere.find_groups` (groups measured on the model itself, matched
   to the parameters by path, so the same object fits a Flax dict, an ``nnx.State`` with its
-  ``Param`` nodes or the pure arrays ``nnx.Optimizer`` updates, and an Equinox tree);
+  ``Param`` nodes or the pure arrays ``nnx.Optimizer`` updates, and an Equinox tree) or of
+  :func:`optax_sphere.rotational_groups` (Kosson et al.'s groups, from the model's
+  structure);
 * the strings ``"unit"`` / ``"unit_out_first"`` / ``"tensor"``, shorthands for
   :func:`per_unit`, :func:`per_unit_out_first` and :func:`per_tensor`
   (``optax.inject_hyperparams`` takes any callable argument for a schedule, so a callable spec
@@ -53,7 +55,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sphere._dtypes import accumulation_dtype
-from optax_sphere._paths import path_str, without_variable_value
+from optax_sphere._paths import check_trees_match, path_str, without_variable_value
 
 PyTree = Any
 LeafSpec = Union[None, str, int, Sequence[int]]
@@ -132,7 +134,7 @@ def named_axes(spec: str, ndim: int) -> tuple[int, ...]:
       The reduced axes, a tuple.
 
     Example:
-      >>> from optax_sphere.groups import named_axes
+      >>> from optax_sphere.groups import named_axes, UNSET
       >>> named_axes("unit", 4), named_axes("unit_out_first", 4), named_axes("tensor", 2)
       ((0, 1, 2), (1, 2, 3), (0, 1))
 
@@ -453,6 +455,16 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
         _resolve_leaf(s, leaf, path_str(p)) for (p, leaf), s in zip(leaves_with_path, specs)
     ]
     return jax.tree.unflatten(treedef, resolved)
+
+
+def map_groups(fn: Callable[..., Any], groups: PyTree, *trees: PyTree) -> PyTree:
+    """``fn(group, *leaves)`` over the leaves of ``trees`` (``groups`` resolved, same tree).
+
+    ``trees`` are checked first (``check_trees_match``) (the first tree is the
+    reference), so a parameter tree that changed since ``init`` gives a clear ``ValueError``.
+    """
+    check_trees_match(*trees)
+    return jax.tree.map(lambda *xs: fn(xs[-1], *xs[:-1]), *trees, groups)
 
 
 def _is_masked_node(node: Any) -> bool:

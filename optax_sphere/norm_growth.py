@@ -28,8 +28,7 @@ import optax
 
 from optax_sphere import _base, _utils
 from optax_sphere._dtypes import accumulation_dtype
-from optax_sphere.groups import Group, GroupsLike, group_dot, resolve_groups
-from optax_sphere.transport import MOMENTUM_FIELDS, SECOND_MOMENT_FIELDS
+from optax_sphere.groups import UNSET, Group, GroupsLike, group_dot, map_groups, resolve_groups
 
 __all__ = ["ScaleInvariantProjectionState", "scale_invariant_projection", "adamp", "sgdp"]
 
@@ -97,7 +96,7 @@ def scale_invariant_projection(
     eps: float = 1e-8,
     project_momentum: bool = False,
     mask: Any = None,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Projection of AdamP / SGDP (Heo et al. 2021, alg. 1-2) around an update direction.
 
@@ -201,9 +200,7 @@ def _projection(
         **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
         params = _utils.require_params(params, "scale_invariant_projection")
-        _utils.check_state_matches(
-            params, updates, state.inner_state, (*MOMENTUM_FIELDS, *SECOND_MOMENT_FIELDS)
-        )
+        _utils.check_state_matches(params, updates, state.inner_state, _utils.BUFFER_FIELDS)
         grp = resolve_groups(groups, params)
         decays = _utils.masked_rate(_utils.value_at(weight_decay, state.count), mask, params)
         # the inner direction and its moments in at least float32 (bf16 / fp16 params)
@@ -220,7 +217,7 @@ def _projection(
             acc = accumulation_dtype(jnp.result_type(g, x))
             return _decide(group, g.astype(acc), x.astype(acc), delta, eps)
 
-        decisions = _utils.map_groups(decide, grp, updates, params)
+        decisions = map_groups(decide, grp, updates, params)
         # what the direction is built from: its new trace for SGDP with Nesterov
         traces = direction if nesterov_momentum is None else inner_state.trace
 
@@ -265,7 +262,7 @@ def _projection(
                 )
 
             inner_state, _ = _utils.map_state_fields(
-                inner_state, MOMENTUM_FIELDS, jax.tree.structure(params), project_tree
+                inner_state, _utils.MOMENTUM_FIELDS, jax.tree.structure(params), project_tree
             )
         return new_updates, ScaleInvariantProjectionState(
             optax.safe_increment(state.count), inner_state
@@ -298,8 +295,8 @@ def _scale_by_adam_torch(b1, b2, eps, nesterov) -> optax.GradientTransformation:
         def leaf(g, m, v):
             g32 = g.astype(accumulation_dtype(g.dtype))
             m, v = _base.adam_moments(g32, g32, m, v, b1, b2)
-            look_ahead = _base.bias_corrected(optax.tree.update_moment(g32, m, b1, 1), b1, count)
-            step = look_ahead / (jnp.sqrt(_base.bias_corrected(v, b2, count)) + eps)
+            look_ahead = optax.tree.update_moment(g32, m, b1, 1)
+            step = _base.adam_direction(look_ahead, v, count, b1, b2, eps)
             return step.astype(g.dtype), m, v
 
         out = jax.tree.map(leaf, updates, state.mu, state.nu)
@@ -320,7 +317,7 @@ def adamp(
     wd_ratio: float = 0.1,
     nesterov: bool = False,
     mask: Any = None,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformation:
     r"""AdamP (Heo et al. 2021, alg. 2), as in the authors' code.
 
@@ -392,7 +389,7 @@ def sgdp(
     wd_ratio: float = 0.1,
     eps: float = 1e-8,
     mask: Any = None,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformation:
     r"""SGDP (Heo et al. 2021, alg. 1), as in the authors' code.
 

@@ -167,7 +167,7 @@ def plot_angular_updates(
       >>> import jax.numpy as jnp, optax, optax_sphere
       >>> from optax_sphere import plots
       >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
-      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor({"w": "unit"}))
+      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor(groups={"w": "unit"}))
       >>> state, history = tx.init(params), optax_sphere.History()
       >>> for step in range(3):
       ...     updates, state = tx.update({"w": 0.1 * params["w"][::-1]}, state, params)
@@ -211,7 +211,7 @@ def plot_weight_norms(
       >>> import jax.numpy as jnp, optax, optax_sphere
       >>> from optax_sphere import plots
       >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
-      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor({"w": "unit"}))
+      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor(groups={"w": "unit"}))
       >>> state, history = tx.init(params), optax_sphere.History()
       >>> for step in range(3):
       ...     updates, state = tx.update({"w": 0.1 * params["w"][::-1]}, state, params)
@@ -264,7 +264,7 @@ def plot_unit_angular_updates(
       >>> import jax.numpy as jnp, optax, optax_sphere
       >>> from optax_sphere import plots
       >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
-      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor({"w": "unit"}))
+      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor(groups={"w": "unit"}))
       >>> state, history = tx.init(params), optax_sphere.History()
       >>> for step in range(3):
       ...     updates, state = tx.update({"w": 0.1 * params["w"][::-1]}, state, params)
@@ -329,7 +329,7 @@ def geometry_figure(
       >>> import jax.numpy as jnp, optax, optax_sphere
       >>> from optax_sphere import plots
       >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]])}
-      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor({"w": "unit"}))
+      >>> tx = optax.chain(optax.sgd(0.1), optax_sphere.monitor(groups={"w": "unit"}))
       >>> state, history = tx.init(params), optax_sphere.History()
       >>> for step in range(3):
       ...     updates, state = tx.update({"w": 0.1 * params["w"][::-1]}, state, params)

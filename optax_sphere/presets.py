@@ -44,8 +44,6 @@ import optax
 
 __all__ = ["Preset", "PRESETS", "get", "build", "names", "roburin_step_schedule"]
 
-_BASELINES = ("sgdm", "adam", "adamw", "lion")
-
 
 def roburin_step_schedule(init_value: float, total_steps: int) -> optax.Schedule:
     """Roburin et al.' fixed-frequency schedule: ``* 0.1`` at 1/3, 5/9 and 7/9 of training.
@@ -87,19 +85,10 @@ def _warmup_cosine(init_value: float, total_steps: int, warmup_steps: int) -> op
 
 def _optimizer_factory(name: str) -> Callable[..., optax.GradientTransformation]:
     import optax_sphere
+    from optax_sphere import registry
 
-    if name == "sgdm":
-        return lambda learning_rate, momentum=0.9, weight_decay=0.0: optax.chain(
-            optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum)
-        )
-    if name == "adam":
-        return lambda learning_rate, weight_decay=0.0, **kw: optax.chain(
-            optax.add_decayed_weights(weight_decay), optax.adam(learning_rate, **kw)
-        )
-    if name == "adamw":
-        return optax.adamw
-    if name == "lion":
-        return optax.lion
+    if name in registry.BASES:
+        return registry.BASES[name]
     alias = getattr(optax_sphere, name)
     if name in ("adamg", "sgdg"):  # no weight_decay keyword: L2 on the ungrouped leaves
 

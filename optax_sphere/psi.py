@@ -28,7 +28,8 @@ import optax
 
 from optax_sphere import _base, _utils
 from optax_sphere._dtypes import accumulation_dtype
-from optax_sphere.groups import GroupsLike, group_sq_norm, resolve_groups
+from optax_sphere._paths import check_trees_match
+from optax_sphere.groups import UNSET, GroupsLike, group_sq_norm, resolve_groups
 
 __all__ = ["PsiSgdState", "scale_by_psi_metric", "psi_sgd", "psi_sgdm"]
 
@@ -40,7 +41,7 @@ def _metric_scaled(sq_norm: jax.Array, g: jax.Array) -> jax.Array:
     return jnp.where(g == 0, jnp.zeros_like(g), sq_norm * g)
 
 
-def scale_by_psi_metric(groups: GroupsLike = "unset") -> optax.GradientTransformation:
+def scale_by_psi_metric(*, groups: GroupsLike = UNSET) -> optax.GradientTransformation:
     """Riemannian gradient of the PSI manifold (Yi et al. eq. 7): ``g <- ||x||^2 g`` per group.
 
     Stateless; needs ``params``. Ungrouped leaves pass through. Put it first in a chain (for
@@ -56,7 +57,7 @@ def scale_by_psi_metric(groups: GroupsLike = "unset") -> optax.GradientTransform
       >>> import jax.numpy as jnp, optax, optax_sphere
       >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
       >>> groups = {"w": "unit", "b": None}
-      >>> tx = optax.chain(optax_sphere.scale_by_psi_metric(groups), optax.sgd(0.1))
+      >>> tx = optax.chain(optax_sphere.scale_by_psi_metric(groups=groups), optax.sgd(0.1))
       >>> updates, _ = tx.update(params, tx.init(params), params)
       >>> updates["w"].shape
       (3, 2)
@@ -86,7 +87,7 @@ def psi_sgdm(
     *,
     nesterov: bool = False,
     max_norm: float | None = 1e4,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformation:
     r"""PSI-SGDM (Yi et al. alg. 1, eq. 11): SGD with momentum on the PSI manifold.
 
@@ -127,13 +128,13 @@ def psi_sgdm(
         _utils.check_beta("momentum", momentum)
     if max_norm is not None:
         _utils.check_rate("max_norm", max_norm)
-        if not isinstance(max_norm, jax.core.Tracer) and not max_norm > 0:
+        if not _utils.is_traced(max_norm) and not max_norm > 0:
             raise ValueError(f"`max_norm` must be > 0 or None, got {max_norm!r}.")
     # an array momentum (inject_hyperparams: concrete at init, traced in update) may be
     # non-zero: keep the buffer, so that init and update agree on the state's structure
     # momentum=None (psi_sgd, as optax.sgd): no buffer, whatever inject_hyperparams does
     keep_trace = momentum is not None and (
-        nesterov or isinstance(momentum, (jax.Array, jax.core.Tracer)) or momentum != 0
+        nesterov or isinstance(momentum, jax.Array) or _utils.is_traced(momentum) or momentum != 0
     )
 
     def init_fn(params: optax.Params) -> optax.OptState:
@@ -149,7 +150,7 @@ def psi_sgdm(
     ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "psi_sgdm")
-        _utils.check_trees_match(params, updates, *([state.trace] if keep_trace else []))
+        check_trees_match(params, updates, *([state.trace] if keep_trace else []))
         grp = resolve_groups(groups, params)
         lr = _utils.value_at(learning_rate, state.count)
         trace = state.trace if keep_trace else jax.tree.map(lambda _: None, updates)
@@ -195,7 +196,7 @@ def psi_sgd(
     momentum: float | None = None,
     *,
     max_norm: float | None = 1e4,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformation:
     r"""PSI-SGD (Yi et al. eq. 10): ``w_{k+1} = w_k - \eta_k \|w_k\|^2 \nabla_w L`` per group.
 

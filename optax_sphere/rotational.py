@@ -34,10 +34,18 @@ import optax
 
 from optax_sphere import _base, _utils
 from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere._paths import check_trees_match
 from optax_sphere.geometry import safe_div
-from optax_sphere.groups import Group, GroupsLike, group_sq_norm, group_sum, resolve_groups
+from optax_sphere.groups import (
+    UNSET,
+    Group,
+    GroupsLike,
+    group_sq_norm,
+    group_sum,
+    map_groups,
+    resolve_groups,
+)
 from optax_sphere.theory.equilibrium import angular_update
-from optax_sphere.transport import MOMENTUM_FIELDS, SECOND_MOMENT_FIELDS
 
 __all__ = [
     "RotationalRmsControlState",
@@ -68,7 +76,6 @@ class RotationalRmsControlState(NamedTuple):
 
 
 # Buffers of an inner optimizer's state that mirror the parameters (checked before its step).
-_BUFFER_FIELDS = (*MOMENTUM_FIELDS, *SECOND_MOMENT_FIELDS)
 
 
 def _centred_norm(x: jax.Array, group: Group, center: bool) -> jax.Array:
@@ -81,7 +88,7 @@ def _centred_norm(x: jax.Array, group: Group, center: bool) -> jax.Array:
     return jnp.sqrt(jnp.maximum(s_xx - s_x * s_x / d, 0))
 
 
-def center_groups(params: Any, groups: GroupsLike = "unset") -> Any:
+def center_groups(params: Any, groups: GroupsLike = UNSET) -> Any:
     """Centres every group of ``params`` (mean zero over the group), keeping its norm.
 
     ``x <- ||x|| (x - mean(x)) / ||x - mean(x)||``: what the authors do to the rotational
@@ -122,7 +129,7 @@ def center_groups(params: Any, groups: GroupsLike = "unset") -> Any:
         )
         return jnp.where(scale > 0, scale * centred, xa).astype(x.dtype)
 
-    return _utils.map_groups(leaf, grp, params)
+    return map_groups(leaf, grp, params)
 
 
 def _rotational_step(
@@ -172,8 +179,7 @@ def _rotational_step(
     u2_u2 = jnp.where(resolved, u2_u2, 0)
     u2_x = s_ux - kn * xn * jnp.sqrt(s_xx) - mu * d * x_mean
     q = rms_decay * q + (1 - rms_decay) * u2_u2  # line 11
-    bias = 1 - jnp.asarray(rms_decay, acc) ** count.astype(acc)
-    a = jnp.sqrt(q / bias) + eps
+    a = jnp.sqrt(q / _base.bias_correction_factor(rms_decay, count, acc)) + eps
     c = jnp.where(resolved, eta_r * norm / a, 0)  # line 12
     c_k = jnp.where(resolved, eta_r * kn / a, 0)  # c k
     # x'' = x - x_mean - c u2 (u2 has mean zero when centred); its norm in closed form.
@@ -192,13 +198,13 @@ def rotational_rms_control(
     inner: optax.GradientTransformation,
     *,
     eta_r: optax.ScalarOrSchedule,
-    learning_rate: optax.ScalarOrSchedule,
+    ungrouped_learning_rate: optax.ScalarOrSchedule,
     rms_decay: float = 0.9,
     center: bool = True,
-    eps: float = 1e-8,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
+    rotational_eps: float = 1e-8,
+    ungrouped_weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Any = None,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rotational RMS control around any inner direction (Kosson et al. app. M, alg. 1).
 
@@ -213,9 +219,10 @@ def rotational_rms_control(
         x \leftarrow N \frac{x' - \bar{x}'}{\|x' - \bar{x}'\|}
 
     (means removed only with ``center``). The returned update is ``x_new - x``. Ungrouped
-    leaves get ``-learning_rate (U + weight_decay x)``. The step is computed from five
-    per-group sums of ``(U, x)`` and one element-wise pass; a group whose ``U_perp`` is below
-    the working precision's resolution of ``U`` (``U`` all common offset or radial, such as a
+    leaves get ``-ungrouped_learning_rate (U + ungrouped_weight_decay x)``. The step is
+    computed from five per-group sums of ``(U, x)`` and one element-wise pass; a group whose
+    ``U_perp`` is below the working precision's resolution of ``U`` (``U`` all common offset
+    or radial, such as a
     constant gradient of 1e15) is not rotated that step, only recentred and renormalised.
 
     The inner optimizer runs on the gradients and parameters cast to
@@ -228,16 +235,17 @@ def rotational_rms_control(
         count. Table 1 of Kosson et al. gives the equilibrium value of each optimizer
         (:func:`optax_sphere.theory.equilibrium`); the ``rv_*`` aliases compute it from the
         current learning rate and weight decay.
-      learning_rate: step size of the ungrouped leaves (number or schedule).
+      ungrouped_learning_rate: step size of the ungrouped leaves (number or schedule).
       rms_decay: decay of the update-norm tracker ``q``, in [0, 1) (authors' final code: 0.9).
       center: remove the mean of each group (Weight Standardization dynamics, the default
         of the authors' code). Parameters should then be centred before training with
         :func:`center_groups`; the first step centres them otherwise.
-      eps: added to the RMS ``a`` (not inside the square root).
-      weight_decay: decoupled weight decay of the ungrouped leaves (0 by default; rotational
-        groups never get weight decay).
-      mask: which ungrouped leaves ``weight_decay`` applies to, as ``optax.adamw``'s ``mask``
-        (``None``: all; a pytree of bools or a callable of the params returning one).
+      rotational_eps: added to the RMS ``a`` (not inside the square root).
+      ungrouped_weight_decay: decoupled weight decay of the ungrouped leaves (0 by default;
+        rotational groups never get weight decay).
+      mask: which ungrouped leaves ``ungrouped_weight_decay`` applies to, as
+        ``optax.adamw``'s ``mask`` (``None``: all; a pytree of bools or a callable of the
+        params returning one).
       groups: the rotational groups (see :mod:`optax_sphere.groups`):
         :func:`optax_sphere.rotational_groups` for Kosson et al.'s (every linear and
         convolutional kernel per output unit, read from the model), ``"tensor"`` for
@@ -251,7 +259,7 @@ def rotational_rms_control(
       >>> import jax.numpy as jnp, optax, optax_sphere
       >>> params = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5], [-3.0, 0.5]]), "b": jnp.zeros(2)}
       >>> tx = optax_sphere.rotational_rms_control(
-      ...     optax.scale_by_adam(), eta_r=0.01, learning_rate=1e-3,
+      ...     optax.scale_by_adam(), eta_r=0.01, ungrouped_learning_rate=1e-3,
       ...     groups={"w": "unit", "b": None},
       ... )
       >>> updates, state = tx.update(params, tx.init(params), params)
@@ -261,10 +269,10 @@ def rotational_rms_control(
       Networks", ICML 2024, app. M, alg. 1.
     """
     _utils.check_rate("eta_r", eta_r)
-    _utils.check_rate("learning_rate", learning_rate)
+    _utils.check_rate("ungrouped_learning_rate", ungrouped_learning_rate)
     _utils.check_beta("rms_decay", rms_decay)
-    _utils.check_rate("eps", eps)
-    _utils.check_rate("weight_decay", weight_decay)
+    _utils.check_rate("rotational_eps", rotational_eps)
+    _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> optax.OptState:
@@ -279,7 +287,7 @@ def rotational_rms_control(
 
         return RotationalRmsControlState(
             count=jnp.zeros([], jnp.int32),
-            norm=_utils.map_groups(norm_of, grp, params),
+            norm=map_groups(norm_of, grp, params),
             q=_utils.group_zeros(grp, params),
             inner=inner.init(_utils.to_accumulation(params)),
         )
@@ -291,8 +299,8 @@ def rotational_rms_control(
         **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
         params = _utils.require_params(params, "rotational_rms_control")
-        _utils.check_trees_match(params, updates, state.norm, state.q)
-        _utils.check_state_matches(params, updates, state.inner, _BUFFER_FIELDS)
+        check_trees_match(params, updates, state.norm, state.q)
+        _utils.check_state_matches(params, updates, state.inner, _utils.BUFFER_FIELDS)
         grp = resolve_groups(groups, params)
         # the inner direction and its moments in at least float32 (bf16 / fp16 params)
         direction, inner_state = inner.update(
@@ -303,8 +311,8 @@ def rotational_rms_control(
         )
         count = optax.safe_increment(state.count)
         rate = _utils.value_at(eta_r, state.count)
-        lr = _utils.value_at(learning_rate, state.count)
-        wd = _utils.value_at(weight_decay, state.count)
+        lr = _utils.value_at(ungrouped_learning_rate, state.count)
+        wd = _utils.value_at(ungrouped_weight_decay, state.count)
         decays = _utils.masked_rate(wd, mask, params)
 
         def leaf(group, u, norm, q, x, g, decay):
@@ -320,13 +328,13 @@ def rotational_rms_control(
                 q,
                 eta_r=rate,
                 rms_decay=rms_decay,
-                eps=eps,
+                eps=rotational_eps,
                 center=center,
                 count=count,
             )
             return step.astype(g.dtype), q  # the update in the gradient's dtype
 
-        out = _utils.map_groups(leaf, grp, direction, state.norm, state.q, params, updates, decays)
+        out = map_groups(leaf, grp, direction, state.norm, state.q, params, updates, decays)
         new_updates, q = _utils.unzip(out, direction, 2)
         return new_updates, RotationalRmsControlState(count, state.norm, q, inner_state)
 
@@ -359,25 +367,6 @@ def _ungrouped_mask(groups: GroupsLike):
     return lambda params: jax.tree.map(
         lambda g: g is None, resolve_groups(groups, params), is_leaf=lambda g: g is None
     )
-
-
-_RV_KEYWORDS = (
-    "learning_rate",
-    "weight_decay",
-    "eta_r",
-    "rms_decay",
-    "center",
-    "rotational_eps",
-    "ungrouped_weight_decay",
-    "mask",
-    "groups",
-)
-
-
-def _rv_keywords(arguments: dict[str, Any]) -> dict[str, Any]:
-    """The RV aliases' shared keywords, from an alias's ``locals()`` (``mask``: ``None`` for
-    the wrapper, whose ungrouped decay is coupled)."""
-    return {k: arguments.get(k) for k in _RV_KEYWORDS}
 
 
 def _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay) -> None:
@@ -413,28 +402,26 @@ def _rotational_variant(
     rms_decay: float,
     center: bool,
     rotational_eps: float,
-    ungrouped_weight_decay: optax.ScalarOrSchedule | None,
+    ungrouped_weight_decay: optax.ScalarOrSchedule,
     mask: Any,
-    decoupled_ungrouped_decay: bool,
     groups: GroupsLike,
 ) -> optax.GradientTransformationExtraArgs:
-    """The body shared by the RV aliases: checks, Table 1's ``eta_r`` of ``kind`` for the
-    current learning rate and weight decay unless given, and :func:`rotational_rms_control`
-    around ``direction``. ``decoupled_ungrouped_decay``: the ungrouped leaves' weight decay is
-    applied after the direction (AdamW, Lion), else it is already inside ``direction``."""
-    _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
-    ungrouped_weight_decay = _ungrouped_decay(weight_decay, ungrouped_weight_decay)
+    """The body shared by the RV aliases, once their arguments are checked: Table 1's
+    ``eta_r`` of ``kind`` for the current learning rate and weight decay unless given, and
+    :func:`rotational_rms_control` around ``direction``. ``ungrouped_weight_decay`` and
+    ``mask`` are the decay applied after the direction (AdamW, Lion); 0 and ``None`` where
+    the direction holds it (SGDM's and the wrapper's coupled L2)."""
     if eta_r is None:
         eta_r = _equilibrium_eta_r(kind, learning_rate, weight_decay, **coefficients)
     return rotational_rms_control(
         direction,
         eta_r=eta_r,
-        learning_rate=learning_rate,
+        ungrouped_learning_rate=learning_rate,
         rms_decay=rms_decay,
         center=center,
-        eps=rotational_eps,
-        weight_decay=ungrouped_weight_decay if decoupled_ungrouped_decay else 0.0,
-        mask=mask if decoupled_ungrouped_decay else None,
+        rotational_eps=rotational_eps,
+        ungrouped_weight_decay=ungrouped_weight_decay,
+        mask=mask,
         groups=groups,
     )
 
@@ -452,7 +439,7 @@ def rv_adamw(
     rotational_eps: float = 1e-8,
     ungrouped_weight_decay: optax.ScalarOrSchedule | None = None,
     mask: Any = None,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-AdamW (Kosson et al. app. M): Adam's direction under rotational RMS control.
 
@@ -510,12 +497,20 @@ def rv_adamw(
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)
     _utils.check_rate("eps", eps)
+    _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     return _rotational_variant(
         optax.scale_by_adam(b1, b2, eps),
         "adamw",
         {"b1": b1},
-        **_rv_keywords(locals()),
-        decoupled_ungrouped_decay=True,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        eta_r=eta_r,
+        rms_decay=rms_decay,
+        center=center,
+        rotational_eps=rotational_eps,
+        ungrouped_weight_decay=_ungrouped_decay(weight_decay, ungrouped_weight_decay),
+        mask=mask,
+        groups=groups,
     )
 
 
@@ -530,7 +525,7 @@ def rv_sgdm(
     rotational_eps: float = 1e-8,
     ungrouped_weight_decay: optax.ScalarOrSchedule | None = None,
     mask: Any = None,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-SGDM (Kosson et al. app. M): SGD momentum's direction under rotational RMS control.
 
@@ -578,8 +573,15 @@ def rv_sgdm(
         inner,
         "sgdm",
         {"momentum": momentum},
-        **_rv_keywords(locals()),
-        decoupled_ungrouped_decay=False,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        eta_r=eta_r,
+        rms_decay=rms_decay,
+        center=center,
+        rotational_eps=rotational_eps,
+        ungrouped_weight_decay=0.0,  # the L2 is inside the direction
+        mask=None,
+        groups=groups,
     )
 
 
@@ -624,7 +626,7 @@ def rv_lion(
     rotational_eps: float = 1e-8,
     ungrouped_weight_decay: optax.ScalarOrSchedule | None = None,
     mask: Any = None,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RV-Lion (Kosson et al. app. M): Lion's sign direction under rotational RMS control.
 
@@ -663,12 +665,20 @@ def rv_lion(
     """
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)
+    _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     return _rotational_variant(
         _scale_by_lion_sign(b1, b2),
         "lion",
         {"b1": b1, "b2": b2},
-        **_rv_keywords(locals()),
-        decoupled_ungrouped_decay=True,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        eta_r=eta_r,
+        rms_decay=rms_decay,
+        center=center,
+        rotational_eps=rotational_eps,
+        ungrouped_weight_decay=_ungrouped_decay(weight_decay, ungrouped_weight_decay),
+        mask=mask,
+        groups=groups,
     )
 
 
@@ -687,7 +697,7 @@ def scale_by_adam_l2_direction(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     ungrouped_weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformation:
     r"""The gradient part of Adam+L2's update (Kosson et al. eqs. 73-75, authors' wrapper code).
 
@@ -713,7 +723,7 @@ def scale_by_adam_l2_direction(
       >>> groups = {"w": "unit", "b": None}
       >>> tx = optax_sphere.rotational_rms_control(
       ...     optax_sphere.scale_by_adam_l2_direction(weight_decay=1e-4, groups=groups),
-      ...     eta_r=0.01, learning_rate=1e-3, groups=groups,
+      ...     eta_r=0.01, ungrouped_learning_rate=1e-3, groups=groups,
       ... )
       >>> updates, state = tx.update(params, tx.init(params), params)
 
@@ -726,39 +736,35 @@ def scale_by_adam_l2_direction(
     _utils.check_rate("weight_decay", weight_decay)
     _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
 
-    def init_fn(params: optax.Params) -> optax.OptState:
-        resolve_groups(groups, params)
-        zeros = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
-        return ScaleByAdamL2DirectionState(jnp.zeros([], jnp.int32), zeros, zeros)
+    def init_leaf(group, p):
+        return _utils.zeros_acc(p), _utils.zeros_acc(p)  # two buffers: a state is donatable
 
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, optax.OptState]:
-        del extra_args  # accepted as by optax's aliases; nothing here uses them
-        params = _utils.require_params(params, "scale_by_adam_l2_direction")
-        grp = resolve_groups(groups, params)
-        wd = _utils.value_at(weight_decay, state.count)
-        wd_ungrouped = _utils.value_at(ungrouped_weight_decay, state.count)
-        count = optax.safe_increment(state.count)
+    def prepare(count, params):
+        return (
+            count,
+            _utils.value_at(weight_decay, count),
+            _utils.value_at(ungrouped_weight_decay, count),
+        )
 
-        def leaf(group, g, m, v, x):
-            acc = accumulation_dtype(jnp.result_type(g, x))
-            dtype, g, x = g.dtype, g.astype(acc), x.astype(acc)
-            if group is None:  # Adam with coupled L2
-                direction, m, v = _base.adam(g + wd_ungrouped * x, m, v, state.count, b1, b2, eps)
-                return direction.astype(dtype), m, v
-            m, v = _base.adam_moments(g, g + wd * x, m, v, b1, b2)
-            m_hat, v_hat = _base.bias_corrected(m, b1, count), _base.bias_corrected(v, b2, count)
-            return (m_hat / (jnp.sqrt(v_hat) + eps)).astype(dtype), m, v
+    def update_leaf(context, group, g, m, v, x):
+        count, wd, wd_ungrouped = context
+        acc = accumulation_dtype(jnp.result_type(g, x))
+        dtype, g, x = g.dtype, g.astype(acc), x.astype(acc)
+        if group is None:  # Adam with coupled L2
+            direction, m, v = _base.adam(g + wd_ungrouped * x, m, v, count, b1, b2, eps)
+            return direction.astype(dtype), m, v
+        m, v = _base.adam_moments(g, g + wd * x, m, v, b1, b2)
+        direction = _base.adam_direction(m, v, optax.safe_increment(count), b1, b2, eps)
+        return direction.astype(dtype), m, v
 
-        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, params)
-        direction, mu, nu = _utils.unzip(out, updates, 3)
-        return direction, ScaleByAdamL2DirectionState(count, mu, nu)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _utils.stateful_per_group(
+        "scale_by_adam_l2_direction",
+        groups,
+        ScaleByAdamL2DirectionState,
+        init_leaf,
+        update_leaf,
+        prepare=prepare,
+    )
 
 
 def wrapped_adam_l2(
@@ -773,7 +779,7 @@ def wrapped_adam_l2(
     eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
     ungrouped_weight_decay: optax.ScalarOrSchedule = 0.0,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The "wrapped Adam+L2" RV (Kosson et al. sec. 3, Table 2 last column, app. O).
 
@@ -814,6 +820,13 @@ def wrapped_adam_l2(
         ),
         "adamw",
         {"b1": b1},
-        **_rv_keywords(locals()),
-        decoupled_ungrouped_decay=False,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        eta_r=eta_r,
+        rms_decay=rms_decay,
+        center=center,
+        rotational_eps=rotational_eps,
+        ungrouped_weight_decay=0.0,  # the L2 is inside the direction
+        mask=None,
+        groups=groups,
     )

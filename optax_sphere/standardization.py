@@ -19,12 +19,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_sphere import _base, _utils
 from optax_sphere._dtypes import accumulation_dtype
-from optax_sphere.groups import GroupsLike, group_sq_norm, resolve_groups
+from optax_sphere.groups import UNSET, GroupsLike, group_sq_norm
 
 __all__ = [
     "adam_s",
@@ -65,7 +64,7 @@ def scale_by_standardized_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformation:
     r"""Adam with a standardised (per-group scalar) second moment: Adam-S direction.
 
@@ -105,38 +104,29 @@ def scale_by_standardized_adam(
     _utils.check_beta("b2", b2)
     _utils.check_rate("eps", eps)
 
-    def init_fn(params: optax.Params) -> optax.OptState:
-        grp = resolve_groups(groups, params)
-        mu = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
-        nu = _utils.map_groups(init_second_moment, grp, params)
-        return ScaleByStandardizedAdamState(jnp.zeros([], jnp.int32), mu, nu)
+    def init_leaf(group, p):
+        return _utils.zeros_acc(p), init_second_moment(group, p)
 
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, optax.OptState]:
-        del extra_args  # accepted as by optax's aliases; nothing here uses them
-        del params
-        grp = resolve_groups(groups, updates)
-        count = optax.safe_increment(state.count)
+    def update_leaf(count, group, g, m, v, *_):
+        g_acc = g.astype(accumulation_dtype(g.dtype))
+        if group is None:  # plain Adam
+            step, m, v = _base.adam(g_acc, m, v, count, b1, b2, eps)
+            return step.astype(g.dtype), m, v
+        m = optax.tree.update_moment(g_acc, m, b1, 1)
+        v = optax.tree.update_moment(standardized_second_moment(g, group), v, b2, 1)
+        direction = _base.adam_direction(m, v, optax.safe_increment(count), b1, b2, eps)
+        return direction.astype(g.dtype), m, v
 
-        def leaf(group, g, m, v):
-            g_acc = g.astype(accumulation_dtype(g.dtype))
-            if group is None:  # plain Adam
-                step, m, v = _base.adam(g_acc, m, v, state.count, b1, b2, eps)
-                return step.astype(g.dtype), m, v
-            m = optax.tree.update_moment(g_acc, m, b1, 1)
-            v = optax.tree.update_moment(standardized_second_moment(g, group), v, b2, 1)
-            m_hat, v_hat = _base.bias_corrected(m, b1, count), _base.bias_corrected(v, b2, count)
-            return (m_hat / (jnp.sqrt(v_hat) + eps)).astype(g.dtype), m, v
-
-        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu)
-        new_updates, mu, nu = _utils.unzip(out, updates, 3)
-        return new_updates, ScaleByStandardizedAdamState(count, mu, nu)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # the groups are resolved against ``params`` when given; without them (as optax's
+    # scale_by_adam may be called), against the updates, which have the same tree
+    return _utils.stateful_per_group(
+        "scale_by_standardized_adam",
+        groups,
+        ScaleByStandardizedAdamState,
+        init_leaf,
+        update_leaf,
+        needs_params=False,
+    )
 
 
 def adam_s(
@@ -147,7 +137,7 @@ def adam_s(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     mask: Any = None,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformation:
     r"""Adam-S: Adam with a standardised second moment (Roburin et al. sec. 4.1, eqs. 61-63).
 

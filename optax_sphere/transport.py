@@ -51,7 +51,14 @@ import optax
 
 from optax_sphere import _base, _utils, geometry
 from optax_sphere._dtypes import accumulation_dtype
-from optax_sphere.groups import GroupsLike, group_dot, group_sq_norm, resolve_groups
+from optax_sphere.groups import (
+    UNSET,
+    GroupsLike,
+    group_dot,
+    group_sq_norm,
+    map_groups,
+    resolve_groups,
+)
 from optax_sphere.standardization import init_second_moment
 
 __all__ = [
@@ -67,10 +74,8 @@ __all__ = [
     "rescale_transport_momentum",
 ]
 
-#: State fields treated as momentum buffers (optax's Adam and Lion, SGD momentum, ours).
-MOMENTUM_FIELDS: tuple[str, ...] = ("mu", "trace", "momentum")
-#: State fields treated as second moments (rescaled by R and RT).
-SECOND_MOMENT_FIELDS: tuple[str, ...] = ("nu",)
+MOMENTUM_FIELDS = _utils.MOMENTUM_FIELDS
+SECOND_MOMENT_FIELDS = _utils.SECOND_MOMENT_FIELDS
 
 Op = Callable[[Any, Any, Any, Any], Any]
 
@@ -114,7 +119,7 @@ def _momentum_geometry(
         treedef = jax.tree.structure(params)
 
         def move(tree):
-            return _utils.map_groups(
+            return map_groups(
                 lambda g, a, x0, x1: a if g is None else op(a, x0, x1, g).astype(a.dtype),
                 grp,
                 tree,
@@ -129,7 +134,7 @@ def _momentum_geometry(
                 ratio = geometry.safe_div(group_sq_norm(x0, g), group_sq_norm(x1, g))
                 return (v * ratio.astype(v.dtype)).astype(v.dtype)
 
-            return _utils.map_groups(leaf, grp, tree, params, new_params)
+            return map_groups(leaf, grp, tree, params, new_params)
 
         state, _ = _utils.map_state_fields(state, momentum_fields, treedef, move)
         if rescale_second_moment:
@@ -142,7 +147,7 @@ def _momentum_geometry(
 def rescale_momentum(
     inner: optax.GradientTransformation,
     *,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
     """R (Roburin et al. eq. 69, 21): after each step, momentum ``*= r_k / r_{k+1}`` and second
@@ -176,7 +181,7 @@ def rescale_momentum(
 def transport_momentum(
     inner: optax.GradientTransformation,
     *,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
     exact: bool = False,
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
@@ -213,7 +218,7 @@ def transport_momentum(
 def rescale_transport_momentum(
     inner: optax.GradientTransformation,
     *,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
     momentum_fields: Sequence[str] = MOMENTUM_FIELDS,
 ) -> optax.GradientTransformationExtraArgs:
     """RT (Roburin et al. eq. 75): ``a <- (<x_{k+1},x_k> a - <x_{k+1},a> x_k) / ||x_{k+1}||^2`` on
@@ -349,58 +354,52 @@ def _init_sq_norm(group: Any, p: jax.Array) -> jax.Array:
 def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, mask, groups, transport: Transport):
     _utils.check_adam(learning_rate, b1, b2, eps, weight_decay)
 
-    def init_fn(params: optax.Params) -> optax.OptState:
-        grp = resolve_groups(groups, params)
-        mu = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
-        nu = _utils.map_groups(init_second_moment, grp, params)
-        sq_norm = _utils.map_groups(_init_sq_norm, grp, params)
-        return SphericalAdamState(jnp.zeros([], jnp.int32), mu, nu, sq_norm)
+    def init_leaf(group, p):
+        return _utils.zeros_acc(p), init_second_moment(group, p), _init_sq_norm(group, p)
 
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, optax.OptState]:
-        del extra_args  # accepted as by optax's aliases; nothing here uses them
-        params = _utils.require_params(params, f"adam_s{transport}")
-        grp = resolve_groups(groups, params)
-        lr = _utils.value_at(learning_rate, state.count)
-        wds = _utils.masked_rate(_utils.value_at(weight_decay, state.count), mask, params)
-        count = optax.safe_increment(state.count)
+    def prepare(count, params):
+        return _utils.value_at(learning_rate, count), count, optax.safe_increment(count)
 
-        def leaf(group, g, m, v, sq, x, wd):
-            acc = accumulation_dtype(jnp.result_type(g, x))
-            bc1, bc2 = _utils.bias_corrections(b1, b2, count, acc)
-            if group is None:  # plain Adam with coupled L2
-                gt = g.astype(acc) + wd * x.astype(acc)
-                direction, m, v = _base.adam(gt, m, v, state.count, b1, b2, eps)
-                return (-lr * direction).astype(g.dtype), m, v, sq
+    def decays(count, params):
+        return (_utils.masked_rate(_utils.value_at(weight_decay, count), mask, params),)
 
-            def coefficient(gt_gt, ratio):
-                v_prev = v * ratio if transport == "rt" else v  # R of the second moment, eq. 21
-                v_new = b2 * v_prev + (1 - b2) * gt_gt / group.size(g.shape)
-                return lr / bc1 / (jnp.sqrt(v_new / bc2) + eps), v_new
+    def update_leaf(context, group, g, m, v, sq, x, wd):
+        lr, step_count, count = context
+        acc = accumulation_dtype(jnp.result_type(g, x))
+        bc1, bc2 = _base.bias_corrections(b1, b2, count, acc)
+        if group is None:  # plain Adam with coupled L2
+            gt = g.astype(acc) + wd * x.astype(acc)
+            direction, m, v = _base.adam(gt, m, v, step_count, b1, b2, eps)
+            return (-lr * direction).astype(g.dtype), m, v, sq
 
-            step, m, v, sq = _transported_momentum_step(
-                group,
-                g,
-                m,
-                x,
-                sq,
-                decay=b1,
-                gamma=1 - b1,
-                wd=wd,
-                transport=transport,
-                step_coefficient=coefficient,
-            )
-            return step.astype(g.dtype), m, v, sq
+        def coefficient(gt_gt, ratio):
+            v_prev = v * ratio if transport == "rt" else v  # R of the second moment, eq. 21
+            v_new = b2 * v_prev + (1 - b2) * gt_gt / group.size(g.shape)
+            return lr / bc1 / (jnp.sqrt(v_new / bc2) + eps), v_new
 
-        out = _utils.map_groups(leaf, grp, updates, state.mu, state.nu, state.sq_norm, params, wds)
-        new_updates, mu, nu, sq_norm = _utils.unzip(out, updates, 4)
-        return new_updates, SphericalAdamState(count, mu, nu, sq_norm)
+        step, m, v, sq = _transported_momentum_step(
+            group,
+            g,
+            m,
+            x,
+            sq,
+            decay=b1,
+            gamma=1 - b1,
+            wd=wd,
+            transport=transport,
+            step_coefficient=coefficient,
+        )
+        return step.astype(g.dtype), m, v, sq
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _utils.stateful_per_group(
+        f"adam_s{transport}",
+        groups,
+        SphericalAdamState,
+        init_leaf,
+        update_leaf,
+        prepare=prepare,
+        extra_trees=decays,
+    )
 
 
 def adam_st(
@@ -411,7 +410,7 @@ def adam_st(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     mask: Any = None,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformation:
     r"""Adam-ST: Adam-S plus transport of the momentum ("Adam w/o (ab)", Roburin's thesis tab. 3.3).
 
@@ -453,7 +452,7 @@ def adam_srt(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     mask: Any = None,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformation:
     r"""Adam-SRT (Roburin et al. sec. 4.2, eqs. 19-21 / 78-80, alg. 1): "Adam w/o (abc)".
 
@@ -497,7 +496,7 @@ def sgdm_rt(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     mask: Any = None,
-    groups: GroupsLike = "unset",
+    groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformation:
     r"""SGD-MRT (Roburin et al. sec. 4.2 remark, app. E.2): SGD momentum with RT of the momentum.
 
@@ -539,45 +538,41 @@ def sgdm_rt(
     _utils.check_beta("momentum", momentum)
     _utils.check_rate("weight_decay", weight_decay)
 
-    def init_fn(params: optax.Params) -> optax.OptState:
-        grp = resolve_groups(groups, params)
-        trace = jax.tree.map(lambda p: _utils.zeros_acc(p), params)
-        sq_norm = _utils.map_groups(_init_sq_norm, grp, params)
-        return SgdmRtState(jnp.zeros([], jnp.int32), trace, sq_norm)
+    def init_leaf(group, p):
+        return _utils.zeros_acc(p), _init_sq_norm(group, p)
 
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, optax.OptState]:
-        del extra_args  # accepted as by optax's aliases; nothing here uses them
-        params = _utils.require_params(params, "sgdm_rt")
-        grp = resolve_groups(groups, params)
-        lr = _utils.value_at(learning_rate, state.count)
-        wds = _utils.masked_rate(_utils.value_at(weight_decay, state.count), mask, params)
+    def prepare(count, params):
+        return _utils.value_at(learning_rate, count)
 
-        def leaf(group, g, b, sq, x, wd):
-            acc = accumulation_dtype(jnp.result_type(g, x))
-            if group is None:  # optax.sgd's momentum with coupled L2
-                direction, b = _base.momentum(g.astype(acc) + wd * x.astype(acc), b, momentum)
-                return (-lr * direction).astype(g.dtype), b, sq
-            step, b, _, sq = _transported_momentum_step(
-                group,
-                g,
-                b,
-                x,
-                sq,
-                decay=momentum,
-                gamma=1,
-                wd=wd,
-                transport="rt",
-                step_coefficient=lambda *_: (jnp.asarray(lr, acc), None),
-            )
-            return step.astype(g.dtype), b, sq
+    def decays(count, params):
+        return (_utils.masked_rate(_utils.value_at(weight_decay, count), mask, params),)
 
-        out = _utils.map_groups(leaf, grp, updates, state.trace, state.sq_norm, params, wds)
-        new_updates, trace, sq_norm = _utils.unzip(out, updates, 3)
-        return new_updates, SgdmRtState(optax.safe_increment(state.count), trace, sq_norm)
+    def update_leaf(context, group, g, b, sq, x, wd):
+        lr = context
+        acc = accumulation_dtype(jnp.result_type(g, x))
+        if group is None:  # optax.sgd's momentum with coupled L2
+            direction, b = _base.momentum(g.astype(acc) + wd * x.astype(acc), b, momentum)
+            return (-lr * direction).astype(g.dtype), b, sq
+        step, b, _, sq = _transported_momentum_step(
+            group,
+            g,
+            b,
+            x,
+            sq,
+            decay=momentum,
+            gamma=1,
+            wd=wd,
+            transport="rt",
+            step_coefficient=lambda *_: (jnp.asarray(lr, acc), None),
+        )
+        return step.astype(g.dtype), b, sq
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _utils.stateful_per_group(
+        "sgdm_rt",
+        groups,
+        SgdmRtState,
+        init_leaf,
+        update_leaf,
+        prepare=prepare,
+        extra_trees=decays,
+    )

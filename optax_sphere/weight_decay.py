@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sphere import _utils
+from optax_sphere._paths import check_trees_match
 
 __all__ = ["coupled_weight_decay", "decoupled_weight_decay", "DecoupledWeightDecayState"]
 
@@ -96,7 +97,7 @@ def decoupled_weight_decay(
     ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "decoupled_weight_decay")
-        _utils.check_trees_match(updates, params)
+        check_trees_match(updates, params)
         scale = _utils.value_at(learning_rate, state.count) * _utils.value_at(
             weight_decay, state.count
         )

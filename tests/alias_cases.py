@@ -178,8 +178,8 @@ PRIMITIVES += [
         lambda learning_rate, groups="unit": optax_sphere.rotational_rms_control(
             optax.scale_by_adam(),
             eta_r=learning_rate,
-            learning_rate=learning_rate,
-            weight_decay=1e-2,
+            ungrouped_learning_rate=learning_rate,
+            ungrouped_weight_decay=1e-2,
             groups=groups,
         ),
         STAYS,

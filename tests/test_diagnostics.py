@@ -10,6 +10,8 @@ from tolerances import float32_bound
 import optax_sphere as osp
 from optax_sphere import diagnostics as D
 from optax_sphere import geometry
+from optax_sphere._utils import find_states
+from optax_sphere.diagnostics.history import REDUCTIONS
 from optax_sphere.groups import Group
 
 D_IN, UNITS, STEPS = 6, 4, 5
@@ -39,7 +41,7 @@ def _problem(seed=0):
 
 def _adam_parts(state, x, g):
     """Roburin et al. eq. 9, optax's eps placement: a = m / (1-b1), b = ... (sqrt(v_hat) + eps)."""
-    (adam,) = D._find_named(state, lambda s: {"count", "mu", "nu"} <= set(s._fields))
+    (adam,) = find_states(state, lambda s: {"count", "mu", "nu"} <= set(s._fields))
     k1 = adam.count
     a = adam.mu["w"] / (1 - B1)
     b = (1 - B1**k1) / (1 - B1) * (jnp.sqrt(adam.nu["w"] / (1 - B2**k1)) + EPS)
@@ -48,7 +50,7 @@ def _adam_parts(state, x, g):
 
 def _sgd_parts(state, x, g, wd=0.0, momentum=False):
     if momentum:
-        (tr,) = D._find_named(state, lambda s: "trace" in s._fields)
+        (tr,) = find_states(state, lambda s: "trace" in s._fields)
         return tr.trace["w"], jnp.ones_like(x)
     return g + wd * x, jnp.ones_like(x)
 
@@ -265,7 +267,7 @@ def test_degenerate_groups_do_not_produce_nans():
     assert float(stats.angular_update["w"][1]) == 0.0  # unchanged unit
     assert float(stats.angular_update["w"][0]) == 0.0  # zero-norm unit: no direction
     assert stats.radius["s"] is None
-    assert D.metrics(stats, fields=["radius"]).keys() == {f"w/radius/{r}" for r in D.REDUCTIONS}
+    assert D.metrics(stats, fields=["radius"]).keys() == {f"w/radius/{r}" for r in REDUCTIONS}
 
 
 def test_metrics_and_history():

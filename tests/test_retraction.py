@@ -17,7 +17,7 @@ from tolerances import bfloat16_bound, float32_bound
 import optax_sphere as osp
 from optax_sphere import geometry
 from optax_sphere.groups import Group
-from optax_sphere.retraction import _orthogonality_gradient
+from optax_sphere.riemannian import _orthogonality_gradient
 
 UNIT = Group((0, 1))  # per output unit of a (3, 4, 6) kernel
 

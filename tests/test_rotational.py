@@ -93,7 +93,7 @@ def test_fused_step_equals_algorithm_1(case):
         tx = osp.rotational_rms_control(
             optax.identity(),
             eta_r=0.05,
-            learning_rate=0.1,
+            ungrouped_learning_rate=0.1,
             rms_decay=0.8,
             center=center,
             groups={"w": axes},
@@ -421,7 +421,9 @@ def test_invalid_hyperparameters_fail_at_build():
     with pytest.raises(ValueError, match="weight_decay"):
         osp.rv_lion(weight_decay=float("nan"), groups="unit")
     with pytest.raises(ValueError, match="eta_r"):
-        osp.rotational_rms_control(optax.identity(), eta_r=-1.0, learning_rate=0.1, groups="unit")
+        osp.rotational_rms_control(
+            optax.identity(), eta_r=-1.0, ungrouped_learning_rate=0.1, groups="unit"
+        )
     with pytest.raises(ValueError, match="params"):
         tx = osp.rv_adamw(groups="unit")
         p = _params()
@@ -558,7 +560,9 @@ def test_mostly_radial_direction_in_float32():
         )
         for _ in range(3)
     ]
-    tx = osp.rotational_rms_control(optax.identity(), eta_r=0.05, learning_rate=0.1, groups="unit")
+    tx = osp.rotational_rms_control(
+        optax.identity(), eta_r=0.05, ungrouped_learning_rate=0.1, groups="unit"
+    )
     state, x = tx.init({"w": x0}), {"w": x0}
     for u in directions:
         upd, state = jax.jit(tx.update)({"w": u}, state, x)
@@ -580,7 +584,9 @@ def test_direction_with_a_large_common_offset_in_float32():
         {"w": jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)}, groups="unit"
     )["w"]
     wiggle = jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)
-    tx = osp.rotational_rms_control(optax.identity(), eta_r=0.05, learning_rate=0.1, groups="unit")
+    tx = osp.rotational_rms_control(
+        optax.identity(), eta_r=0.05, ungrouped_learning_rate=0.1, groups="unit"
+    )
     state = tx.init({"w": x0})
     upd, state = jax.jit(tx.update)({"w": 1e15 + wiggle}, state, {"w": x0})
     assert np.all(np.isfinite(np.asarray(state.q["w"])))

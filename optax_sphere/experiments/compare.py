@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 import optax_sphere
-from optax_sphere import presets
+from optax_sphere import presets, registry
 from optax_sphere.experiments import harness, stats
 from optax_sphere.experiments.environment import environment
 from optax_sphere.theory import equilibrium
@@ -65,22 +65,24 @@ SGDM_L2 = {"weight_decay": 5e-4}
 # the head) run without weight decay, as REQ's 1-D parameters in the authors' runs.
 RV_UNGROUPED = {"ungrouped_weight_decay": 0.0}
 
-# name: (family, base, hyperparameters' source: a preset name or (values, where they are
-# from), overrides of the preset's values)
+# name: (hyperparameters' source: a preset name or (values, where they are from), overrides of
+# the preset's values). Each alias is compared with its base, the plain optimizer of its
+# family (optax_sphere.registry: AdamP's decoupled decay puts it with AdamW).
 OPTIMIZERS: dict[str, tuple[Any, ...]] = {
-    "adam": (ADAM, None, ROBURIN + "adam"),
-    "adam_s": (ADAM, "adam", ROBURIN + "adam_s"),
-    "adam_st": (ADAM, "adam", ROBURIN + "adam_st"),
-    "adam_srt": (ADAM, "adam", ROBURIN + "adam_srt"),
-    "adamg": (ADAM, "adam", ROBURIN + "adamg"),
-    "sgdm": (SGD, None, ROBURIN + "sgdm", SGDM_L2),
-    "sgdm_rt": (SGD, "sgdm", ROBURIN + "sgdm_rt"),
-    "psi_sgdm": (SGD, "sgdm", ({"learning_rate": 0.1, "momentum": 0.9}, "Yi et al. sec. 6")),
-    "rv_sgdm": (SGD, "sgdm", ROBURIN + "sgdm", SGDM_L2, RV_UNGROUPED),
-    "adamw": (ADAMW, None, KOSSON + "adamw"),
-    "rv_adamw": (ADAMW, "adamw", KOSSON + "adamw", RV_UNGROUPED),
-    "adamp": (ADAMW, "adamw", KOSSON + "adamw"),
+    "adam": (ROBURIN + "adam",),
+    "adam_s": (ROBURIN + "adam_s",),
+    "adam_st": (ROBURIN + "adam_st",),
+    "adam_srt": (ROBURIN + "adam_srt",),
+    "adamg": (ROBURIN + "adamg",),
+    "sgdm": (ROBURIN + "sgdm", SGDM_L2),
+    "sgdm_rt": (ROBURIN + "sgdm_rt",),
+    "psi_sgdm": (({"learning_rate": 0.1, "momentum": 0.9}, "Yi et al. sec. 6"),),
+    "rv_sgdm": (ROBURIN + "sgdm", SGDM_L2, RV_UNGROUPED),
+    "adamw": (KOSSON + "adamw",),
+    "rv_adamw": (KOSSON + "adamw", RV_UNGROUPED),
+    "adamp": (KOSSON + "adamw",),
 }
+FAMILIES = {"adam": ADAM, "sgdm": SGD, "adamw": ADAMW}
 LABELS = {
     "sgdm": "optax.sgd(momentum) + L2",
     "adam": "optax.adam + L2",
@@ -147,7 +149,9 @@ def candidates(names: Sequence[str], groups: Any) -> list[harness.Candidate]:
     """The optimizers to compare; this library's get ``groups``."""
     out = []
     for name in names:
-        family, base, source, *overrides = OPTIMIZERS[name]
+        source, *overrides = OPTIMIZERS[name]
+        base = registry.ALIASES[name].family if name in registry.ALIASES else None
+        family = FAMILIES[base or name]
         if isinstance(source, str):
             preset = presets.get(source)
             hp, where = dict(preset.hyperparams), f"preset {preset.name} ({preset.source})"

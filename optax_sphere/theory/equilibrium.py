@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_sphere._utils import is_traced
+
 __all__ = ["Equilibrium", "equilibrium", "angular_update"]
 
 Optimizer = Literal["adamw", "sgdm", "lion", "adam_l2"]
@@ -185,7 +187,7 @@ def equilibrium(
             f"unknown optimizer {optimizer!r}; expected 'adamw', 'sgdm', 'lion' or 'adam_l2'."
         )
     for name, v in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
-        if not isinstance(v, jax.core.Tracer) and np.any(np.asarray(v) <= 0):
+        if not is_traced(v) and np.any(np.asarray(v) <= 0):
             raise ValueError(f"`{name}` must be > 0 for an equilibrium to exist, got {v!r}.")
     if not isinstance(dim, (int, np.integer)) or dim < 1:
         raise ValueError(f"`dim` must be a positive int, got {dim!r}.")

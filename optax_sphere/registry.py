@@ -1,0 +1,162 @@
+"""Every alias of the library and the optax optimizer it extends, in one table.
+
+An alias with nothing grouped is its base optimizer (or, for the Adam family, Adam on the
+ungrouped leaves). :data:`BASES` builds the plain optax optimizer of each family (Adam and
+SGD with momentum after coupled L2, AdamW, Lion, SGD, AdaGrad); :data:`ALIASES` gives each
+alias its family and base, and :func:`build_base` builds the base from the alias's own
+hyperparameters (``learning_rate``, ``weight_decay``, ``momentum``, ``nesterov``, ``b1``,
+``b2``, ``eps``, with the alias's defaults), so that an alias and its base run at the same
+values. The benchmarks time each alias against this base, the main comparison pairs each
+alias with it, and the presets build the plain optimizers from :data:`BASES`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import optax
+
+__all__ = ["AliasBase", "ALIASES", "BASES", "build_base"]
+
+
+class AliasBase(NamedTuple):
+    """One alias's base: its ``family`` (``"adam"``, ``"adamw"``, ``"sgdm"``, ``"lion"``,
+    ``"sgd"``, ``"adagrad"``), the optax optimizer in words, and how to build it."""
+
+    family: str
+    base: str
+    build: Callable[..., optax.GradientTransformation]
+
+
+def _adam(
+    learning_rate: Any,
+    weight_decay: Any = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+    """``optax.adam`` after coupled L2 (PyTorch's ``Adam(weight_decay=...)``)."""
+    adam = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, nesterov=nesterov)
+    return optax.chain(optax.add_decayed_weights(weight_decay), adam) if weight_decay else adam
+
+
+def _adamw(
+    learning_rate: Any,
+    weight_decay: Any = 1e-4,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    nesterov: bool = False,
+    mask: Any = None,
+) -> optax.GradientTransformation:
+    """``optax.adamw``; at a weight decay of exactly 0, the same optimizer as ``optax.adam``,
+    which is what is built."""
+    adam = dict(b1=b1, b2=b2, eps=eps, nesterov=nesterov)
+    if not callable(weight_decay) and weight_decay == 0:
+        return optax.adam(learning_rate, **adam)
+    return optax.adamw(learning_rate, weight_decay=weight_decay, mask=mask, **adam)
+
+
+def _sgdm(
+    learning_rate: Any,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: Any = 0.0,
+) -> optax.GradientTransformation:
+    """``optax.sgd`` with momentum after coupled L2 (PyTorch's ``SGD(weight_decay=...)``)."""
+    sgd = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
+    return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+
+
+def _lion(
+    learning_rate: Any,
+    weight_decay: Any = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    mask: Any = None,
+) -> optax.GradientTransformation:
+    """``optax.lion`` with its decoupled decay."""
+    return optax.lion(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask)
+
+
+#: family -> the plain optax optimizer of that family, built from keyword hyperparameters
+BASES: Mapping[str, Callable[..., optax.GradientTransformation]] = MappingProxyType(
+    {
+        "adam": _adam,
+        "adamw": _adamw,
+        "sgdm": _sgdm,
+        "lion": _lion,
+        "sgd": optax.sgd,
+        "adagrad": optax.adagrad,
+    }
+)
+
+_ADAM = AliasBase("adam", "optax.adam", _adam)
+_SGDM = AliasBase("sgdm", "optax.sgd(momentum)", _sgdm)
+
+#: alias name -> its base
+ALIASES: Mapping[str, AliasBase] = MappingProxyType(
+    {
+        "adam_s": _ADAM,
+        "adam_st": _ADAM,
+        "adam_srt": _ADAM,
+        "adamg": _ADAM,
+        "adamp": AliasBase("adamw", "optax.adamw", _adamw),
+        "wrapped_adam_l2": AliasBase("adam", "optax.adam + L2", _adam),
+        "rv_adamw": AliasBase("adamw", "optax.adamw", _adamw),
+        "sgdm_rt": _SGDM,
+        "psi_sgdm": _SGDM,
+        "sgdg": _SGDM,
+        "sgdp": AliasBase("sgdm", "optax.sgd(momentum, nesterov)", _sgdm),
+        "rv_sgdm": AliasBase("sgdm", "optax.sgd(momentum)+L2", _sgdm),
+        "rv_lion": AliasBase("lion", "optax.lion", _lion),
+        "psi_sgd": AliasBase("sgd", "optax.sgd", BASES["sgd"]),
+        "adagradg": AliasBase("adagrad", "optax.adagrad", BASES["adagrad"]),
+    }
+)
+
+#: the hyperparameters an alias shares with its base; the alias's defaults fill those not given
+_SHARED = ("weight_decay", "momentum", "nesterov", "b1", "b2", "eps")
+
+
+def build_base(alias: str, **hyperparameters: Any) -> optax.GradientTransformation:
+    """The optax optimizer ``alias`` extends, at the alias's hyperparameters.
+
+    Args:
+      alias: an alias name (a key of :data:`ALIASES`).
+      **hyperparameters: the alias's keywords; those the base has no use for are ignored.
+
+    Returns:
+      The base ``optax.GradientTransformation``.
+
+    Raises:
+      KeyError: an unknown alias, naming the known ones.
+
+    Example:
+      >>> from optax_sphere.registry import ALIASES, build_base
+      >>> ALIASES["rv_sgdm"].base
+      'optax.sgd(momentum)+L2'
+      >>> tx = build_base("rv_sgdm", learning_rate=0.1, momentum=0.9, weight_decay=5e-4)
+
+    References:
+      Roburin et al., Kosson et al., Heo et al., Cho & Lee, Yi: the optimizers each alias
+      extends (see each alias's docstring).
+    """
+    if alias not in ALIASES:
+        raise KeyError(f"unknown alias {alias!r}; known: {sorted(ALIASES)}")
+    import optax_sphere
+
+    signature = inspect.signature(getattr(optax_sphere, alias)).parameters
+    defaults = {
+        k: signature[k].default
+        for k in _SHARED
+        if k in signature and signature[k].default is not inspect.Parameter.empty
+    }
+    build = ALIASES[alias].build
+    accepted = inspect.signature(build).parameters
+    given = {**defaults, **hyperparameters}
+    return build(**{k: v for k, v in given.items() if k in accepted})
