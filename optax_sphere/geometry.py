@@ -277,7 +277,7 @@ def angle(x_old: jax.Array, x_new: jax.Array, group: Group) -> jax.Array:
     """Angle between ``x_old`` and ``x_new`` per group (Kosson et al. eq. 5), in radians.
 
     Computed as ``atan2(r ||delta_perp||, <x_old, x_new>)`` from the tangential part of the
-    step ``delta = x_new - x_old`` (:func:`angle_of_step`, the monitor's formula), which is
+    step ``delta = x_new - x_old`` (``angle_of_step``, the monitor's formula), which is
     accurate over the whole range: for tiny angles (where ``arccos`` of the cosine is not)
     and near ``pi``. Zero-norm groups give 0.
 

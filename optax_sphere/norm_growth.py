@@ -36,8 +36,8 @@ __all__ = ["ScaleInvariantProjectionState", "scale_invariant_projection", "adamp
 class ScaleInvariantProjectionState(NamedTuple):
     """Step count (for a ``weight_decay`` schedule) and the state of the inner direction."""
 
-    count: jax.Array
-    inner_state: Any
+    count: jax.Array  # shape=(), dtype=jnp.int32
+    inner_state: optax.OptState
 
 
 class _Decision(NamedTuple):
@@ -234,17 +234,7 @@ def _projection(
             projected = _project(group, p32, x32, d, s_px)
             return (projected + ratio * decay * x32).astype(g.dtype)
 
-        # the parameters' tree first: its None leaves (Equinox) are empty subtrees
-        new_updates = jax.tree.map(
-            lambda p, x, d, g, decay, group, b: leaf(group, p, x, d, g, decay, b),
-            direction,
-            params,
-            decisions,
-            updates,
-            decays,
-            grp,
-            traces,
-        )
+        new_updates = map_groups(leaf, grp, direction, params, decisions, updates, decays, traces)
         if project_momentum:
 
             def project_tree(tree):

@@ -29,7 +29,7 @@ import optax
 from optax_sphere import _base, _utils
 from optax_sphere._dtypes import accumulation_dtype
 from optax_sphere._paths import check_trees_match
-from optax_sphere.groups import UNSET, GroupsLike, group_sq_norm, resolve_groups
+from optax_sphere.groups import UNSET, GroupsLike, group_sq_norm, map_groups, resolve_groups
 
 __all__ = ["PsiSgdState", "scale_by_psi_metric", "psi_sgd", "psi_sgdm"]
 
@@ -77,8 +77,8 @@ class PsiSgdState(NamedTuple):
     """State of :func:`psi_sgd` / :func:`psi_sgdm`: step count and the momentum ``trace``
     (an empty tuple without momentum), in the accumulation dtype (>= float32)."""
 
-    count: jax.Array
-    trace: Any
+    count: jax.Array  # shape=(), dtype=jnp.int32
+    trace: optax.Updates  # like the params; () without momentum
 
 
 def psi_sgdm(
@@ -181,8 +181,7 @@ def psi_sgdm(
                 step = step + (scale - 1) * x.astype(acc)
             return step.astype(x.dtype), t
 
-        # the parameters' tree first: its None leaves (Equinox) are empty subtrees
-        out = jax.tree.map(lambda g, t, x, group: leaf(group, g, t, x), updates, trace, params, grp)
+        out = map_groups(leaf, grp, updates, trace, params)
         new_updates, new_trace = _utils.unzip(out, updates, 2)
         return new_updates, PsiSgdState(
             optax.safe_increment(state.count), new_trace if keep_trace else ()

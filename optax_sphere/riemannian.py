@@ -245,9 +245,9 @@ class SgdgState(NamedTuple):
     Other leaves: SGD's trace, and no offset (``optax.MaskedNode()``).
     """
 
-    count: jax.Array
-    momentum: Any
-    momentum_offset: Any
+    count: jax.Array  # shape=(), dtype=jnp.int32
+    momentum: optax.Updates  # like the params: m + momentum_offset * x
+    momentum_offset: optax.Updates  # per group (keepdims); MaskedNode off the groups
 
     def tangent_momentum(self, params: optax.Params) -> optax.Updates:
         """The momentum ``B`` of every leaf, tangent at ``params`` on the grouped ones."""
@@ -379,10 +379,10 @@ class AdamgState(NamedTuple):
     form the step writes in place; read ``m`` with :meth:`tangent_momentum`.
     """
 
-    count: jax.Array
-    mu: Any
-    nu: Any
-    mu_offset: Any
+    count: jax.Array  # shape=(), dtype=jnp.int32
+    mu: optax.Updates  # like the params: m + mu_offset * x
+    nu: optax.Updates  # per group (keepdims); MaskedNode off the groups
+    mu_offset: optax.Updates  # per group (keepdims); MaskedNode off the groups
 
     def tangent_momentum(self, params: optax.Params) -> optax.Updates:
         """The first moment ``m`` of every leaf, tangent at ``params`` on the grouped ones."""

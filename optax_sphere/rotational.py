@@ -69,10 +69,10 @@ class RotationalRmsControlState(NamedTuple):
     optimizer's state.
     """
 
-    count: jax.Array
-    norm: Any
-    q: Any
-    inner: Any
+    count: jax.Array  # shape=(), dtype=jnp.int32
+    norm: optax.Updates  # per group (keepdims); MaskedNode off the groups
+    q: optax.Updates  # per group (keepdims); MaskedNode off the groups
+    inner: optax.OptState
 
 
 # Buffers of an inner optimizer's state that mirror the parameters (checked before its step).
@@ -685,9 +685,9 @@ def rv_lion(
 class ScaleByAdamL2DirectionState(NamedTuple):
     """State of :func:`scale_by_adam_l2_direction`: Adam's moments (at least float32)."""
 
-    count: jax.Array
-    mu: Any
-    nu: Any
+    count: jax.Array  # shape=(), dtype=jnp.int32
+    mu: optax.Updates  # like the params
+    nu: optax.Updates  # like the params
 
 
 def scale_by_adam_l2_direction(

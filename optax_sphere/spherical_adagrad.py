@@ -31,8 +31,8 @@ class AdagradgState(NamedTuple):
     """State of :func:`adagradg`: step count and the second moment ``nu`` (one scalar per
     group on grouped leaves, element-wise elsewhere)."""
 
-    count: jax.Array
-    nu: Any
+    count: jax.Array  # shape=(), dtype=jnp.int32
+    nu: optax.Updates  # per group (keepdims); like the leaf off the groups
 
 
 def adagradg(

@@ -41,9 +41,9 @@ class ScaleByStandardizedAdamState(NamedTuple):
     for the others, in at least float32.
     """
 
-    count: jax.Array
-    mu: Any
-    nu: Any
+    count: jax.Array  # shape=(), dtype=jnp.int32
+    mu: optax.Updates  # like the params
+    nu: optax.Updates  # per group (keepdims); like the leaf off the groups
 
 
 def standardized_second_moment(g: jax.Array, group: Any) -> jax.Array:

@@ -264,9 +264,9 @@ class SgdmRtState(NamedTuple):
     ``()`` for ungrouped leaves).
     """
 
-    count: jax.Array
-    trace: Any
-    sq_norm: Any
+    count: jax.Array  # shape=(), dtype=jnp.int32
+    trace: optax.Updates  # like the params
+    sq_norm: optax.Updates  # per group (keepdims); shape () off the groups
 
 
 class SphericalAdamState(NamedTuple):
@@ -280,10 +280,10 @@ class SphericalAdamState(NamedTuple):
     Adam's state.
     """
 
-    count: jax.Array
-    mu: Any
-    nu: Any
-    sq_norm: Any
+    count: jax.Array  # shape=(), dtype=jnp.int32
+    mu: optax.Updates  # like the params
+    nu: optax.Updates  # per group (keepdims); like the leaf off the groups
+    sq_norm: optax.Updates  # per group (keepdims); shape () off the groups
 
 
 def _is_static_zero(value: Any) -> bool:

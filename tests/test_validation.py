@@ -26,13 +26,19 @@ RATES = (
     "eta_r",
     "rotational_eps",
     "ungrouped_weight_decay",
+    "ungrouped_learning_rate",
 )
 DECAYS = ("b1", "b2", "momentum", "rms_decay", "decay")
 POSITIVE = ("max_norm", "grad_clip", "radius")  # thresholds and radii: > 0 (or None)
 BAD_RATES = (-1e-3, math.nan, math.inf, -math.inf)
 BAD_DECAYS = (-0.1, 1.5, math.nan)
 BAD_POSITIVE = (-1.0, 0.0, math.nan)
-VALID = {"learning_rate": 1e-2, "weight_decay": 1e-3, "eta_r": 1e-2}
+VALID = {
+    "learning_rate": 1e-2,
+    "ungrouped_learning_rate": 1e-2,
+    "weight_decay": 1e-3,
+    "eta_r": 1e-2,
+}
 
 # Every public builder that takes numeric hyperparameters: aliases and primitives.
 BUILDERS = [c.name for c in alias_cases.ALIASES] + [

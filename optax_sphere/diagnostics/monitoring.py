@@ -30,14 +30,14 @@ PyTree = Any
 class MonitorState(NamedTuple):
     """State of :func:`monitor`: steps seen and the stats of the last one."""
 
-    count: jax.Array
+    count: jax.Array  # shape=(), dtype=jnp.int32
     stats: GeometryStats
 
 
 class MonitoredState(NamedTuple):
     """State of :func:`monitored`: the inner optimizer's state and the monitor's."""
 
-    inner: Any
+    inner: optax.OptState
     monitor: MonitorState
 
 
