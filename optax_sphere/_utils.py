@@ -335,8 +335,7 @@ def stateful_per_group(
     def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolve_groups(groups, params)
         on_init(grp, params)
-        fields = map_groups(init_leaf, grp, params, *init_trees(params))
-        fields = unzip(fields, params, n) if n else ()
+        fields = unzip(map_groups(init_leaf, grp, params, *init_trees(params)), params, n)
         return state_type(jnp.zeros([], jnp.int32), *fields)
 
     def update_fn(

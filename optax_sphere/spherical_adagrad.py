@@ -35,6 +35,10 @@ class AdagradgState(NamedTuple):
     nu: optax.Updates  # per group (keepdims); like the leaf off the groups
 
 
+def _bad_v0(err: Exception) -> ValueError:
+    return ValueError(f"adagradg: `v0` must be a number or a pytree like the params ({err}).")
+
+
 def adagradg(
     learning_rate: optax.ScalarOrSchedule = 0.7,
     decay: float = 1.0,
@@ -98,9 +102,7 @@ def adagradg(
         try:
             jax.tree.structure(params).flatten_up_to(tree)
         except (ValueError, TypeError) as err:
-            raise ValueError(
-                f"adagradg: `v0` must be a number or a pytree like the params ({err})."
-            ) from None
+            raise _bad_v0(err) from None
         return (tree,)
 
     def init_leaf(group, p, v):
@@ -110,9 +112,7 @@ def adagradg(
         try:
             return (zeros + jnp.broadcast_to(jnp.asarray(v, zeros.dtype), shape),)
         except (ValueError, TypeError) as err:
-            raise ValueError(
-                f"adagradg: `v0` must be a number or a pytree like the params ({err})."
-            ) from None
+            raise _bad_v0(err) from None
 
     def prepare(count, params):
         return _utils.value_at(learning_rate, count)
