@@ -287,13 +287,20 @@ class FoundGroups:
             out.append("The model's structure could not be read: the named groupings were tried.")
         elif unknown and self.method == "radial probe":
             out.append(
-                f"Structure not read for {len(unknown)} parameters (used elementwise, or not "
-                "followed): the named groupings were tried there."
+                f"No layer structure for {_listed(unknown)}: used elementwise with the data "
+                "(biases, gains, norm scales: expected, they have no units) or not followed "
+                "by the trace; the named groupings were tried there."
             )
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _listed(names: Sequence[str], most: int = 6) -> str:
+    """``names`` joined, the first ``most`` of them and how many more."""
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _path_key(path: str) -> tuple[str, ...]:
@@ -549,18 +556,9 @@ def find_groups(
         rows.append(_report(path, shape, choice, measured, note, leaf))
     found = FoundGroups(tuple(rows), tolerance, time.perf_counter() - start, structure)
     if not found.grouped:
-        causes = _causes_of_no_groups(f, treedef, values, inputs, has_batch_statistics(model, args))
+        batch_statistics = has_batch_statistics(model, args)
         warnings.warn(
-            "find_groups: no radially invariant group in this model: every parameter is left "
-            "ungrouped, and the optimizers of this library reduce to their base optimizers. "
-            + (
-                "Checked causes: " + " ".join(causes)
-                if causes
-                else "None of the checked causes applies (running averages in use, a batch "
-                "too small for the normalisation, dropout on): the model normalises no "
-                "parameter's output."
-            ),
-            stacklevel=2,
+            _no_groups_message(f, treedef, values, inputs, batch_statistics), stacklevel=2
         )
     return found
 
@@ -615,8 +613,55 @@ def _primitive_names(jaxpr: Any) -> set[str]:
     return names
 
 
-def _causes_of_no_groups(
+_RANDOMNESS = frozenset({"random_bits", "threefry2x32", "random_wrap"})
+#: the primitives of a normalisation (the inverse of a norm or of a standard deviation)
+_NORMALISATION = frozenset({"rsqrt"})
+
+
+def _model_primitives(f: Callable, treedef: Any, values: list, inputs: tuple) -> set[str]:
+    params = jax.tree.unflatten(treedef, values)
+    try:
+        return _primitive_names(jax.make_jaxpr(lambda p: f(p, *inputs))(params).jaxpr)
+    except Exception:  # a model that cannot be traced again says nothing here
+        return set()
+
+
+def _no_groups_message(
     f: Callable, treedef: Any, values: list, inputs: tuple, batch_statistics: bool | None
+) -> str:
+    """Why a model shows no radially invariant group: the checked causes (a batch of one,
+    running averages, dropout), else what is expected (normalisations on a residual stream,
+    as in a pre-LN transformer; or no normalisation at all)."""
+    primitives = _model_primitives(f, treedef, values, inputs)
+    causes = _causes_of_no_groups(f, treedef, values, inputs, batch_statistics, primitives)
+    head = (
+        "find_groups: no radially invariant group in this model: every parameter is left "
+        "ungrouped, and the optimizers of this library reduce to their base optimizers. "
+    )
+    if causes:
+        return head + "Checked causes: " + " ".join(causes)
+    if primitives & _NORMALISATION:
+        return head + (
+            "This is expected where the normalisations sit on a residual stream (a pre-LN "
+            "transformer: the residual additions keep every weight's scale in the outputs), "
+            "and where each weight's output reaches the outputs other than through a "
+            "normalisation. The rotational optimizers (rv_adamw, rv_sgdm, rv_lion) need no "
+            "invariance: give them rotational_groups(model, ...), the units of every "
+            "linear, convolution and embedding."
+        )
+    return head + (
+        "The model normalises nothing (no normalisation layer was seen), so no weight is "
+        "scale invariant; the rotational optimizers (rv_*) take rotational_groups(model, ...)."
+    )
+
+
+def _causes_of_no_groups(
+    f: Callable,
+    treedef: Any,
+    values: list,
+    inputs: tuple,
+    batch_statistics: bool | None,
+    primitives: set[str],
 ) -> list[str]:
     """The checkable reasons why a model with normalisation layers shows no invariant group:
     a batch of one, outputs that ignore the rest of the batch (running averages), randomness
@@ -652,28 +697,14 @@ def _causes_of_no_groups(
         independent = rows and all(
             np.allclose(np.asarray(x), np.asarray(y), rtol=1e-6) for x, y in rows
         )
-        if independent and batch_statistics is not False:
+        if independent and batch_statistics:
             causes.append(
                 "the outputs of one example do not depend on the other examples of the "
-                + (
-                    "batch, and the model keeps running statistics: its BatchNorm runs on "
-                    "its running averages (eval mode); "
-                    if batch_statistics
-                    else "batch: if the model has a BatchNorm, it runs on its running "
-                    "averages (eval mode); "
-                )
-                + "call it in training mode (train=True, use_running_average=False, "
-                "inference=False)."
+                "batch, and the model keeps running statistics: its BatchNorm runs on its "
+                "running averages (eval mode); call it in training mode (train=True, "
+                "use_running_average=False, inference=False)."
             )
-    try:
-        randomness = _primitive_names(jax.make_jaxpr(lambda p: f(p, *inputs))(params).jaxpr) & {
-            "random_bits",
-            "threefry2x32",
-            "random_wrap",
-        }
-    except Exception:
-        randomness = set()
-    if randomness:
+    if primitives & _RANDOMNESS:
         causes.append(
             "the model draws random numbers (dropout on?): turn dropout off for the probe "
             "(deterministic=True, train=False for dropout, inference=True)."

@@ -52,6 +52,7 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_sphere._dtypes import accumulation_dtype
@@ -358,6 +359,13 @@ def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
         return None
     axes: Any = spec.axes if isinstance(spec, Group) else spec
     ndim = len(leaf.shape)
+    if isinstance(axes, (bool, float)) or (
+        isinstance(axes, (tuple, list)) and not all(_is_axis(a) for a in axes)
+    ):
+        raise ValueError(
+            f"groups for parameter '{path}': {spec!r} is not a spec; {_LEAF_FORMS}"
+            + (f" Did you mean {axes[0]!r}?" if _is_rule_in_sequence(axes) else "")
+        )
     if isinstance(axes, str):
         if axes not in NAMED_SPECS:
             raise ValueError(
@@ -398,6 +406,52 @@ def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
     return Group(tuple(sorted(normalised)))
 
 
+#: the forms a per-leaf spec takes, for the error messages
+_LEAF_FORMS = (
+    "a leaf's spec is None (ungrouped), 'unit', 'unit_out_first', 'tensor', an int axis or a "
+    "tuple of int axes."
+)
+#: the forms ``groups`` takes, for the error messages
+_GROUPS_FORMS = (
+    "`groups` is None (nothing grouped), 'unit', 'unit_out_first' or 'tensor' (one rule for "
+    "every leaf), the result of find_groups / rotational_groups, a callable params -> specs, "
+    "or a tree like the parameters (a prefix of it) whose leaves are specs: " + _LEAF_FORMS
+)
+
+
+def _is_axis(a: Any) -> bool:
+    return isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+
+
+def _is_rule_in_sequence(spec: Any) -> bool:
+    return isinstance(spec, (tuple, list)) and len(spec) == 1 and spec[0] in NAMED_SPECS
+
+
+def _check_groups_form(groups: Any, params: PyTree) -> None:
+    """Refuses a ``groups`` that is a lone value of no allowed form (``True``, ``3``,
+    ``("unit",)``), naming the forms, before it is read as a tree that does not match."""
+    if callable(groups) or isinstance(groups, str) or groups is None:
+        return
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(params)):
+        return  # one array: the spec is its own, checked as a leaf's
+    lone = isinstance(groups, (bool, int, float, np.number)) or _is_rule_in_sequence(groups)
+    if isinstance(groups, (tuple, list)) and all(_is_axis(a) for a in groups):
+        # a tuple of axes for every leaf: fine only where the parameters are that tuple
+        lone = not isinstance(params, (tuple, list)) or len(params) != len(groups)
+    if lone:
+        hint = ""
+        if _is_rule_in_sequence(groups):
+            hint = f" Did you mean groups={groups[0]!r}?"
+        elif isinstance(groups, bool):
+            hint = " Did you mean groups='unit' (or None)?"
+        elif not isinstance(groups, float):
+            hint = (
+                " The same axes for every leaf: groups=lambda params: jax.tree.map(lambda _: "
+                f"{tuple(groups) if isinstance(groups, (tuple, list)) else (groups,)!r}, params)."
+            )
+        raise ValueError(f"`groups`={groups!r} is not a groups spec: {_GROUPS_FORMS}{hint}")
+
+
 def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
     """Resolves a ``groups`` specification against ``params``.
 
@@ -434,12 +488,10 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
         groups = lambda tree: jax.tree.map(lambda _: None, tree)
     if hasattr(groups, "spec_for"):  # optax_sphere.find_groups: specs matched by path
         groups = groups.spec_for
+    _check_groups_form(groups, params)
     if isinstance(groups, str):
         if groups not in _SHORTHANDS:
-            raise ValueError(
-                f"unknown groups shorthand {groups!r}; expected one of {sorted(_SHORTHANDS)}, "
-                "a callable, None or a pytree of per-leaf specs."
-            )
+            raise ValueError(f"unknown groups shorthand {groups!r}: {_GROUPS_FORMS}")
         groups = _SHORTHANDS[groups]
     # a callable spec is a function; an Equinox module (a pytree, perhaps callable) is a tree
     is_function = callable(groups) and jax.tree_util.treedef_is_leaf(jax.tree.structure(groups))

@@ -550,15 +550,46 @@ class _Mlp(nn.Module):
 def test_no_groups_warning_without_a_checkable_cause_says_so():
     x = jax.random.normal(jax.random.key(0), (16, 5))
     variables = _Mlp().init(jax.random.key(1), x)
-    with pytest.warns(UserWarning, match="None of the checked causes applies"):
+    with pytest.warns(UserWarning, match="normalises nothing") as record:
         osp.find_groups(_Mlp(), variables, x)
+    assert "BatchNorm" not in str(record[0].message)
 
-    def mlp(p, x):  # a function cannot say whether it keeps running statistics
+    def mlp(p, x):  # a function with no normalisation: no BatchNorm hint
         return jnp.tanh(x @ p["w1"]) @ p["w2"]
 
     params = {"w1": jnp.ones((5, 8)) / 3, "w2": jnp.ones((8, 2)) / 3}
-    with pytest.warns(UserWarning, match="if the model has a BatchNorm"):
+    with pytest.warns(UserWarning, match="normalises nothing") as record:
         osp.find_groups(mlp, params, x)
+    assert "BatchNorm" not in str(record[0].message)
+
+
+def test_no_groups_on_a_pre_ln_transformer_is_said_to_be_expected():
+    import transformer_models as tm
+
+    model, variables, apply = tm.linen_lm(0)
+    tokens = jnp.asarray(tm.markov_batches(0, 4, 1)[0, :, : tm.CONTEXT])
+    with pytest.warns(UserWarning, match="expected where the normalisations sit on a residual"):
+        found = osp.find_groups(apply, variables["params"], tokens)
+    assert found.grouped == []
+    message = str(next(w for w in record_warnings(apply, variables["params"], tokens)).message)
+    assert "rotational_groups" in message and "running averages" not in message
+
+
+def record_warnings(*args):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        osp.find_groups(*args)
+    return record
+
+
+def test_the_report_names_the_parameters_without_a_layer_structure():
+    x = jax.random.normal(jax.random.key(0), (16, 5))
+    variables = _BNNet().init(jax.random.key(1), x)
+    table = osp.find_groups(_BNNet(), variables, x, train=True).table()
+    assert "No layer structure for BatchNorm_0/bias, BatchNorm_0/scale, Dense_1/bias" in table
+    assert "expected, they have no units" in table
 
 
 def test_no_groups_warning_names_running_averages_of_an_nnx_model_in_eval_mode():

@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
+import optax_sphere as osp
 from optax_sphere.groups import (
     Group,
     group_mean,
@@ -89,3 +90,27 @@ def test_keepdims_reductions():
     assert group_sq_norm(x, g).shape == (1, 1, 4)
     assert jnp.allclose(group_sq_norm(x, g)[0, 0], jnp.sum(x * x, axis=(0, 1)))
     assert jnp.allclose(group_mean(x, g)[0, 0], jnp.mean(x, axis=(0, 1)))
+
+
+@pytest.mark.parametrize(
+    "groups, hint",
+    [(("unit",), "groups='unit'"), (["unit"], "groups='unit'"), (True, "groups='unit'"),
+     (3, "lambda params"), ((0, 1), "lambda params"), (2.5, "is not a groups spec")],
+)  # fmt: skip
+def test_a_lone_value_of_no_allowed_form_names_the_forms(groups, hint):
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    with pytest.raises(ValueError, match="is not a groups spec") as err:
+        osp.resolve_groups(groups, params)
+    assert hint in str(err.value) and "'unit_out_first'" in str(err.value)
+
+
+@pytest.mark.parametrize("spec", [True, False, 1.0, ("unit",), (0, "unit")])
+def test_a_leaf_spec_of_no_allowed_form_names_the_path_and_the_forms(spec):
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    with pytest.raises(ValueError, match="parameter 'w'.*is not a spec.*int axis"):
+        osp.resolve_groups({"w": spec, "b": None}, params)
+
+
+def test_an_int_or_axes_for_one_array_are_its_own_spec():
+    assert osp.resolve_groups(1, jnp.ones((3, 2))) == osp.Group((1,))
+    assert osp.resolve_groups((0,), jnp.ones((3, 2))) == osp.Group((0,))
