@@ -349,6 +349,49 @@ def key_names(path: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(names)
 
 
+#: (parameter path, shape) -> the axes indexing the layers of a stack, as the last structure
+#: read for that parameter (``trace_structure``: ``find_groups``, ``rotational_groups``,
+#: ``check_groups``) found them; bounded, for the warning of :func:`_warn_across_layers`
+_STACK_AXES: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
+_MOST_REMEMBERED = 65536
+
+
+def remember_stack_axes(path: str, shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
+    """Records that the parameter ``path`` of ``shape`` holds a stack of layers on ``axes``
+    (called by the structure trace), so that a group spec spanning them is said at ``init``."""
+    if len(_STACK_AXES) >= _MOST_REMEMBERED:
+        _STACK_AXES.clear()
+    if axes:
+        _STACK_AXES[(path, tuple(shape))] = tuple(axes)
+    else:
+        _STACK_AXES.pop((path, tuple(shape)), None)
+
+
+def _warn_across_layers(specs: list, groups: list, leaves_with_path: list) -> None:
+    """Warns when groups span the layers of a stack (a scanned block's stacked kernel or
+    ``(L, d)`` norm scale grouped by a rule that knows only the leaf's shape)."""
+    crossing = []
+    for spec, group, (path, leaf) in zip(specs, groups, leaves_with_path):
+        if group is None:
+            continue
+        stack = _STACK_AXES.get((path_str(path), tuple(leaf.shape)), ())
+        crossed = sorted(set(group.axes) & set(stack))
+        if crossed:
+            crossing.append(
+                f"'{path_str(path)}' {tuple(leaf.shape)} (spec {spec!r}, group axes "
+                f"{group.axes}, layers on axis {', '.join(map(str, crossed))})"
+            )
+    if crossing:
+        warnings.warn(
+            f"{len(crossing)} groups span the layers of a stack (a scanned or vmapped block, "
+            "as the model's structure read by find_groups / rotational_groups / check_groups "
+            f"shows), so each group mixes the layers: {'; '.join(crossing)}. Group from the "
+            "structure instead (groups=find_groups(model, ...) or rotational_groups(model, "
+            "...)), or give per-leaf specs whose axes leave the stack axes out.",
+            stacklevel=4,
+        )
+
+
 def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
         raise ValueError(
@@ -506,6 +549,8 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
     resolved = [
         _resolve_leaf(s, leaf, path_str(p)) for (p, leaf), s in zip(leaves_with_path, specs)
     ]
+    if _STACK_AXES:
+        _warn_across_layers(specs, resolved, leaves_with_path)
     return jax.tree.unflatten(treedef, resolved)
 
 

@@ -37,6 +37,7 @@ import jax
 from jax.extend import core as jex_core
 
 from optax_sphere._paths import path_str
+from optax_sphere.groups import remember_stack_axes
 
 __all__ = ["LeafStructure", "ModelStructure", "trace_structure"]
 
@@ -562,9 +563,12 @@ def trace_structure(fn: Callable[..., Any], params: PyTree, *inputs: Any) -> Mod
     ] + [_Value(None, True)] * n_inputs
     outs = _Tracer(rec).run(closed, values)
     heads = frozenset().union(*(v.after for v in outs if v.data))
-    return ModelStructure(
+    structure = ModelStructure(
         tuple(_leaf(i, paths[i], shapes[i], rec, i in heads) for i in range(len(flat)))
     )
+    for leaf in structure:  # so that a rule that spans the layers is said at init
+        remember_stack_axes(leaf.path, leaf.shape, leaf.stack_axes)
+    return structure
 
 
 def _leaf(i: int, path: str, shape: tuple[int, ...], rec: _Recorder, head: bool) -> LeafStructure:

@@ -51,6 +51,25 @@ def test_rotational_groups_are_every_kernel_per_unit_one_layer_at_a_time(framewo
             assert "elementwise" in r.note, (r.path, r.note)
 
 
+@pytest.mark.parametrize("framework", ["nnx", "equinox"])
+@pytest.mark.parametrize("spec", ["unit", "tensor"])
+def test_a_shape_rule_on_a_stacked_tree_says_at_init_that_it_spans_the_layers(framework, spec):
+    import warnings
+
+    _, params, _ = MODELS[framework](0)
+    found = _groups(framework)  # reads the structure: the blocks are stacked on axis 0
+    with pytest.warns(UserWarning, match="span the layers of a stack") as record:
+        osp.rv_adamw(1e-3, groups=spec).init(params)
+    message = next(str(w.message) for w in record if "span the layers" in str(w.message))
+    stacked = [r.path for r in found.reports if r.path.startswith("blocks/")]
+    assert stacked and all(f"'{p}'" in message for p in stacked if "weight" in p or "kernel" in p)
+    assert "rotational_groups" in message
+    with warnings.catch_warnings():  # the structure's own groups keep the layers apart
+        warnings.simplefilter("error")
+        osp.rv_adamw(1e-3, groups=found).init(params)
+        osp.rv_adamw(1e-3, groups=None).init(params)
+
+
 @pytest.mark.parametrize("framework", MODELS)
 def test_head_and_embedding_can_be_left_to_the_base_optimizer(framework):
     found = _groups(framework, head=False, embedding=False)
