@@ -540,6 +540,10 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
     is_function = callable(groups) and jax.tree_util.treedef_is_leaf(jax.tree.structure(groups))
     spec = groups(params) if is_function else groups
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not leaves_with_path:
+        # no parameter to group: an empty tree, or optax.tree.map_params's placeholder,
+        # whose ``init`` reads which state fields mirror the parameters
+        return jax.tree.unflatten(treedef, [])
     try:
         specs = treedef.flatten_up_to(spec)
     except (ValueError, TypeError) as err:

@@ -1,13 +1,16 @@
 """Every alias of the library and the optax optimizer it extends, in one table.
 
 An alias with nothing grouped is its base optimizer (or, for the Adam family, Adam on the
-ungrouped leaves). :data:`BASES` builds the plain optax optimizer of each family (Adam and
-SGD with momentum after coupled L2, AdamW, Lion, SGD, AdaGrad); :data:`ALIASES` gives each
-alias its family and base, and :func:`build_base` builds the base from the alias's own
-hyperparameters (``learning_rate``, ``weight_decay``, ``momentum``, ``nesterov``, ``b1``,
-``b2``, ``eps``, with the alias's defaults), so that an alias and its base run at the same
-values. The benchmarks time each alias against this base, the main comparison pairs each
-alias with it, and the presets build the plain optimizers from :data:`BASES`.
+ungrouped leaves), except Cho & Lee's SGD-G and Adam-G, whose leaves off the sphere follow SGD
+with Nesterov momentum, as their code does (``ungrouped_learning_rate``,
+``ungrouped_momentum``): their base here is the optimizer their sphere steps extend.
+:data:`BASES` builds the plain optax optimizer of each family (Adam and SGD with momentum after
+coupled L2, AdamW, Lion, SGD, AdaGrad); :data:`ALIASES` gives each alias its family and base,
+and :func:`build_base` builds the base from the alias's own hyperparameters
+(``learning_rate``, ``weight_decay``, ``momentum``, ``nesterov``, ``b1``, ``b2``, ``eps``,
+``v0``, with the alias's defaults), so that an alias and its base run at the same values. The
+benchmarks time each alias against this base, the main comparison pairs each alias with it,
+and the presets build the plain optimizers from :data:`BASES`.
 """
 
 from __future__ import annotations
@@ -83,6 +86,18 @@ def _lion(
     return optax.lion(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask)
 
 
+def _adagrad(learning_rate: Any, v0: float = 0.1) -> optax.GradientTransformation:
+    """``optax.adagrad`` with its accumulator started at ``v0`` (AdaGradG's ``v0``, 1 by
+    default, where optax starts at 0.1)."""
+    try:
+        start = float(v0)
+    except TypeError:
+        raise TypeError(
+            f"the AdaGrad base takes one number for v0 (its initial accumulator), got {v0!r}"
+        ) from None
+    return optax.adagrad(learning_rate, initial_accumulator_value=start)
+
+
 #: family -> the plain optax optimizer of that family, built from keyword hyperparameters
 BASES: Mapping[str, Callable[..., optax.GradientTransformation]] = MappingProxyType(
     {
@@ -91,7 +106,7 @@ BASES: Mapping[str, Callable[..., optax.GradientTransformation]] = MappingProxyT
         "sgdm": _sgdm,
         "lion": _lion,
         "sgd": optax.sgd,
-        "adagrad": optax.adagrad,
+        "adagrad": _adagrad,
     }
 )
 
@@ -120,7 +135,7 @@ ALIASES: Mapping[str, AliasBase] = MappingProxyType(
 )
 
 #: the hyperparameters an alias shares with its base; the alias's defaults fill those not given
-_SHARED = ("weight_decay", "momentum", "nesterov", "b1", "b2", "eps")
+_SHARED = ("weight_decay", "momentum", "nesterov", "b1", "b2", "eps", "v0")
 
 
 def build_base(alias: str, **hyperparameters: Any) -> optax.GradientTransformation:

@@ -778,7 +778,7 @@ def wrapped_adam_l2(
     center: bool = True,
     eta_r: optax.ScalarOrSchedule | None = None,
     rotational_eps: float = 1e-8,
-    ungrouped_weight_decay: optax.ScalarOrSchedule = 0.0,
+    ungrouped_weight_decay: optax.ScalarOrSchedule | None = None,
     groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The "wrapped Adam+L2" RV (Kosson et al. sec. 3, Table 2 last column, app. O).
@@ -787,14 +787,16 @@ def wrapped_adam_l2(
     second moment) with the balanced angular update of AdamW,
     :math:`\hat\eta_r = \sqrt{2\eta\lambda(1-b_1)/(1+b_1)}`, instead of Adam+L2's own
     equilibrium, which depends on the gradient norm (eq. 84, 87). Ungrouped leaves get Adam
-    with coupled L2 ``ungrouped_weight_decay`` (0: plain Adam).
+    with coupled L2 ``ungrouped_weight_decay`` (by default ``weight_decay``, so that with
+    nothing grouped the alias is its base, Adam+L2; 0: plain Adam there).
 
     Args:
       learning_rate: a number or an ``optax`` schedule; sets the rotational groups'
         :math:`\hat\eta_r` and the ungrouped leaves' step.
       b1, b2, eps: Adam's moment decays and denominator term.
       weight_decay, rms_decay, center, eta_r, rotational_eps, groups: as :func:`rv_adamw`.
-      ungrouped_weight_decay: the ungrouped leaves' weight decay (coupled L2).
+      ungrouped_weight_decay: the ungrouped leaves' weight decay (coupled L2); ``None``:
+        ``weight_decay``.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.
@@ -816,7 +818,12 @@ def wrapped_adam_l2(
     _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
     return _rotational_variant(
         scale_by_adam_l2_direction(
-            b1, b2, eps, weight_decay, ungrouped_weight_decay, groups=groups
+            b1,
+            b2,
+            eps,
+            weight_decay,
+            _ungrouped_decay(weight_decay, ungrouped_weight_decay),
+            groups=groups,
         ),
         "adamw",
         {"b1": b1},

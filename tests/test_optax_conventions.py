@@ -202,3 +202,27 @@ def test_weight_decay_mask_as_optax_adamw(name):
     np.testing.assert_array_equal(c["dense"]["bias"], a["dense"]["bias"])  # masked out
     assert not np.allclose(c["dense"]["kernel"], a["dense"]["kernel"])  # decayed
     np.testing.assert_array_equal(c["dense"]["kernel"], e["dense"]["kernel"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tree_map_params_with_a_spec_tree_maps_every_buffer_like_the_params(name):
+    """``optax.tree.map_params`` calls ``init`` on a placeholder with no leaves: a spec written
+    leaf by leaf must accept it, and the map must reach every field shaped like the params
+    (here casting them to bfloat16) and nothing else."""
+    params = _params()
+    spec = {"conv": {"kernel": "unit"}, "dense": {"kernel": "unit", "bias": None}}
+    for label, tx in (("alias", _make(name, groups=spec)), ("optax", ALIASES[name][1]())):
+        state = tx.init(params)
+        updates, state = tx.update(_grads(params), state, params)
+        cast = optax.tree.map_params(tx, lambda v: v.astype(jnp.bfloat16), state)
+        like = jax.tree.structure(params)
+        for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(cast)):
+            assert after.shape == before.shape, label
+        buffers = [
+            n for n in osp._utils.named_fields(cast, osp._utils.MOMENTUM_FIELDS)
+            if jax.tree.structure(n) == like
+        ]  # fmt: skip
+        no_momentum = name in ("adagradg", "psi_sgd")  # neither keeps a momentum
+        assert (buffers or no_momentum) and all(
+            x.dtype == jnp.bfloat16 for b in buffers for x in jax.tree.leaves(b)
+        ), label
