@@ -16,9 +16,49 @@ import jax
 PyTree = Any
 
 
-def as_function(model: Any, args: tuple, kwargs: dict) -> tuple[Callable, PyTree, tuple, str]:
+def as_function(
+    model: Any, args: tuple, kwargs: dict, batch_axis_name: str | None = None
+) -> tuple[Callable, PyTree, tuple, str]:
     """``(f, params, inputs, layout)`` with ``f(params, *inputs)`` the model's outputs and
-    ``layout`` the framework's kernel layout (``"out_last"`` or ``"out_first"``)."""
+    ``layout`` the framework's kernel layout (``"out_last"`` or ``"out_first"``).
+
+    ``batch_axis_name``: the model takes one example and normalises over the batch by a named
+    axis (Equinox's ``BatchNorm(axis_name=...)``); ``f`` maps it over the first input's
+    leading axis with ``jax.vmap(..., axis_name=batch_axis_name)``, the other inputs (an
+    ``eqx.nn.State``) shared, and keeps the outputs that are not a state."""
+    f, params, inputs, layout = _as_function(model, args, kwargs)
+    if batch_axis_name is None:
+        return f, params, inputs, layout
+    if not inputs:
+        raise ValueError(
+            "batch_axis_name: the model is mapped over its first input's leading axis, but no "
+            "input was given."
+        )
+    return _per_example(f, batch_axis_name), params, inputs, layout
+
+
+def _is_state(x: Any) -> bool:
+    eqx = sys.modules.get("equinox")
+    state = getattr(getattr(eqx, "nn", None), "State", None)
+    return state is not None and isinstance(x, state)
+
+
+def _per_example(f: Callable, axis_name: str) -> Callable:
+    """``f`` over a batch of single examples with the named batch axis."""
+
+    def batched(p, first, *rest):
+        rest = jax.tree.map(lambda v: v, rest)  # a fresh eqx.nn.State, usable once, per call
+
+        def one(x):
+            out = f(p, x, *rest)
+            return jax.tree.map(lambda o: None if _is_state(o) else o, out, is_leaf=_is_state)
+
+        return jax.vmap(one, axis_name=axis_name)(first)
+
+    return batched
+
+
+def _as_function(model: Any, args: tuple, kwargs: dict) -> tuple[Callable, PyTree, tuple, str]:
     nnx = getattr(sys.modules.get("flax"), "nnx", None)  # imported only if the user did
     linen = getattr(sys.modules.get("flax"), "linen", None)
     eqx = sys.modules.get("equinox")
@@ -49,6 +89,7 @@ def as_function(model: Any, args: tuple, kwargs: dict) -> tuple[Callable, PyTree
         params, static = eqx.partition(model, eqx.is_inexact_array)
 
         def f_eqx(p, *inputs):
+            inputs = jax.tree.map(lambda v: v, inputs)  # a fresh eqx.nn.State per call
             return eqx.combine(p, static)(*inputs, **kwargs)
 
         return f_eqx, params, args, "out_first"

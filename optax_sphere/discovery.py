@@ -416,6 +416,7 @@ def find_groups(
     perturbation: float = 0.5,
     check_rtol: float = 1e-3,
     seed: int = 0,
+    batch_axis_name: str | None = None,
     **kwargs: Any,
 ) -> FoundGroups:
     """Finds the radially invariant groups of a model by measuring them.
@@ -456,6 +457,11 @@ def find_groups(
         leaf's root mean square.
       check_rtol: relative change of the outputs allowed when every group found is scaled.
       seed: seed of the random perturbations and directions.
+      batch_axis_name: for a model of one example that normalises over a named batch axis
+        (Equinox's ``BatchNorm(axis_name="batch")``, whose state comes among the inputs): it
+        is mapped over the first input's leading axis with ``jax.vmap(...,
+        axis_name=batch_axis_name)``, the other inputs shared, its returned state dropped:
+        ``find_groups(model, x, state, batch_axis_name="batch")``.
       **kwargs: passed to the model (``train=True``, ``deterministic=True``...).
 
     Returns:
@@ -485,7 +491,7 @@ def find_groups(
       radially invariant groups the method measures).
     """
     start = time.perf_counter()
-    f, params, inputs, layout = as_function(model, args, kwargs)
+    f, params, inputs, layout = as_function(model, args, kwargs, batch_axis_name)
     flat = _check_leaves(params)
     paths = [path_str(p) for p, _ in flat]
     treedef = jax.tree.structure(params)
@@ -500,6 +506,13 @@ def find_groups(
         raise ValueError(
             f"find_groups: the model failed on the example inputs ({type(err).__name__}: "
             f"{err}). Check the inputs' shapes and the keyword arguments (train=True...)."
+            + (
+                " A model of one example (Equinox's, with BatchNorm(axis_name=...)) takes a "
+                "batch with batch_axis_name=: find_groups(model, x, state, "
+                'batch_axis_name="batch").'
+                if batch_axis_name is None and layout == "out_first"
+                else ""
+            )
         ) from err
     if not reference:
         raise ValueError("find_groups: the model returned no floating-point output.")
@@ -802,7 +815,9 @@ def _raise_problems(problems: list[str]) -> None:
         )
 
 
-def check_groups(groups: Any, model: Any, *args: Any, **kwargs: Any) -> None:
+def check_groups(
+    groups: Any, model: Any, *args: Any, batch_axis_name: str | None = None, **kwargs: Any
+) -> None:
     """Checks a ``groups`` spec against the structure of a model.
 
     The model is traced once (no FLOPs) and every grouped parameter is compared with how the
@@ -816,6 +831,7 @@ def check_groups(groups: Any, model: Any, *args: Any, **kwargs: Any) -> None:
       model: the model, in any form :func:`find_groups` takes, followed by its parameters
         or variables and example inputs in ``*args``.
       *args: as for :func:`find_groups`.
+      batch_axis_name: as for :func:`find_groups`.
       **kwargs: passed to the model.
 
     Raises:
@@ -836,7 +852,7 @@ def check_groups(groups: Any, model: Any, *args: Any, **kwargs: Any) -> None:
       Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2 (a group
       is the inputs of one unit).
     """
-    f, params, inputs, _ = as_function(model, args, kwargs)
+    f, params, inputs, _ = as_function(model, args, kwargs, batch_axis_name)
     _raise_problems(_spec_problems(trace_structure(f, params, *inputs), groups, params))
 
 
@@ -845,6 +861,7 @@ def rotational_groups(
     *args: Any,
     head: bool = True,
     embedding: bool = True,
+    batch_axis_name: str | None = None,
     **kwargs: Any,
 ) -> FoundGroups:
     """Kosson et al.'s rotational groups, read from the model's structure: every linear and
@@ -873,6 +890,7 @@ def rotational_groups(
       embedding: group the rows of an embedding (a kernel indexed by the data), as REQ does;
         ``False`` gives it its base optimizer. A tied embedding and head is grouped only if
         both are.
+      batch_axis_name: as for :func:`find_groups`.
       **kwargs: passed to the model.
 
     Returns:
@@ -897,7 +915,7 @@ def rotational_groups(
       Networks", sec. 4 and app. M, O.
     """
     start = time.perf_counter()
-    f, params, inputs, _ = as_function(model, args, kwargs)
+    f, params, inputs, _ = as_function(model, args, kwargs, batch_axis_name)
     _check_leaves(params)
     structure = trace_structure(f, params, *inputs)
     rows = []
