@@ -39,7 +39,13 @@ from jax.extend import core as jex_core
 from optax_sphere._paths import path_str
 from optax_sphere.groups import remember_stack_axes
 
-__all__ = ["LeafStructure", "ModelStructure", "trace_structure"]
+__all__ = [
+    "LeafStructure",
+    "ModelStructure",
+    "muon_dimension_numbers",
+    "trace_structure",
+    "weight_decay_mask",
+]
 
 PyTree = Any
 
@@ -606,3 +612,147 @@ def _leaf(i: int, path: str, shape: tuple[int, ...], rec: _Recorder, head: bool)
         head,
         "; ".join(rec.notes[i]),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# What optax users pass: a weight-decay mask and Muon's dimension numbers, from the structure
+
+#: the consumers that make a leaf a matrix of a layer (its input and unit axes are read)
+_LAYER_CONSUMERS = frozenset({"dot_general", "conv_general_dilated"})
+
+
+def _read(
+    model: Any, args: tuple, kwargs: dict, batch_axis_name: str | None
+) -> tuple[PyTree, ModelStructure]:
+    from optax_sphere._models import as_function
+
+    f, params, inputs, _ = as_function(model, args, kwargs, batch_axis_name)
+    return params, trace_structure(f, params, *inputs)
+
+
+def _like_params(params: PyTree, structure: ModelStructure, value: Callable) -> PyTree:
+    """``value(leaf_structure)`` in the place of every leaf of ``params``."""
+    leaves, treedef = jax.tree.flatten(params)
+    return jax.tree.unflatten(treedef, [value(leaf) for leaf in structure])
+
+
+def weight_decay_mask(
+    model: Any, *args: Any, batch_axis_name: str | None = None, **kwargs: Any
+) -> PyTree:
+    """An ``optax`` weight-decay mask read from the model's structure: ``True`` for the
+    kernels of linear and convolutional layers and for embeddings, ``False`` for what the
+    model uses elementwise (biases, norm scales, gains, added position tables).
+
+    Unlike ``lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)``, it is right on stacked
+    trees: a scanned block's ``(L, d)`` norm scale is not decayed, its ``(L, d_in, d_out)``
+    kernel is.
+
+    Args:
+      model: the model, in any form :func:`optax_sphere.find_groups` takes, followed by its
+        parameters or variables and example inputs in ``*args``.
+      *args: as for :func:`optax_sphere.find_groups`.
+      batch_axis_name: as for :func:`optax_sphere.find_groups`.
+      **kwargs: passed to the model.
+
+    Returns:
+      A tree like the parameters (of :func:`optax_sphere.find_groups`'s form) of booleans,
+      for ``optax.adamw(..., mask=...)``, ``optax.add_decayed_weights(..., mask)`` or the
+      ``weight_decay_mask`` of ``optax.contrib.muon``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from optax_sphere.structure import weight_decay_mask
+      >>> def model(p, x):  # two stacked layers, scanned, each with a gain
+      ...     layer = lambda h, w: (jnp.tanh(h @ w["kernel"]) * w["gain"], None)
+      ...     return jax.lax.scan(layer, x, p)[0]
+      >>> p = {"kernel": jnp.ones((2, 3, 3)), "gain": jnp.ones((2, 3))}
+      >>> mask = weight_decay_mask(model, p, jnp.ones((4, 3)))
+      >>> mask
+      {'gain': False, 'kernel': True}
+      >>> tx = optax.adamw(1e-3, weight_decay=0.1, mask=mask)
+
+    References:
+      Loshchilov and Hutter, "Decoupled Weight Decay Regularization" (the decay of the
+      weights of layers, not of biases and gains); Kosson et al., "Rotational Equilibrium",
+      sec. 5 (the matrices decay, the gains and biases do not).
+    """
+    params, structure = _read(model, args, kwargs, batch_axis_name)
+    return _like_params(
+        params, structure, lambda leaf: bool(_LAYER_CONSUMERS & set(leaf.consumers) or leaf.lookup)
+    )
+
+
+def muon_dimension_numbers(
+    model: Any,
+    *args: Any,
+    head: bool = False,
+    per_head: bool = False,
+    batch_axis_name: str | None = None,
+    **kwargs: Any,
+) -> PyTree:
+    """``optax.contrib.MuonDimensionNumbers`` for every matrix of the model, read from its
+    structure, and ``None`` for the leaves Muon leaves to Adam.
+
+    A kernel consumed by a ``dot_general`` (or a convolution) gets its contracted axes as the
+    reduction axes and its unit axes as the output axes; every other axis (the layers of a
+    stack, the experts of a batched ``dot_general``) is a batch axis, orthogonalised
+    independently. The embeddings, the head (unless ``head=True``), and what the model uses
+    elementwise (biases, norm scales, gains) get ``None``, as in Jordan et al.'s Muon.
+    ``per_head=True`` makes the outer of several unit axes (``(d, heads, head_dim)``) or of
+    several input axes of a ``dot_general`` (``(heads, head_dim, d)``) a batch axis too: one
+    orthogonalisation per head.
+
+    Args:
+      model: the model, in any form :func:`optax_sphere.find_groups` takes, followed by its
+        parameters or variables and example inputs in ``*args``.
+      *args: as for :func:`optax_sphere.find_groups`.
+      head: orthogonalise the output layer too.
+      per_head: one orthogonalisation per attention head (see above).
+      batch_axis_name: as for :func:`optax_sphere.find_groups`.
+      **kwargs: passed to the model.
+
+    Returns:
+      A tree like the parameters whose leaves are ``MuonDimensionNumbers`` or ``None``, for
+      ``optax.contrib.muon(..., muon_weight_dimension_numbers=...)``; for an Equinox model,
+      whose tree is a (callable) module that optax would call, a function of the parameters
+      returning it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from optax_sphere.structure import muon_dimension_numbers
+      >>> def model(p, x):  # a stack of 2 layers, scanned, then a head
+      ...     h = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["blocks"])[0]
+      ...     return h @ p["head"]
+      >>> p = {"blocks": jnp.ones((2, 3, 3)), "head": jnp.ones((3, 5))}
+      >>> numbers = muon_dimension_numbers(model, p, jnp.ones((4, 3)))
+      >>> numbers["blocks"], numbers["head"]
+      (MuonDimensionNumbers(reduction_axis=(1,), output_axis=(2,)), None)
+
+    References:
+      Jordan et al., "Muon: an optimizer for hidden layers in neural networks" (2024): the
+      hidden matrices, the embedding and head left to AdamW.
+    """
+    from optax.contrib import MuonDimensionNumbers
+
+    params, structure = _read(model, args, kwargs, batch_axis_name)
+
+    def numbers(leaf: LeafStructure):
+        if not _LAYER_CONSUMERS & set(leaf.consumers) or leaf.lookup or (leaf.head and not head):
+            return None
+        reduction, output = list(leaf.input_axes), list(leaf.unit_axes)
+        if per_head and "conv_general_dilated" not in leaf.consumers:
+            if len(output) >= 2:
+                output = output[1:]
+            elif len(reduction) >= 2:
+                reduction = reduction[1:]
+        reduction = [a for a in reduction if leaf.shape[a] > 1] or reduction
+        if not reduction or not output:
+            return None
+        return MuonDimensionNumbers(tuple(reduction), tuple(output))
+
+    tree = _like_params(params, structure, numbers)
+    if callable(tree):
+        # an Equinox module is callable, and optax calls a callable dimension-numbers
+        # argument with the parameters: give it a function returning the tree
+        return lambda _params: tree
+    return tree
