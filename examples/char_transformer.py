@@ -1,4 +1,4 @@
-"""A small LayerNorm transformer language model (bytes) trained with AdamW and RV-AdamW.
+"""A small LayerNorm transformer language model (bytes): AdamW, RV-AdamW, AdamH and Muon.
 
     python examples/char_transformer.py --out results_char            # a few minutes on CPU
     python examples/char_transformer.py --out results_char --quick    # smoke test
@@ -20,6 +20,16 @@ start from Kosson et al.'s GPT-like preset (``kosson2024/wikitext_gpt``: lr 5e-3
 rate is searched over a short grid on the validation loss. Both decay the matrices (optax's
 ``mask``: AdamW's embedding, kernels, head and positions; RV-AdamW's positions, its only
 ungrouped matrix) and not the LayerNorm gains, the learnable gains and the biases.
+
+Two optimizers take their per-leaf choices from the same structure: AdamH (Wen et al. 2025,
+``optax_sphere.adamh``) keeps every hidden matrix at its initial norm
+(``optax_sphere.matrix_groups``) at a rate of ``sqrt(lr * weight_decay)`` of the AdamW preset
+(0.05, the angle AdamW turns per step at equilibrium), Adam at the preset's rate elsewhere;
+``optax.contrib.muon`` (Jordan et al. 2024) orthogonalises the hidden matrices given by
+``optax_sphere.structure.muon_dimension_numbers`` at 0.02 with the decoupled decay 0.1 on
+``optax_sphere.structure.weight_decay_mask``, its Adam at the preset's rate elsewhere. Every
+rate of an optimizer follows its learning rate's schedule and search (``--optimizers`` picks
+among them; ``muonh`` too).
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ import numpy as np
 import optax
 
 import optax_sphere
-from optax_sphere import presets
+from optax_sphere import presets, structure
 from optax_sphere.experiments import harness
 from optax_sphere.gains import WithGain
 
@@ -146,12 +156,24 @@ def warmup_cosine(lr: Any, total_steps: int):
     return schedule
 
 
-def candidates(groups: optax_sphere.FoundGroups) -> list[harness.Candidate]:
+def scaled(schedule: Any, factor: float):
+    """``factor`` times ``schedule`` (a number or a function of the step count)."""
+    return (lambda count: factor * schedule(count)) if callable(schedule) else factor * schedule
+
+
+def candidates(
+    groups: optax_sphere.FoundGroups, read: dict[str, Any], names: list[str]
+) -> list[harness.Candidate]:
+    """The optimizers compared; ``read``: the matrix groups, Muon's dimension numbers
+    and the weight-decay mask read from the model."""
     matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     adamw = presets.get("kosson2024/wikitext_gpt/adamw")
     rv = presets.get("kosson2024/wikitext_gpt/rv_adamw")
-    return [
-        harness.Candidate(
+    lr, wd = adamw.hyperparams["learning_rate"], adamw.hyperparams["weight_decay"]
+    angle = (lr * wd) ** 0.5  # AdamW's angular update per step at equilibrium
+    muon_lr = 0.02
+    every = {
+        "adamw": harness.Candidate(
             "adamw",
             "optax.adamw",
             dict(adamw.hyperparams),
@@ -159,7 +181,7 @@ def candidates(groups: optax_sphere.FoundGroups) -> list[harness.Candidate]:
             lambda **kw: adamw.build(mask=matrices, **kw),
             family="AdamW",
         ),
-        harness.Candidate(
+        "rv_adamw": harness.Candidate(
             "rv_adamw",
             "rv_adamw (Kosson et al.'s groups)",
             dict(rv.hyperparams),
@@ -168,7 +190,70 @@ def candidates(groups: optax_sphere.FoundGroups) -> list[harness.Candidate]:
             base="adamw",
             family="AdamW",
         ),
-    ]
+        "adamh": harness.Candidate(
+            "adamh",
+            "adamh (a sphere per matrix)",
+            {"learning_rate": angle, "b2": 0.95},
+            f"sqrt(lr * weight_decay) of {adamw.name}; Adam at its lr off the matrices",
+            lambda learning_rate, **kw: optax_sphere.adamh(
+                learning_rate,
+                ungrouped_learning_rate=scaled(learning_rate, lr / angle),
+                groups=read["matrices"],
+                **kw,
+            ),
+            base="adamw",
+            family="AdamW",
+        ),
+        "muon": harness.Candidate(
+            "muon",
+            "optax.contrib.muon (numbers from the structure)",
+            {"learning_rate": muon_lr, "weight_decay": 0.1},
+            f"Jordan et al.'s 0.02; Adam at the lr of {adamw.name} off the matrices",
+            lambda learning_rate, **kw: optax.contrib.muon(
+                learning_rate,
+                adam_learning_rate=scaled(learning_rate, lr / muon_lr),
+                adam_b2=0.95,
+                weight_decay_mask=read["mask"],
+                muon_weight_dimension_numbers=read["numbers"],
+                **kw,
+            ),
+            base="adamw",
+            family="AdamW",
+        ),
+        "muonh": harness.Candidate(
+            "muonh",
+            "muonh (Muon on a sphere per matrix)",
+            {"learning_rate": angle},
+            f"sqrt(lr * weight_decay) of {adamw.name}; Muon's Adam at its lr off the matrices",
+            lambda learning_rate, **kw: optax_sphere.muonh(
+                learning_rate,
+                ungrouped_learning_rate=scaled(learning_rate, lr / angle),
+                muon_weight_dimension_numbers=read["numbers"],
+                groups=read["matrices"],
+                **kw,
+            ),
+            base="adamw",
+            family="AdamW",
+        ),
+    }
+    unknown = sorted(set(names) - set(every))
+    if unknown:
+        raise SystemExit(f"unknown optimizers {unknown}; choose among {sorted(every)}")
+    if "adamw" not in names:
+        names = ["adamw", *names]  # every other one is compared with it
+    return [every[name] for name in names]
+
+
+def read_structure(model: CharTransformer) -> dict[str, Any]:
+    """One group per hidden matrix, Muon's dimension numbers and the weight-decay mask, read
+    from the model's structure."""
+    tokens = jnp.zeros((1, model.context), jnp.int32)
+    variables = model.init(jax.random.key(0), tokens)
+    return {
+        "matrices": optax_sphere.matrix_groups(model, variables, tokens),
+        "numbers": structure.muon_dimension_numbers(model, variables, tokens),
+        "mask": structure.weight_decay_mask(model, variables, tokens),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,6 +266,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--lr-exponents", default="-1,0", help="grid: preset x 10^(k/2) for these k"
     )
+    parser.add_argument(
+        "--optimizers",
+        default="adamw,rv_adamw,adamh,muon",
+        help="comma-separated, among adamw, rv_adamw, adamh, muon, muonh",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny text, 1 epoch, 1 seed")
     args = parser.parse_args(argv)
     eval_windows = 512
@@ -192,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     groups = rotational_groups(model)
     print(groups)
     task = lm_task(model, groups)
-    chosen = candidates(groups)
+    chosen = candidates(groups, read_structure(model), args.optimizers.split(","))
     protocol = harness.Protocol(
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -24,9 +24,11 @@ from optax_sphere.discovery import (
     GroupReport,
     check_groups,
     find_groups,
+    matrix_groups,
     rotational_groups,
 )
 from optax_sphere.groups import Group, per_tensor, per_unit, per_unit_out_first, resolve_groups
+from optax_sphere.hyperball import HyperballState, adamh, hyperball, muonh
 from optax_sphere.norm_growth import (
     ScaleInvariantProjectionState,
     adamp,
@@ -95,6 +97,7 @@ __all__ = [
     "find_groups",
     "check_groups",
     "rotational_groups",
+    "matrix_groups",
     "per_tensor",
     "per_unit",
     "per_unit_out_first",
@@ -120,6 +123,9 @@ __all__ = [
     "center_groups",
     "rotational_rms_control",
     "scale_by_adam_l2_direction",
+    # primitives: hyperball (Wen et al.)
+    "HyperballState",
+    "hyperball",
     # aliases
     "AdagradgState",
     "AdamgState",
@@ -132,7 +138,9 @@ __all__ = [
     "adam_srt",
     "adam_st",
     "adamg",
+    "adamh",
     "adamp",
+    "muonh",
     "psi_sgd",
     "psi_sgdm",
     "rv_adamw",

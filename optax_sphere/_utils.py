@@ -145,14 +145,25 @@ def check_state_matches(
     updates, and the buffers of ``state`` that mirror the parameters (NamedTuple fields named
     in ``fields``, at any depth: ``mu``, ``nu``, ``trace``...), against ``params``.
 
-    Fields whose structure is the parameters' are checked (shapes); when none is, the first
-    one is, so that a changed tree names its paths instead of failing inside the inner step.
+    Fields whose structure is the parameters' (placeholders allowed) are checked (shapes);
+    when none is, the first one is, so that a changed tree names its paths instead of failing
+    inside the inner step.
     """
     check_trees_match(params, updates)
     found = [f for f in named_fields(state, tuple(fields)) if jax.tree.leaves(f)]
     treedef = jax.tree.structure(params)
-    matching = [f for f in found if jax.tree.structure(f) == treedef]
+    matching = [f for f in found if _fits(treedef, f)]
     check_trees_match(params, *(matching or found[:1]))
+
+
+def _fits(treedef: Any, tree: PyTree) -> bool:
+    """``tree`` has the parameters' structure, placeholders (``optax.MaskedNode()``, as in
+    the states of ``optax.masked`` and ``optax.partition``) in the place of some leaves."""
+    try:
+        treedef.flatten_up_to(tree)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def unzip(tree_of_tuples: PyTree, like: PyTree, n: int) -> tuple[PyTree, ...]:

@@ -48,9 +48,16 @@ import numpy as np
 from optax_sphere._models import as_function, has_batch_statistics
 from optax_sphere._paths import path_str
 from optax_sphere.groups import Group, key_names, named_axes, resolve_groups
-from optax_sphere.structure import LeafStructure, ModelStructure, trace_structure
+from optax_sphere.structure import LeafStructure, ModelStructure, _matrix_axes, trace_structure
 
-__all__ = ["FoundGroups", "GroupReport", "check_groups", "find_groups", "rotational_groups"]
+__all__ = [
+    "FoundGroups",
+    "GroupReport",
+    "check_groups",
+    "find_groups",
+    "matrix_groups",
+    "rotational_groups",
+]
 
 PyTree = Any
 
@@ -946,4 +953,85 @@ def rotational_groups(
         time.perf_counter() - start,
         structure,
         method="from the structure (Kosson et al.: every linear and convolutional layer)",
+    )
+
+
+def matrix_groups(
+    model: Any,
+    *args: Any,
+    head: bool = False,
+    per_head: bool = False,
+    batch_axis_name: str | None = None,
+    **kwargs: Any,
+) -> FoundGroups:
+    """One group per matrix of every layer, read from the model's structure: Wen et al.'s
+    hyperball groups (:func:`~optax_sphere.adamh`, :func:`~optax_sphere.muonh`), for any
+    optimizer of the library.
+
+    A kernel's group spans its contracted and unit axes, the axes
+    :func:`~optax_sphere.structure.muon_dimension_numbers` orthogonalises together: each
+    layer of a scanned stack, each expert of a batched kernel, and with ``per_head=True``
+    each attention head is its own group. The embeddings, the head (unless ``head=True``) and
+    what the model uses elementwise (biases, norm scales, gains) are left ungrouped, as Wen et
+    al. give them Adam. Nothing is measured: use :func:`find_groups` for the groups that are
+    radially invariant.
+
+    Args:
+      model: the model, in any form :func:`find_groups` takes, followed by its parameters
+        or variables and example inputs in ``*args``.
+      *args: as for :func:`find_groups`.
+      head: group the output layer too.
+      per_head: one group per attention head (the outer of two unit axes, or of two input
+        axes of an output projection).
+      batch_axis_name: as for :func:`find_groups`.
+      **kwargs: passed to the model.
+
+    Returns:
+      A :class:`FoundGroups`: pass it as ``groups=``; print it for the report.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax_sphere
+      >>> def model(p, x):  # a stack of 2 layers, scanned, then a head
+      ...     h = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["blocks"])[0]
+      ...     return h @ p["head"]
+      >>> p = {"blocks": jnp.ones((2, 3, 3)), "head": jnp.ones((3, 5))}
+      >>> groups = optax_sphere.matrix_groups(model, p, jnp.ones((4, 3)))
+      >>> groups.spec_for(p)
+      {'blocks': (1, 2), 'head': None}
+      >>> tx = optax_sphere.adamh(0.02, ungrouped_learning_rate=1e-3, groups=groups)
+
+    References:
+      Wen, Dang, Lyu, Ma and Liang, "Fantastic Pretraining Optimizers and Where to Find Them
+      2.1: Hyperball Optimization" (2025): one sphere per matrix.
+    """
+    start = time.perf_counter()
+    f, params, inputs, _ = as_function(model, args, kwargs, batch_axis_name)
+    _check_leaves(params)
+    structure = trace_structure(f, params, *inputs)
+    rows = []
+    for leaf in structure:
+        axes = _matrix_axes(leaf, head, per_head) if leaf.known else None
+        choice, reason = None, ""
+        if not leaf.known:
+            reason = leaf.note
+        elif axes is None:
+            reason = (
+                "the output layer (head=False)"
+                if leaf.head and not head
+                else "an embedding"
+                if leaf.lookup
+                else "not a matrix of a linear or convolutional layer"
+            )
+        else:
+            spanned = tuple(sorted(axes[0] + axes[1]))
+            # the axes themselves, but for a whole leaf ("unit_out_first" would read as units)
+            spec = _TENSOR if len(spanned) == len(leaf.shape) else spanned
+            choice = _Candidate(spec, spanned, _words(spanned, leaf.shape, leaf))
+        rows.append(_report(leaf.path, leaf.shape, choice, {}, reason, leaf))
+    return FoundGroups(
+        tuple(rows),
+        math.nan,
+        time.perf_counter() - start,
+        structure,
+        method="from the structure (Wen et al.: one sphere per matrix of each layer)",
     )

@@ -4,13 +4,13 @@ An alias with nothing grouped is its base optimizer (or, for the Adam family, Ad
 ungrouped leaves), except Cho & Lee's SGD-G and Adam-G, whose leaves off the sphere follow SGD
 with Nesterov momentum, as their code does (``ungrouped_learning_rate``,
 ``ungrouped_momentum``): their base here is the optimizer their sphere steps extend.
-:data:`BASES` builds the plain optax optimizer of each family (Adam and SGD with momentum after
-coupled L2, AdamW, Lion, SGD, AdaGrad); :data:`ALIASES` gives each alias its family and base,
-and :func:`build_base` builds the base from the alias's own hyperparameters
+:data:`BASES` builds the plain optax optimizer of each family (Adam and SGD with momentum
+after coupled L2, AdamW, Lion, SGD, AdaGrad, Muon); :data:`ALIASES` gives each alias its family
+and base, and :func:`build_base` builds the base from the alias's own hyperparameters
 (``learning_rate``, ``weight_decay``, ``momentum``, ``nesterov``, ``b1``, ``b2``, ``eps``,
-``v0``, with the alias's defaults), so that an alias and its base run at the same values. The
-benchmarks time each alias against this base, the main comparison pairs each alias with it,
-and the presets build the plain optimizers from :data:`BASES`.
+``v0``, ``beta``, with the alias's defaults), so that an alias and its base run at the same
+values. The benchmarks time each alias against this base, the main comparison pairs each alias
+with it, and the presets build the plain optimizers from :data:`BASES`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = ["AliasBase", "ALIASES", "BASES", "build_base"]
 
 class AliasBase(NamedTuple):
     """One alias's base: its ``family`` (``"adam"``, ``"adamw"``, ``"sgdm"``, ``"lion"``,
-    ``"sgd"``, ``"adagrad"``), the optax optimizer in words, and how to build it."""
+    ``"sgd"``, ``"adagrad"``, ``"muon"``), the optax optimizer in words, and how to build it."""
 
     family: str
     base: str
@@ -98,6 +98,15 @@ def _adagrad(learning_rate: Any, v0: float = 0.1) -> optax.GradientTransformatio
     return optax.adagrad(learning_rate, initial_accumulator_value=start)
 
 
+def _muon(
+    learning_rate: Any, beta: float = 0.95, eps: float = 1e-8, nesterov: bool = True
+) -> optax.GradientTransformation:
+    """``optax.contrib.muon`` (its Adam on the leaves it does not orthogonalise)."""
+    from optax.contrib import muon
+
+    return muon(learning_rate, beta=beta, eps=eps, nesterov=nesterov)
+
+
 #: family -> the plain optax optimizer of that family, built from keyword hyperparameters
 BASES: Mapping[str, Callable[..., optax.GradientTransformation]] = MappingProxyType(
     {
@@ -107,6 +116,7 @@ BASES: Mapping[str, Callable[..., optax.GradientTransformation]] = MappingProxyT
         "lion": _lion,
         "sgd": optax.sgd,
         "adagrad": _adagrad,
+        "muon": _muon,
     }
 )
 
@@ -131,11 +141,13 @@ ALIASES: Mapping[str, AliasBase] = MappingProxyType(
         "rv_lion": AliasBase("lion", "optax.lion", _lion),
         "psi_sgd": AliasBase("sgd", "optax.sgd", BASES["sgd"]),
         "adagradg": AliasBase("adagrad", "optax.adagrad", BASES["adagrad"]),
+        "adamh": _ADAM,
+        "muonh": AliasBase("muon", "optax.contrib.muon", _muon),
     }
 )
 
 #: the hyperparameters an alias shares with its base; the alias's defaults fill those not given
-_SHARED = ("weight_decay", "momentum", "nesterov", "b1", "b2", "eps", "v0")
+_SHARED = ("weight_decay", "momentum", "nesterov", "b1", "b2", "eps", "v0", "beta")
 
 
 def build_base(alias: str, **hyperparameters: Any) -> optax.GradientTransformation:

@@ -682,6 +682,26 @@ def weight_decay_mask(
     )
 
 
+def _matrix_axes(
+    leaf: LeafStructure, head: bool, per_head: bool
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The reduction and output axes of one matrix of ``leaf`` (its contracted and unit
+    axes; with ``per_head``, the outer of two unit or input axes left out, a head's axis), or
+    ``None`` for a leaf that is not a matrix of a layer (or is the head, unless ``head``)."""
+    if not _LAYER_CONSUMERS & set(leaf.consumers) or leaf.lookup or (leaf.head and not head):
+        return None
+    reduction, output = list(leaf.input_axes), list(leaf.unit_axes)
+    if per_head and "conv_general_dilated" not in leaf.consumers:
+        if len(output) >= 2:
+            output = output[1:]
+        elif len(reduction) >= 2:
+            reduction = reduction[1:]
+    reduction = [a for a in reduction if leaf.shape[a] > 1] or reduction
+    if not reduction or not output:
+        return None
+    return tuple(reduction), tuple(output)
+
+
 def muon_dimension_numbers(
     model: Any,
     *args: Any,
@@ -737,18 +757,8 @@ def muon_dimension_numbers(
     params, structure = _read(model, args, kwargs, batch_axis_name)
 
     def numbers(leaf: LeafStructure):
-        if not _LAYER_CONSUMERS & set(leaf.consumers) or leaf.lookup or (leaf.head and not head):
-            return None
-        reduction, output = list(leaf.input_axes), list(leaf.unit_axes)
-        if per_head and "conv_general_dilated" not in leaf.consumers:
-            if len(output) >= 2:
-                output = output[1:]
-            elif len(reduction) >= 2:
-                reduction = reduction[1:]
-        reduction = [a for a in reduction if leaf.shape[a] > 1] or reduction
-        if not reduction or not output:
-            return None
-        return MuonDimensionNumbers(tuple(reduction), tuple(output))
+        axes = _matrix_axes(leaf, head, per_head)
+        return None if axes is None else MuonDimensionNumbers(*axes)
 
     tree = _like_params(params, structure, numbers)
     if callable(tree):

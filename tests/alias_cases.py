@@ -99,6 +99,9 @@ ALIASES = [
     # Adam steps each weight by about lr: 3e-2 turns a unit of norm ~6 visibly in 20 steps
     _alias("adamp", learning_rate=3e-2, weight_decay=1e-2),
     _alias("sgdp", learning_rate=0.05, momentum=0.9, weight_decay=1e-4),
+    # a group turns by about arctan(lr) per step: 0.05 is visible in 20 steps
+    _alias("adamh", STAYS, learning_rate=0.05, ungrouped_learning_rate=1e-2),
+    _alias("muonh", STAYS, learning_rate=0.05, ungrouped_learning_rate=1e-2),
 ]
 
 

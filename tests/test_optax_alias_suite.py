@@ -39,6 +39,11 @@ SUITE = {
     "psi_sgd": {"learning_rate": 2e-3},
     "rv_lion": {"learning_rate": 1e-2, "weight_decay": 1e-4},
     "adagradg": {"learning_rate": 1.0},
+    # with nothing grouped, optax.adam at Wen et al.'s b2 = 0.95 and optax.contrib.muon, whose
+    # Adam takes these vectors (it orthogonalises matrices only); optax.contrib.muon itself
+    # stops short of the complex Rosenbrock minimum at 0.1 (0.977 + 0.977j)
+    "adamh": {"learning_rate": 1e-1},
+    "muonh": {"learning_rate": 1e-2},
 }
 NO_COMPLEX = {"rv_lion"}  # optax's suite skips lion on complex parameters, as here
 # with nothing grouped every alias is the optax optimizer the registry builds for it
