@@ -26,6 +26,7 @@ __all__ = [
     "map_groups",
     "check_trees_match",
     "check_state_matches",
+    "inner_update",
     "unzip",
     "require_params",
     "zeros_acc",
@@ -154,6 +155,23 @@ def check_state_matches(
     treedef = jax.tree.structure(params)
     matching = [f for f in found if _fits(treedef, f)]
     check_trees_match(params, *(matching or found[:1]))
+
+
+def inner_update(
+    inner: optax.GradientTransformationExtraArgs,
+    updates: optax.Updates,
+    inner_state: optax.OptState,
+    params: optax.Params,
+    extra_args: dict[str, Any],
+) -> tuple[optax.Updates, optax.OptState]:
+    """A wrapper's call of its inner optimizer: the state checked against the parameters
+    (:func:`check_state_matches`), then ``inner.update`` on the gradients and parameters cast
+    to their accumulation dtype (at least float32), so that the inner moments of bf16 / fp16
+    parameters are float32."""
+    check_state_matches(params, updates, inner_state, BUFFER_FIELDS)
+    return inner.update(
+        to_accumulation(updates), inner_state, to_accumulation(params), **extra_args
+    )
 
 
 def _fits(treedef: Any, tree: PyTree) -> bool:

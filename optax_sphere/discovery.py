@@ -921,39 +921,51 @@ def rotational_groups(
       Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
       Networks", sec. 4 and app. M, O.
     """
+
+    def choose(leaf: LeafStructure) -> tuple[_Candidate | None, str]:
+        layered = {"dot_general", "conv_general_dilated"} & set(leaf.consumers)
+        if not layered and not leaf.lookup:
+            return None, "not a linear, convolutional or embedding layer"
+        if leaf.head and not head:
+            return None, "the output layer (head=False)"
+        if leaf.lookup and not embedding:
+            return None, "an embedding (embedding=False)"
+        axes = leaf.input_axes
+        if Group(axes).size(leaf.shape) < 2 if axes else True:
+            return None, "one input per unit: no direction"
+        return _Candidate(
+            _named_spec(axes, len(leaf.shape)), axes, _words(axes, leaf.shape, leaf)
+        ), ""
+
+    return _groups_from_structure(
+        model,
+        args,
+        kwargs,
+        batch_axis_name,
+        choose,
+        "from the structure (Kosson et al.: every linear and convolutional layer)",
+    )
+
+
+def _groups_from_structure(
+    model: Any,
+    args: tuple,
+    kwargs: dict,
+    batch_axis_name: str | None,
+    choose: Callable[[LeafStructure], tuple[_Candidate | None, str]],
+    method: str,
+) -> FoundGroups:
+    """The groups ``choose(leaf) -> (candidate or None, why not)`` takes for every leaf of
+    the model's structure (a leaf whose structure is not known: ungrouped, with its note)."""
     start = time.perf_counter()
     f, params, inputs, _ = as_function(model, args, kwargs, batch_axis_name)
     _check_leaves(params)
     structure = trace_structure(f, params, *inputs)
     rows = []
     for leaf in structure:
-        layered = {"dot_general", "conv_general_dilated"} & set(leaf.consumers)
-        reason = ""
-        if not leaf.known:
-            reason = leaf.note
-        elif not layered and not leaf.lookup:
-            reason = "not a linear, convolutional or embedding layer"
-        elif leaf.head and not head:
-            reason = "the output layer (head=False)"
-        elif leaf.lookup and not embedding:
-            reason = "an embedding (embedding=False)"
-        choice = None
-        if not reason:
-            axes = leaf.input_axes
-            if Group(axes).size(leaf.shape) < 2 if axes else True:
-                reason = "one input per unit: no direction"
-            else:
-                choice = _Candidate(
-                    _named_spec(axes, len(leaf.shape)), axes, _words(axes, leaf.shape, leaf)
-                )
+        choice, reason = choose(leaf) if leaf.known else (None, leaf.note)
         rows.append(_report(leaf.path, leaf.shape, choice, {}, reason, leaf))
-    return FoundGroups(
-        tuple(rows),
-        math.nan,
-        time.perf_counter() - start,
-        structure,
-        method="from the structure (Kosson et al.: every linear and convolutional layer)",
-    )
+    return FoundGroups(tuple(rows), math.nan, time.perf_counter() - start, structure, method=method)
 
 
 def matrix_groups(
@@ -1004,34 +1016,25 @@ def matrix_groups(
       Wen, Dang, Lyu, Ma and Liang, "Fantastic Pretraining Optimizers and Where to Find Them
       2.1: Hyperball Optimization" (2025): one sphere per matrix.
     """
-    start = time.perf_counter()
-    f, params, inputs, _ = as_function(model, args, kwargs, batch_axis_name)
-    _check_leaves(params)
-    structure = trace_structure(f, params, *inputs)
-    rows = []
-    for leaf in structure:
-        axes = _matrix_axes(leaf, head, per_head) if leaf.known else None
-        choice, reason = None, ""
-        if not leaf.known:
-            reason = leaf.note
-        elif axes is None:
-            reason = (
-                "the output layer (head=False)"
-                if leaf.head and not head
-                else "an embedding"
-                if leaf.lookup
-                else "not a matrix of a linear or convolutional layer"
-            )
-        else:
-            spanned = tuple(sorted(axes[0] + axes[1]))
-            # the axes themselves, but for a whole leaf ("unit_out_first" would read as units)
-            spec = _TENSOR if len(spanned) == len(leaf.shape) else spanned
-            choice = _Candidate(spec, spanned, _words(spanned, leaf.shape, leaf))
-        rows.append(_report(leaf.path, leaf.shape, choice, {}, reason, leaf))
-    return FoundGroups(
-        tuple(rows),
-        math.nan,
-        time.perf_counter() - start,
-        structure,
-        method="from the structure (Wen et al.: one sphere per matrix of each layer)",
+
+    def choose(leaf: LeafStructure) -> tuple[_Candidate | None, str]:
+        axes = _matrix_axes(leaf, head, per_head)
+        if axes is None:
+            if leaf.head and not head:
+                return None, "the output layer (head=False)"
+            if leaf.lookup:
+                return None, "an embedding"
+            return None, "not a matrix of a linear or convolutional layer"
+        spanned = tuple(sorted(axes[0] + axes[1]))
+        # the axes themselves, but for a whole leaf ("unit_out_first" would read as units)
+        spec = _TENSOR if len(spanned) == len(leaf.shape) else spanned
+        return _Candidate(spec, spanned, _words(spanned, leaf.shape, leaf)), ""
+
+    return _groups_from_structure(
+        model,
+        args,
+        kwargs,
+        batch_axis_name,
+        choose,
+        "from the structure (Wen et al.: one sphere per matrix of each layer)",
     )

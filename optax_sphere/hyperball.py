@@ -133,13 +133,9 @@ def hyperball(
         **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
         params = _utils.require_params(params, "hyperball")
-        _utils.check_state_matches(params, updates, state.inner_state, _utils.BUFFER_FIELDS)
         grp = resolve_groups(groups, params)
-        deltas, inner_state = inner.update(
-            _utils.to_accumulation(updates),
-            state.inner_state,
-            _utils.to_accumulation(params),
-            **extra_args,
+        deltas, inner_state = _utils.inner_update(
+            inner, updates, state.inner_state, params, extra_args
         )
         eta = _utils.value_at(learning_rate, state.count)
         off = None

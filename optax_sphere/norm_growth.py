@@ -200,16 +200,12 @@ def _projection(
         **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
         params = _utils.require_params(params, "scale_invariant_projection")
-        _utils.check_state_matches(params, updates, state.inner_state, _utils.BUFFER_FIELDS)
+        # the inner direction and its moments in at least float32 (bf16 / fp16 params)
+        direction, inner_state = _utils.inner_update(
+            inner, updates, state.inner_state, params, extra_args
+        )
         grp = resolve_groups(groups, params)
         decays = _utils.masked_rate(_utils.value_at(weight_decay, state.count), mask, params)
-        # the inner direction and its moments in at least float32 (bf16 / fp16 params)
-        direction, inner_state = inner.update(
-            _utils.to_accumulation(updates),
-            state.inner_state,
-            _utils.to_accumulation(params),
-            **extra_args,
-        )
 
         def decide(group, g, x):
             if group is None:

@@ -300,15 +300,11 @@ def rotational_rms_control(
     ) -> tuple[optax.Updates, optax.OptState]:
         params = _utils.require_params(params, "rotational_rms_control")
         check_trees_match(params, updates, state.norm, state.q)
-        _utils.check_state_matches(params, updates, state.inner, _utils.BUFFER_FIELDS)
-        grp = resolve_groups(groups, params)
         # the inner direction and its moments in at least float32 (bf16 / fp16 params)
-        direction, inner_state = inner.update(
-            _utils.to_accumulation(updates),
-            state.inner,
-            _utils.to_accumulation(params),
-            **extra_args,
+        direction, inner_state = _utils.inner_update(
+            inner, updates, state.inner, params, extra_args
         )
+        grp = resolve_groups(groups, params)
         count = optax.safe_increment(state.count)
         rate = _utils.value_at(eta_r, state.count)
         lr = _utils.value_at(ungrouped_learning_rate, state.count)
