@@ -161,6 +161,11 @@ def scaled(schedule: Any, factor: float):
     return (lambda count: factor * schedule(count)) if callable(schedule) else factor * schedule
 
 
+def versus_adamw(*fields: Any) -> harness.Candidate:
+    """A candidate compared with AdamW seed by seed, in its panel."""
+    return harness.Candidate(*fields, base="adamw", family="AdamW")
+
+
 def candidates(
     groups: optax_sphere.FoundGroups, read: dict[str, Any], names: list[str]
 ) -> list[harness.Candidate]:
@@ -190,7 +195,7 @@ def candidates(
             base="adamw",
             family="AdamW",
         ),
-        "adamh": harness.Candidate(
+        "adamh": versus_adamw(
             "adamh",
             "adamh (a sphere per matrix)",
             {"learning_rate": angle, "b2": 0.95},
@@ -201,10 +206,8 @@ def candidates(
                 groups=read["matrices"],
                 **kw,
             ),
-            base="adamw",
-            family="AdamW",
         ),
-        "muon": harness.Candidate(
+        "muon": versus_adamw(
             "muon",
             "optax.contrib.muon (numbers from the structure)",
             {"learning_rate": muon_lr, "weight_decay": 0.1},
@@ -217,10 +220,8 @@ def candidates(
                 muon_weight_dimension_numbers=read["numbers"],
                 **kw,
             ),
-            base="adamw",
-            family="AdamW",
         ),
-        "muonh": harness.Candidate(
+        "muonh": versus_adamw(
             "muonh",
             "muonh (Muon on a sphere per matrix)",
             {"learning_rate": angle},
@@ -232,8 +233,6 @@ def candidates(
                 groups=read["matrices"],
                 **kw,
             ),
-            base="adamw",
-            family="AdamW",
         ),
     }
     unknown = sorted(set(names) - set(every))
