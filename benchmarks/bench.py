@@ -81,6 +81,8 @@ KEYWORDS: dict[str, dict] = {
     "rv_lion": {"learning_rate": 1e-4, "weight_decay": WD},
     "psi_sgd": {"learning_rate": LR_SGD},
     "adagradg": {"learning_rate": LR_SGD},
+    "adamh": {"learning_rate": 0.02, "ungrouped_learning_rate": LR_ADAM},
+    "muonh": {"learning_rate": 0.02, "ungrouped_learning_rate": LR_ADAM},
 }
 # name: (alias keyword arguments, baseline name, baseline factory)
 ALIASES: dict[str, tuple[dict, str, Callable[[], optax.GradientTransformation]]] = {
