@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,7 +13,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_sphere._dtypes import accumulation_dtype
-from optax_sphere._paths import check_trees_match
+from optax_sphere._paths import check_trees_match, path_str
 from optax_sphere.groups import map_groups, resolve_groups
 
 PyTree = Any
@@ -304,16 +305,64 @@ def map_state_fields(
     return state, 0
 
 
+#: how a sphere optimizer reads its rate: per unit (a group of ``k`` units takes ``lr / k``),
+#: or per group as given
+RATE_PER = ("unit", "group")
+
+
+def check_rate_per(rate_per: str) -> None:
+    if rate_per not in RATE_PER:
+        raise ValueError(f"`rate_per` must be 'unit' or 'group', got {rate_per!r}.")
+
+
+def group_rate(rate: Any, group: Any, rate_per: str) -> Any:
+    """``rate / units`` for a group of ``units`` units (``rate_per="unit"``; unknown units
+    count as one, which :func:`warn_unknown_units` says at ``init``), else ``rate``."""
+    units = getattr(group, "units", None)
+    if rate_per == "group" or not units or units == 1:
+        return rate
+    return rate / units
+
+
+def warn_unknown_units(name: str, grp: PyTree, params: PyTree) -> None:
+    """Warns, naming the parameters, when groups may hold several units whose number is not
+    known, so that the rate per unit is applied to each as given."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    unknown = [
+        f"'{path_str(path)}' {tuple(p.shape)} (axes {group.axes})"
+        for (path, p), group in zip(flat, treedef.flatten_up_to(grp))
+        if group is not None and group.units is None
+    ]
+    if unknown:
+        warnings.warn(
+            f"{name}: the rate is one unit's and a group of k units takes rate / k (its "
+            "tangent gradient on the sphere is about k times a unit's, so the same rate would "
+            f"turn it about k times as far per step), but how many units the groups of "
+            f"{', '.join(unknown)} hold is not known (a 'tensor' spec or axes, with no model "
+            "structure): their rate is applied as given, which can turn a whole LayerNorm "
+            "layer far past the sphere's useful steps and diverge. Pass the groups of "
+            "optax_sphere.find_groups (which counts the units), a spec "
+            "optax_sphere.Group(axes, units=k), or rate_per='group' to take the rate as "
+            "given on every group.",
+            stacklevel=4,
+        )
+
+
 def stateless_per_group(
-    name: str, groups: Any, leaf: Callable[[Any, jax.Array, jax.Array], jax.Array]
+    name: str,
+    groups: Any,
+    leaf: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    *,
+    on_init: Callable[[PyTree, PyTree], None] = lambda groups, params: None,
 ) -> optax.GradientTransformationExtraArgs:
     """A stateless transformation that needs ``params``: ``leaf(group, update, param)`` maps
     the update of every grouped leaf; ungrouped leaves pass through. ``init`` checks the
-    groups against the parameters (errors name the paths); ``name`` is the transformation's,
-    for the error raised when ``params`` is missing."""
+    groups against the parameters (errors name the paths) and calls ``on_init(resolved_groups,
+    params)``; ``name`` is the transformation's, for the error raised when ``params`` is
+    missing."""
 
     def init_fn(params: optax.Params) -> optax.OptState:
-        resolve_groups(groups, params)
+        on_init(resolve_groups(groups, params), params)
         return optax.EmptyState()
 
     def update_fn(

@@ -196,7 +196,10 @@ class GroupReport:
     grouping in words, ``description`` (``"per layer of a stack of 4, per unit"``, ``"per head
     (axis 1)"``); and ``structure``, how the model uses the leaf in words
     (:mod:`optax_sphere.structure`), or why it could not be read, in which case the named
-    groupings were tried.
+    groupings were tried; ``units_per_group``, the units (output neurons, filters, rows) one
+    group holds, counted from the structure (1 per unit, all of them for a LayerNorm layer's
+    kernel per tensor, a head's width per head; ``None`` when not grouped or not read), which
+    the resolved :class:`~optax_sphere.Group` carries.
     """
 
     path: str
@@ -208,6 +211,7 @@ class GroupReport:
     note: str
     description: str = "not grouped"
     structure: str = ""
+    units_per_group: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +253,15 @@ class FoundGroups:
             return specs[key]
 
         return jax.tree_util.tree_map_with_path(leaf, params)
+
+    def units_of(self, path: Sequence[Any]) -> int | None:
+        """How many units one group of the parameter at the key ``path`` holds, as the
+        model's structure counts them (``None``: not grouped, or the structure not read)."""
+        key = tuple(str(n) for n in key_names(path))
+        for r in self.reports:
+            if tuple(str(n) for n in _path_key(r.path)) == key:
+                return r.units_per_group
+        return None
 
     @property
     def grouped(self) -> list[str]:
@@ -606,6 +619,11 @@ def _report(
     leaf: LeafStructure | None,
 ) -> GroupReport:
     size = None if choice is None else Group(choice.axes).size(shape)
+    units = None
+    if size is not None and leaf is not None and leaf.known and leaf.input_axes:
+        # a group spans its units' inputs: the units it holds are its size over one's inputs
+        fan_in = math.prod(shape[a] for a in leaf.input_axes if a in choice.axes)
+        units = size // fan_in if size % fan_in == 0 else None
     return GroupReport(
         path,
         shape,
@@ -616,6 +634,7 @@ def _report(
         note,
         "not grouped" if choice is None else choice.words,
         "" if leaf is None else leaf.describe(),
+        units,
     )
 
 

@@ -85,9 +85,30 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """The axes spanned by one radially invariant group of a leaf (a pytree leaf itself)."""
+    """The axes spanned by one radially invariant group of a leaf (a pytree leaf itself).
+
+    ``units`` is how many units (output neurons, filters, embedding rows) one group holds,
+    when it is known: 1 for the named per-unit specs, the count read from the model's
+    structure for the groups of :func:`optax_sphere.find_groups` (a LayerNorm layer's kernel
+    grouped per tensor holds all its units), or given (``Group((0, 1), units=256)``);
+    ``None``: not known (a ``"tensor"`` spec or axes with no structure). The optimizers whose
+    step in angle grows with the units of a group (SGD-G, PSI) divide their rate by it. It is
+    metadata: two groups over the same axes are equal whatever their ``units``.
+    """
 
     axes: tuple[int, ...]
+    units: int | None = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.units is not None and (
+            isinstance(self.units, bool) or not isinstance(self.units, (int, np.integer))
+            or self.units < 1
+        ):  # fmt: skip
+            raise ValueError(f"Group: `units` must be an int >= 1 or None, got {self.units!r}.")
+
+    def __repr__(self) -> str:
+        units = "" if self.units is None else f", units={self.units}"
+        return f"Group(axes={self.axes}{units})"
 
     def size(self, shape: Sequence[int]) -> int:
         """Dimension ``d`` of one group of a leaf of this ``shape``."""
@@ -392,7 +413,9 @@ def _warn_across_layers(specs: list, groups: list, leaves_with_path: list) -> No
         )
 
 
-def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
+def _resolve_leaf(spec: Any, leaf: Any, path: str, units: int | None = None) -> Group | None:
+    """The :class:`Group` of one leaf; ``units``: the units one group holds where the model's
+    structure counted them (:meth:`FoundGroups.units_for`)."""
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
         raise ValueError(
             f"parameter '{path}' is a {type(leaf).__name__}, not an array: every parameter "
@@ -401,6 +424,8 @@ def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
     if spec is None:
         return None
     axes: Any = spec.axes if isinstance(spec, Group) else spec
+    if isinstance(spec, Group) and spec.units is not None:
+        units = spec.units
     ndim = len(leaf.shape)
     if isinstance(axes, (bool, float)) or (
         isinstance(axes, (tuple, list)) and not all(_is_axis(a) for a in axes)
@@ -446,7 +471,12 @@ def _resolve_leaf(spec: Any, leaf: Any, path: str) -> Group | None:
         )
     if math.prod(leaf.shape) == 0:
         return None  # an empty leaf has no direction: nothing to group, nothing to compute
-    return Group(tuple(sorted(normalised)))
+    axes = tuple(sorted(normalised))
+    if units is None and (
+        ndim == 1 or axes in (named_axes("unit", ndim), named_axes("unit_out_first", ndim))
+    ):
+        units = 1  # one unit in either layout, or a vector: one direction
+    return Group(axes, units)
 
 
 #: the forms a per-leaf spec takes, for the error messages
@@ -518,7 +548,7 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
       >>> import jax.numpy as jnp, optax_sphere
       >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
       >>> optax_sphere.resolve_groups({"w": "unit", "b": None}, params)
-      {'b': None, 'w': Group(axes=(0,))}
+      {'b': None, 'w': Group(axes=(0,), units=1)}
 
     References:
       Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2.
@@ -529,7 +559,9 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
         groups = None
     if groups is None:
         groups = lambda tree: jax.tree.map(lambda _: None, tree)
+    units_of = None
     if hasattr(groups, "spec_for"):  # optax_sphere.find_groups: specs matched by path
+        units_of = getattr(groups, "units_of", None)
         groups = groups.spec_for
     _check_groups_form(groups, params)
     if isinstance(groups, str):
@@ -550,8 +582,10 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
         specs = _specs_of_masked_params(spec, params, leaves_with_path)
         if specs is None:
             _raise_tree_mismatch(spec, leaves_with_path, err)
+    counted = [None if units_of is None else units_of(p) for p, _ in leaves_with_path]
     resolved = [
-        _resolve_leaf(s, leaf, path_str(p)) for (p, leaf), s in zip(leaves_with_path, specs)
+        _resolve_leaf(s, leaf, path_str(p), k)
+        for (p, leaf), s, k in zip(leaves_with_path, specs, counted)
     ]
     if _STACK_AXES:
         _warn_across_layers(specs, resolved, leaves_with_path)

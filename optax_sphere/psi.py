@@ -12,6 +12,13 @@ alg. 1) are SGD / SGD with momentum applied to the metric-scaled gradient on gro
 and plain SGD elsewhere. Theorem 1: runs started from ``W`` and ``T_a(W)`` (every group scaled
 by its own ``a_i > 0``, momentum included) stay related by ``T_a`` at every step.
 
+Rates per unit: the step of eq. 10 turns a group by ``eta ||w|| ||grad||``, the norm of the
+gradient on its unit sphere times ``eta``, which for a group of ``k`` units (a LayerNorm layer's
+kernel, one group) is about ``k`` times a unit's. With ``rate_per="unit"`` (the default) a
+group of ``k`` units (:attr:`~optax_sphere.Group.units`) takes ``eta / k``, so that one rate
+means the same angle per step at every group size; on Yi et al.'s groups, one per filter, it is
+their rate. Theorem 1 holds as stated (``k`` is a constant of each group).
+
 Overflow safeguard (Yi et al. sec. 6): the norms grow, so a group whose norm exceeds
 ``max_norm`` is renormalised. Here the group and its momentum are both multiplied by
 ``1 / ||w_k||`` after the step, which is ``T_a`` of Theorem 1: the iterate stays
@@ -41,13 +48,19 @@ def _metric_scaled(sq_norm: jax.Array, g: jax.Array) -> jax.Array:
     return jnp.where(g == 0, jnp.zeros_like(g), sq_norm * g)
 
 
-def scale_by_psi_metric(*, groups: GroupsLike = UNSET) -> optax.GradientTransformation:
-    """Riemannian gradient of the PSI manifold (Yi et al. eq. 7): ``g <- ||x||^2 g`` per group.
+def scale_by_psi_metric(
+    *, rate_per: str = "unit", groups: GroupsLike = UNSET
+) -> optax.GradientTransformation:
+    """Riemannian gradient of the PSI manifold (Yi et al. eq. 7): ``g <- ||x||^2 g`` per group,
+    divided by the units ``k`` a group holds (``rate_per="unit"``, module docstring).
 
     Stateless; needs ``params``. Ungrouped leaves pass through. Put it first in a chain (for
     example before ``optax.sgd``) to move any Euclidean optimizer onto the PSI manifold.
 
     Args:
+      rate_per: ``"unit"``: ``g <- ||x||^2 g / k`` on a group of ``k`` units
+        (:attr:`~optax_sphere.Group.units`; ``init`` warns where they are not known), so that
+        the rate that follows is one unit's; ``"group"``: eq. 7 on every group as it is.
       groups: the groups (see :func:`resolve_groups`).
 
     Returns:
@@ -66,11 +79,25 @@ def scale_by_psi_metric(*, groups: GroupsLike = UNSET) -> optax.GradientTransfor
       Yi, "Accelerating Training of Batch Normalization: A Manifold Perspective", eq. 7.
     """
 
-    def leaf(group, g, x):
-        scaled = _metric_scaled(group_sq_norm(x, group), g.astype(accumulation_dtype(g.dtype)))
-        return scaled.astype(g.dtype)
+    _utils.check_rate_per(rate_per)
 
-    return _utils.stateless_per_group("scale_by_psi_metric", groups, leaf)
+    def leaf(group, g, x):
+        sq = _utils.group_rate(group_sq_norm(x, group), group, rate_per)
+        return _metric_scaled(sq, g.astype(accumulation_dtype(g.dtype))).astype(g.dtype)
+
+    return _utils.stateless_per_group(
+        "scale_by_psi_metric",
+        groups,
+        leaf,
+        on_init=lambda grp, params: _warn_unknown_units(
+            "scale_by_psi_metric", rate_per, grp, params
+        ),
+    )
+
+
+def _warn_unknown_units(name: str, rate_per: str, grp: Any, params: Any) -> None:
+    if rate_per == "unit":
+        _utils.warn_unknown_units(name, grp, params)
 
 
 class PsiSgdState(NamedTuple):
@@ -87,6 +114,7 @@ def psi_sgdm(
     *,
     nesterov: bool = False,
     max_norm: float | None = 1e4,
+    rate_per: str = "unit",
     groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformation:
     r"""PSI-SGDM (Yi et al. alg. 1, eq. 11): SGD with momentum on the PSI manifold.
@@ -106,6 +134,8 @@ def psi_sgdm(
       momentum: the momentum coefficient :math:`\mu`.
       nesterov: Nesterov momentum, as ``optax.sgd``'s.
       max_norm: a group whose norm exceeds it is scaled back by ``1 / ||w||`` (``None``: off).
+      rate_per: ``"unit"`` (a group of ``k`` units takes ``learning_rate / k``, module
+        docstring) or ``"group"`` (eq. 11 on every group as it is).
       groups: the radially invariant groups; ungrouped leaves get ``optax.sgd``.
 
     Returns:
@@ -137,8 +167,10 @@ def psi_sgdm(
         nesterov or isinstance(momentum, jax.Array) or _utils.is_traced(momentum) or momentum != 0
     )
 
+    _utils.check_rate_per(rate_per)
+
     def init_fn(params: optax.Params) -> optax.OptState:
-        resolve_groups(groups, params)
+        _warn_unknown_units("psi_sgdm", rate_per, resolve_groups(groups, params), params)
         trace = jax.tree.map(lambda p: _utils.zeros_acc(p), params) if keep_trace else ()
         return PsiSgdState(jnp.zeros([], jnp.int32), trace)
 
@@ -161,13 +193,14 @@ def psi_sgdm(
             scale = None
             if group is not None:
                 sq = group_sq_norm(x, group)
+                metric = _utils.group_rate(sq, group, rate_per)  # ||w||^2 / k
                 if max_norm is not None:
                     # per group: 1 / ||w_k|| above max_norm, else 1 (T_a of Theorem 1)
                     over = sq > max_norm**2
                     scale = jnp.where(over, jax.lax.rsqrt(jnp.where(over, sq, 1)), 1)
-                    g = _metric_scaled(scale * sq, g)
+                    g = _metric_scaled(scale * metric, g)
                 else:
-                    g = _metric_scaled(sq, g)
+                    g = _metric_scaled(metric, g)
             # the step reads the *new* trace, as optax.sgd does, so that the trace is
             # updated in place and read once
             if keep_trace:
@@ -195,6 +228,7 @@ def psi_sgd(
     momentum: float | None = None,
     *,
     max_norm: float | None = 1e4,
+    rate_per: str = "unit",
     groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformation:
     r"""PSI-SGD (Yi et al. eq. 10): ``w_{k+1} = w_k - \eta_k \|w_k\|^2 \nabla_w L`` per group.
@@ -207,6 +241,7 @@ def psi_sgd(
       learning_rate: a number or an ``optax`` schedule of the step count.
       momentum: ``None`` (no momentum buffer) or a coefficient, as ``optax.sgd``'s.
       max_norm: a group whose norm exceeds it is scaled back by ``1 / ||w||`` (``None``: off).
+      rate_per: as in :func:`psi_sgdm`.
       groups: the radially invariant groups; ungrouped leaves get plain SGD.
 
     Returns:
@@ -223,4 +258,4 @@ def psi_sgd(
     References:
       Yi, "Accelerating Training of Batch Normalization: A Manifold Perspective", eq. 10.
     """
-    return psi_sgdm(learning_rate, momentum, max_norm=max_norm, groups=groups)
+    return psi_sgdm(learning_rate, momentum, max_norm=max_norm, rate_per=rate_per, groups=groups)

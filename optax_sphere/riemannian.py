@@ -16,7 +16,6 @@ Zero-norm groups have no direction: the aliases leave them (and their moments) u
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -25,7 +24,6 @@ import optax
 
 from optax_sphere import _base, _utils, geometry
 from optax_sphere._dtypes import accumulation_dtype
-from optax_sphere._paths import path_str
 from optax_sphere.groups import UNSET, Group, GroupsLike, group_dot
 
 __all__ = ["sgdg", "adamg", "SgdgState", "AdamgState"]
@@ -66,34 +64,6 @@ def _check_ungrouped(learning_rate, momentum) -> None:
     if learning_rate is not None:
         _utils.check_rate("ungrouped_learning_rate", learning_rate)
     _utils.check_beta("ungrouped_momentum", momentum)
-
-
-class _PaperDefault(float):
-    """A default hyperparameter that knows it was not given, so that ``init`` can say what it
-    assumes (a plain float everywhere else, ``optax.inject_hyperparams`` included)."""
-
-
-#: SGD-G's default learning rate: Cho & Lee's, for one group per filter or unit
-SGDG_LEARNING_RATE = _PaperDefault(0.2)
-
-
-def _warn_default_rate_on_tensor_groups(grp: Any, params: Any) -> None:
-    """Warns when SGD-G's default rate meets groups that span a whole tensor of ndim >= 2."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    whole = [
-        f"'{path_str(path)}' {tuple(p.shape)}"
-        for (path, p), group in zip(flat, treedef.flatten_up_to(grp))
-        if isinstance(group, Group) and p.ndim >= 2 and len(group.axes) == p.ndim
-    ]
-    if whole:
-        warnings.warn(
-            f"sgdg: the default learning_rate={float(SGDG_LEARNING_RATE)} is Cho & Lee's for one "
-            f"group per filter or unit, but {', '.join(whole)} are grouped per tensor: the "
-            "tangent gradient of a unit-norm tensor is larger than a unit's (by about the "
-            "square root of its number of units), so 0.2 turns these groups too far per step "
-            "and can diverge. Pass learning_rate= explicitly (smaller) for per-tensor groups.",
-            stacklevel=3,
-        )
 
 
 def _check_sphere_args(learning_rate, grad_clip, omega) -> None:
@@ -255,13 +225,14 @@ class SgdgState(NamedTuple):
 
 
 def sgdg(
-    learning_rate: optax.ScalarOrSchedule = SGDG_LEARNING_RATE,
+    learning_rate: optax.ScalarOrSchedule = 0.2,
     momentum: float = 0.9,
     *,
     grad_clip: float | None = None,
     omega: float = 0.0,
     ungrouped_learning_rate: optax.ScalarOrSchedule | None = None,
     ungrouped_momentum: float = 0.9,
+    rate_per: str = "unit",
     groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD-G of Cho & Lee (2017, alg. 1), as their code does it, per group:
@@ -292,10 +263,17 @@ def sgdg(
     ``transport_momentum(chain(project_tangent(), optax.sgd(lr, momentum),
     retract_to_sphere("exp")), exact=True)`` on the groups.
 
+    The rate is one unit's (``rate_per="unit"``): a group of ``k`` units
+    (:attr:`~optax_sphere.Group.units`: a LayerNorm layer's kernel found per tensor holds all
+    its units) takes :math:`\eta_k / k`. On a unit-norm group of ``k`` units the tangent
+    gradient is about ``k`` times a unit's (``sqrt(k)`` times as large per unit, over
+    ``sqrt(k)`` times as many units), so one rate turns every group by about the same angle per
+    step whatever its size (``docs/recipes.md``); on Cho & Lee's groups, one per unit, it is
+    their rate.
+
     Args:
-      learning_rate: the sphere's learning rate (a number or an ``optax`` schedule). The
-        default, Cho & Lee's 0.2, is for one group per filter or unit: ``init`` warns when
-        it meets groups that span a whole tensor, which it turns too far per step.
+      learning_rate: the sphere's learning rate (a number or an ``optax`` schedule), one
+        unit's: Cho & Lee's 0.2 by default.
       momentum: the momentum coefficient, transported along the geodesic.
       grad_clip: clip the norm of each group's tangent gradient to it (``None``: off).
       omega: weight of Cho & Lee's orthogonality regulariser (0: off).
@@ -304,6 +282,9 @@ def sgdg(
         ``learning_rate`` given, so that with nothing grouped the optimizer is
         ``optax.sgd(learning_rate, ungrouped_momentum, nesterov=True)``. Cho & Lee use 0.2 on
         the sphere and 0.01 off it: ``sgdg(0.2, ungrouped_learning_rate=0.01)``.
+      rate_per: ``"unit"`` (a group of ``k`` units takes ``learning_rate / k``; ``init``
+        warns, naming them, where the units of a group are not known) or ``"group"`` (every
+        group at ``learning_rate``, alg. 1's formula on any group).
       groups: the groups kept on the sphere.
 
     Returns:
@@ -324,14 +305,15 @@ def sgdg(
     _check_sphere_args(learning_rate, grad_clip, omega)
     _utils.check_beta("momentum", momentum)
     _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
+    _utils.check_rate_per(rate_per)
     off_sphere_rate = learning_rate if ungrouped_learning_rate is None else ungrouped_learning_rate
 
     def init_leaf(group, p):
         return _utils.zeros_acc(p), _utils.group_zero(group, p)
 
     def on_init(grp, params):
-        if isinstance(learning_rate, _PaperDefault):
-            _warn_default_rate_on_tensor_groups(grp, params)
+        if rate_per == "unit":
+            _utils.warn_unknown_units("sgdg", grp, params)
 
     def prepare(count, params):
         return _utils.value_at(learning_rate, count), _utils.value_at(off_sphere_rate, count)
@@ -345,6 +327,7 @@ def sgdg(
             direction, m = _base.momentum(g, m, ungrouped_momentum, nesterov=True)
             step = -ulr * direction
             return step.astype(x.dtype), m, c
+        lr = _utils.group_rate(lr, group, rate_per)
         g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, c, x32, grad_clip, omega)
         # B' = mu B - k (g - <g,u> u); its norm from the sums
         mh = s.mg - gu * s.mx * inv_r

@@ -1,8 +1,6 @@
 """Sphere retraction, exact transport, and SGDG / AdamG / AdaGradG: on the sphere at every
 step, equal to unfused transcriptions of the published algorithms, BN training."""
 
-import warnings
-
 import bn_training
 import chex
 import jax
@@ -556,13 +554,3 @@ def test_with_nothing_grouped_the_learning_rate_given_is_sgd_nesterovs(name):
     assert float(rosenbrock(got)) < 1e-6
     slower = run(alias(learning_rate=1e-3, ungrouped_learning_rate=1e-4, groups=None), 50)
     chex.assert_trees_all_equal(slower, run(optax.sgd(1e-4, momentum=0.9, nesterov=True), 50))
-
-
-def test_sgdg_default_learning_rate_warns_on_per_tensor_groups_only():
-    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
-    with pytest.warns(UserWarning, match=r"default learning_rate=0.2 .* 'w' \(4, 3\)"):
-        osp.sgdg(groups={"w": "tensor", "b": None}).init(params)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        osp.sgdg(groups={"w": "unit", "b": None}).init(params)  # the groups it is made for
-        osp.sgdg(0.2, groups={"w": "tensor", "b": None}).init(params)  # a rate given
