@@ -389,6 +389,7 @@ def test_nnx_attention_with_qk_norm_is_grouped_per_head():
         assert row.shape == (16, 4, 8)
         assert (row.grouping, row.num_groups, row.group_size) == ((0, 2), 4, 128)
         assert row.description == "per head (axis 1)"
+        assert row.units_per_group == 8  # a head's width: the units one group holds
     assert by_path["attention/value/kernel"].grouping is None
 
 
