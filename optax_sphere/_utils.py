@@ -318,15 +318,19 @@ def check_rate_per(rate_per: str) -> None:
 def group_rate(rate: Any, group: Any, rate_per: str) -> Any:
     """``rate / units`` for a group of ``units`` units (``rate_per="unit"``; unknown units
     count as one, which :func:`warn_unknown_units` says at ``init``), else ``rate``."""
-    units = getattr(group, "units", None)
-    if rate_per == "group" or not units or units == 1:
+    if rate_per == "group" or group.units in (None, 1):
         return rate
-    return rate / units
+    return rate / group.units
 
 
-def warn_unknown_units(name: str, grp: PyTree, params: PyTree) -> None:
-    """Warns, naming the parameters, when groups may hold several units whose number is not
-    known, so that the rate per unit is applied to each as given."""
+def warn_unknown_units(
+    name: str, rate_per: str, grp: PyTree, params: PyTree, stacklevel: int = 4
+) -> None:
+    """With ``rate_per="unit"``, warns, naming the parameters, when groups may hold several
+    units whose number is not known, so that the rate per unit is applied to each as given
+    (``stacklevel``: the caller's ``init`` as seen from here)."""
+    if rate_per != "unit":
+        return
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     unknown = [
         f"'{path_str(path)}' {tuple(p.shape)} (axes {group.axes})"
@@ -344,7 +348,7 @@ def warn_unknown_units(name: str, grp: PyTree, params: PyTree) -> None:
             "optax_sphere.find_groups (which counts the units), a spec "
             "optax_sphere.Group(axes, units=k), or rate_per='group' to take the rate as "
             "given on every group.",
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
 
 

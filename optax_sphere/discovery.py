@@ -34,6 +34,7 @@ unchanged to ``check_rtol``; a leaf that fails it is left ungrouped with a warni
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -238,30 +239,34 @@ class FoundGroups:
     def specs(self) -> dict[tuple[Any, ...], str | tuple[int, ...] | None]:
         return {_path_key(r.path): r.grouping for r in self.reports}
 
+    @functools.cached_property
+    def _by_key(self) -> dict[tuple[str, ...], GroupReport]:
+        """The reports by the key names of their paths, as strings (one lookup per leaf)."""
+        return {tuple(str(n) for n in _path_key(r.path)): r for r in self.reports}
+
+    def _report_at(self, path: Sequence[Any]) -> GroupReport | None:
+        return self._by_key.get(tuple(str(n) for n in key_names(path)))
+
     def spec_for(self, params: PyTree) -> PyTree:
         """The per-leaf spec tree for ``params`` (any of the forms above)."""
-        specs = {tuple(str(n) for n in k): v for k, v in self.specs.items()}
 
         def leaf(path, _):
-            key = tuple(str(n) for n in key_names(path))
-            if key not in specs:
+            report = self._report_at(path)
+            if report is None:
                 raise ValueError(
                     f"parameter '{path_str(path)}' was not among the parameters given to "
-                    f"find_groups ({sorted('/'.join(k) for k in specs)[:8]}...): run "
+                    f"find_groups ({sorted('/'.join(k) for k in self._by_key)[:8]}...): run "
                     "find_groups on the parameters this optimizer is built for."
                 )
-            return specs[key]
+            return report.grouping
 
         return jax.tree_util.tree_map_with_path(leaf, params)
 
     def units_of(self, path: Sequence[Any]) -> int | None:
         """How many units one group of the parameter at the key ``path`` holds, as the
         model's structure counts them (``None``: not grouped, or the structure not read)."""
-        key = tuple(str(n) for n in key_names(path))
-        for r in self.reports:
-            if tuple(str(n) for n in _path_key(r.path)) == key:
-                return r.units_per_group
-        return None
+        report = self._report_at(path)
+        return None if report is None else report.units_per_group
 
     @property
     def grouped(self) -> list[str]:

@@ -415,7 +415,7 @@ def _warn_across_layers(specs: list, groups: list, leaves_with_path: list) -> No
 
 def _resolve_leaf(spec: Any, leaf: Any, path: str, units: int | None = None) -> Group | None:
     """The :class:`Group` of one leaf; ``units``: the units one group holds where the model's
-    structure counted them (:meth:`FoundGroups.units_for`)."""
+    structure counted them (:meth:`~optax_sphere.FoundGroups.units_of`)."""
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
         raise ValueError(
             f"parameter '{path}' is a {type(leaf).__name__}, not an array: every parameter "

@@ -89,15 +89,10 @@ def scale_by_psi_metric(
         "scale_by_psi_metric",
         groups,
         leaf,
-        on_init=lambda grp, params: _warn_unknown_units(
+        on_init=lambda grp, params: _utils.warn_unknown_units(
             "scale_by_psi_metric", rate_per, grp, params
         ),
     )
-
-
-def _warn_unknown_units(name: str, rate_per: str, grp: Any, params: Any) -> None:
-    if rate_per == "unit":
-        _utils.warn_unknown_units(name, grp, params)
 
 
 class PsiSgdState(NamedTuple):
@@ -170,7 +165,8 @@ def psi_sgdm(
     _utils.check_rate_per(rate_per)
 
     def init_fn(params: optax.Params) -> optax.OptState:
-        _warn_unknown_units("psi_sgdm", rate_per, resolve_groups(groups, params), params)
+        grp = resolve_groups(groups, params)
+        _utils.warn_unknown_units("psi_sgdm", rate_per, grp, params, stacklevel=3)
         trace = jax.tree.map(lambda p: _utils.zeros_acc(p), params) if keep_trace else ()
         return PsiSgdState(jnp.zeros([], jnp.int32), trace)
 

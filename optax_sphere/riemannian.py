@@ -312,8 +312,7 @@ def sgdg(
         return _utils.zeros_acc(p), _utils.group_zero(group, p)
 
     def on_init(grp, params):
-        if rate_per == "unit":
-            _utils.warn_unknown_units("sgdg", grp, params)
+        _utils.warn_unknown_units("sgdg", rate_per, grp, params)
 
     def prepare(count, params):
         return _utils.value_at(learning_rate, count), _utils.value_at(off_sphere_rate, count)

@@ -31,11 +31,16 @@ SIZED = {
 }
 
 
-class _LinenLN(nn.Module):
+class _MLP(nn.Module):
+    """Two LayerNorm layers of ``width`` units (kernels without bias) and a head."""
+
+    width: int
+
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.LayerNorm()(nn.Dense(48, use_bias=False)(x)))
-        return nn.Dense(3)(x)
+        for _ in range(2):
+            x = nn.relu(nn.LayerNorm()(nn.Dense(self.width, use_bias=False)(x)))
+        return nn.Dense(4)(x)
 
 
 class _EqxLN(eqx.Module):
@@ -55,7 +60,7 @@ class _EqxLN(eqx.Module):
 
 def _found_linen():
     x = jax.random.normal(jax.random.key(1), (8, 16))
-    model = _LinenLN()
+    model = _MLP(48)
     params = model.init(jax.random.key(0), x)["params"]
     apply = lambda p, x: model.apply({"params": p}, x)
     return osp.find_groups(apply, params, x), params, ("Dense_0", "kernel")
@@ -210,16 +215,6 @@ TRAINED = {
 WIDTHS = (32, 128)
 #: the alias's final training loss is at most its base's plus this (the losses start near 1.4)
 MARGIN = 0.15
-
-
-class _MLP(nn.Module):
-    width: int
-
-    @nn.compact
-    def __call__(self, x):
-        for _ in range(2):
-            x = nn.relu(nn.LayerNorm()(nn.Dense(self.width, use_bias=False)(x)))
-        return nn.Dense(4)(x)
 
 
 def _teacher_data():
