@@ -27,6 +27,7 @@ from optax_sphere.discovery import (
     matrix_groups,
     rotational_groups,
 )
+from optax_sphere.grouped import GroupResolution, grouped_state, on_groups
 from optax_sphere.groups import Group, per_tensor, per_unit, per_unit_out_first, resolve_groups
 from optax_sphere.hyperball import HyperballState, adamh, hyperball, muonh
 from optax_sphere.norm_growth import (
@@ -81,6 +82,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "GroupResolution",
+    "grouped_state",
+    "on_groups",
     # submodules
     "diagnostics",
     "discovery",

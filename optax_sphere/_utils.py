@@ -14,7 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_sphere._dtypes import accumulation_dtype
 from optax_sphere._paths import check_trees_match, path_str
-from optax_sphere.groups import map_groups, resolve_groups
+from optax_sphere.grouped import resolution_of
+from optax_sphere.groups import map_groups
 
 PyTree = Any
 Hyper = Any  # a number, a scalar array, or a schedule ``count -> value``
@@ -200,16 +201,48 @@ def masked_rate(rate: Any, mask: Any, params: PyTree) -> PyTree:
 
 def resolve_mask(mask: Any, params: PyTree) -> PyTree:
     """An optax weight-decay ``mask`` (``None``, a pytree of bools or a callable of the
-    params) as a tree of bools like ``params``; a ``ValueError`` when it does not fit."""
+    params) as a tree of bools like ``params``; a ``ValueError`` when it does not fit.
+
+    ``params`` may be the view of ``optax.masked`` / :func:`~optax_sphere.on_groups`
+    (``optax.MaskedNode()`` in the place of some leaves) and ``mask`` written for the whole
+    tree: its values are read at the leaves the view keeps."""
     if mask is None:
         return jax.tree.map(lambda _: True, params)
     keep = mask(params) if callable(mask) else mask
     try:
-        return jax.tree.map(lambda _, k: bool(k), params, keep)
+        return jax.tree.map(lambda _, k: bool(k), values_at_view(keep, params), params)
     except (ValueError, TypeError) as err:
         raise ValueError(
             f"the weight-decay `mask` does not match the parameter tree ({err})."
         ) from None
+
+
+def values_at_view(values: PyTree, view: PyTree) -> PyTree:
+    """``values`` (a tree like the whole parameters, or like ``view``) read at the leaves of
+    ``view``, a view of ``optax.masked`` / :func:`~optax_sphere.on_groups`
+    (``optax.MaskedNode()`` in the place of some leaves): a tree like ``view``. A
+    ``ValueError`` / ``TypeError`` when ``values`` fits neither."""
+    flat, treedef = jax.tree_util.tree_flatten(view, is_leaf=_is_masked_node)
+    if not any(_is_masked_node(x) for x in flat):
+        treedef.flatten_up_to(values)  # raises when it does not fit
+        return values
+    try:
+        given = treedef.flatten_up_to(values)
+    except (ValueError, TypeError):
+        jax.tree.structure(view).flatten_up_to(values)  # written for the view: raises if not
+        return values
+    return treedef.unflatten([x if _is_masked_node(x) else v for x, v in zip(flat, given)])
+
+
+def view_mask(mask: Any) -> Any:
+    """``mask`` for an optax transformation that may see a view of the parameters (the base
+    optimizer of :func:`~optax_sphere.on_groups`): ``None`` stays ``None``, anything else
+    becomes a callable giving a tree like the view (:func:`resolve_mask`)."""
+    return None if mask is None else (lambda params: resolve_mask(mask, params))
+
+
+def _is_masked_node(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
 
 
 def require_params(params: PyTree | None, name: str) -> PyTree:
@@ -285,13 +318,18 @@ def map_state_fields(
 ) -> tuple[Any, int]:
     """Applies ``fn`` to every NamedTuple field of ``state`` named in ``names`` and shaped
     like the params (same treedef), at any depth and in the containers :func:`find_states`
-    enters. Returns the new state and how many fields matched."""
+    enters. A field that is a view of the params (``optax.MaskedNode()`` in the place of some
+    leaves, as in the states of ``optax.masked``, ``optax.partition`` and
+    :func:`~optax_sphere.on_groups`) is mapped at the leaves it holds. Returns the new state
+    and how many fields matched (views holding no leaf not counted)."""
     if _is_named_tuple(state):
         new, found = {}, 0
         for name in state._fields:
             value = getattr(state, name)
             if name in names and jax.tree.structure(value) == treedef:
                 new[name], n = fn(value), 1
+            elif name in names and jax.tree.leaves(value) and _fits(treedef, value):
+                new[name], n = _map_view(fn, value, treedef), 1
             else:
                 new[name], n = map_state_fields(value, names, treedef, fn)
             found += n
@@ -303,6 +341,17 @@ def map_state_fields(
         items = [map_state_fields(s, names, treedef, fn) for s in state]
         return type(state)(s for s, _ in items), sum(n for _, n in items)
     return state, 0
+
+
+def _map_view(fn: Callable, view: PyTree, treedef: Any) -> PyTree:
+    """``fn`` (of a tree like the params) on a view of them: the placeholders are given as
+    scalar zeros, and their results dropped (under ``jit``, never computed)."""
+    flat = treedef.flatten_up_to(view)
+    masked = [_is_masked_node(x) for x in flat]
+    dtype = next(x.dtype for x, m in zip(flat, masked) if not m and hasattr(x, "dtype"))
+    whole = treedef.unflatten([jnp.zeros((), dtype) if m else x for x, m in zip(flat, masked)])
+    out = treedef.flatten_up_to(fn(whole))
+    return treedef.unflatten([optax.MaskedNode() if m else o for o, m in zip(out, masked)])
 
 
 #: how a sphere optimizer reads its rate: per unit (a group of ``k`` units takes ``lr / k``),
@@ -363,10 +412,12 @@ def stateless_per_group(
     the update of every grouped leaf; ungrouped leaves pass through. ``init`` checks the
     groups against the parameters (errors name the paths) and calls ``on_init(resolved_groups,
     params)``; ``name`` is the transformation's, for the error raised when ``params`` is
-    missing."""
+    missing. ``groups``: a spec or the :class:`~optax_sphere.grouped.GroupResolution` of an
+    enclosing :func:`~optax_sphere.on_groups`."""
+    resolution = resolution_of(groups)
 
     def init_fn(params: optax.Params) -> optax.OptState:
-        on_init(resolve_groups(groups, params), params)
+        on_init(resolution(params), params)
         return optax.EmptyState()
 
     def update_fn(
@@ -377,7 +428,7 @@ def stateless_per_group(
     ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = require_params(params, name)
-        grp = resolve_groups(groups, params)
+        grp = resolution(params)
         return map_groups(
             lambda group, u, x: u if group is None else leaf(group, u, x), grp, updates, params
         ), state
@@ -398,24 +449,29 @@ def stateful_per_group(
     on_init: Callable[[PyTree, PyTree], None] = lambda groups, params: None,
     needs_params: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-    """A per-group transformation with a state, the sibling of :func:`stateless_per_group`.
+    """The transformation of the grouped leaves with a state, the sibling of
+    :func:`stateless_per_group`, for the ``group_tx`` of :func:`~optax_sphere.on_groups`: it
+    sees the grouped leaves only (the others are ``optax.MaskedNode()`` in its view, and
+    follow the base optimizer).
 
-    The state is ``state_type(count, *fields)``, one tree like the parameters per field.
-    ``init`` calls ``on_init(resolved_groups, params)`` (a check or a warning), then
-    ``init_leaf(group, param, *inits)`` for the tuple of each leaf's fields (``group`` is
-    ``None`` off the groups; each field its own buffer), ``inits`` the trees
-    ``init_trees(params)``. ``update`` requires ``params`` (unless ``needs_params`` is false:
-    then, without them, the groups are resolved against the updates, which have the same
-    tree), computes the step's context ``prepare(count, params)`` once (``count``: the steps
-    done; by default the context is ``count``), and maps ``update_leaf(context, group,
-    update, *fields, param, *extras)`` to ``(update, *fields)`` over the leaves, ``extras``
-    the trees ``extra_trees(count, params)`` (per-leaf rates). The new count is
-    ``optax.safe_increment(count)``; ``name`` is the transformation's, for the errors.
+    The state is ``state_type(count, *fields)``, one tree like the (viewed) parameters per
+    field. ``init`` calls ``on_init(resolved_groups, params)`` (a check or a warning), then
+    ``init_leaf(group, param, *inits)`` for the tuple of each leaf's fields (each field its own
+    buffer), ``inits`` the trees ``init_trees(params)``. ``update`` requires ``params`` (unless
+    ``needs_params`` is false: then, without them, the groups are resolved against the
+    updates, which have the same tree), computes the step's context ``prepare(count, params)``
+    once (``count``: the steps done; by default the context is ``count``), and maps
+    ``update_leaf(context, group, update, *fields, param, *extras)`` to ``(update, *fields)``
+    over the leaves, ``extras`` the trees ``extra_trees(count, params)`` (per-leaf rates). The
+    new count is ``optax.safe_increment(count)``; ``name`` is the transformation's, for the
+    errors; ``groups`` the :class:`~optax_sphere.grouped.GroupResolution` shared with
+    :func:`~optax_sphere.on_groups`.
     """
     n = len(state_type._fields) - 1  # type: ignore[attr-defined]
+    resolution = resolution_of(groups)
 
     def init_fn(params: optax.Params) -> optax.OptState:
-        grp = resolve_groups(groups, params)
+        grp = resolution(params)
         on_init(grp, params)
         fields = unzip(map_groups(init_leaf, grp, params, *init_trees(params)), params, n)
         return state_type(jnp.zeros([], jnp.int32), *fields)
@@ -429,9 +485,9 @@ def stateful_per_group(
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         if needs_params or params is not None:
             params = require_params(params, name)
-            grp = resolve_groups(groups, params)
+            grp = resolution(params)
         else:
-            grp = resolve_groups(groups, updates)
+            grp = resolution(updates)
         context = prepare(state.count, params)
         trees = (params, *extra_trees(state.count, params)) if params is not None else ()
         out = map_groups(

@@ -36,7 +36,8 @@ import optax
 from optax_sphere import _base, _utils
 from optax_sphere._dtypes import accumulation_dtype
 from optax_sphere._paths import check_trees_match
-from optax_sphere.groups import UNSET, GroupsLike, group_sq_norm, map_groups, resolve_groups
+from optax_sphere.grouped import on_groups, resolution_of
+from optax_sphere.groups import UNSET, GroupsLike, group_sq_norm, map_groups
 
 __all__ = ["PsiSgdState", "scale_by_psi_metric", "psi_sgd", "psi_sgdm"]
 
@@ -100,7 +101,7 @@ class PsiSgdState(NamedTuple):
     (an empty tuple without momentum), in the accumulation dtype (>= float32)."""
 
     count: jax.Array  # shape=(), dtype=jnp.int32
-    trace: optax.Updates  # like the params; () without momentum
+    trace: optax.Updates  # like the grouped leaves; () without momentum
 
 
 def psi_sgdm(
@@ -164,9 +165,11 @@ def psi_sgdm(
 
     _utils.check_rate_per(rate_per)
 
+    resolution = resolution_of(groups)
+
     def init_fn(params: optax.Params) -> optax.OptState:
-        grp = resolve_groups(groups, params)
-        _utils.warn_unknown_units("psi_sgdm", rate_per, grp, params, stacklevel=3)
+        grp = resolution(params)
+        _utils.warn_unknown_units("psi_sgdm", rate_per, grp, params, stacklevel=5)
         trace = jax.tree.map(lambda p: _utils.zeros_acc(p), params) if keep_trace else ()
         return PsiSgdState(jnp.zeros([], jnp.int32), trace)
 
@@ -179,24 +182,23 @@ def psi_sgdm(
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "psi_sgdm")
         check_trees_match(params, updates, *([state.trace] if keep_trace else []))
-        grp = resolve_groups(groups, params)
+        grp = resolution(params)
         lr = _utils.value_at(learning_rate, state.count)
         trace = state.trace if keep_trace else jax.tree.map(lambda _: None, updates)
 
         def leaf(group, g, t, x):
             acc = accumulation_dtype(jnp.result_type(g, x))
             g = g.astype(acc)
+            sq = group_sq_norm(x, group)
+            metric = _utils.group_rate(sq, group, rate_per)  # ||w||^2 / k
             scale = None
-            if group is not None:
-                sq = group_sq_norm(x, group)
-                metric = _utils.group_rate(sq, group, rate_per)  # ||w||^2 / k
-                if max_norm is not None:
-                    # per group: 1 / ||w_k|| above max_norm, else 1 (T_a of Theorem 1)
-                    over = sq > max_norm**2
-                    scale = jnp.where(over, jax.lax.rsqrt(jnp.where(over, sq, 1)), 1)
-                    g = _metric_scaled(scale * metric, g)
-                else:
-                    g = _metric_scaled(metric, g)
+            if max_norm is not None:
+                # per group: 1 / ||w_k|| above max_norm, else 1 (T_a of Theorem 1)
+                over = sq > max_norm**2
+                scale = jnp.where(over, jax.lax.rsqrt(jnp.where(over, sq, 1)), 1)
+                g = _metric_scaled(scale * metric, g)
+            else:
+                g = _metric_scaled(metric, g)
             # the step reads the *new* trace, as optax.sgd does, so that the trace is
             # updated in place and read once
             if keep_trace:
@@ -216,7 +218,9 @@ def psi_sgdm(
             optax.safe_increment(state.count), new_trace if keep_trace else ()
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    sphere = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    sgd = optax.sgd(learning_rate, momentum if keep_trace else None, nesterov=nesterov)
+    return on_groups(sphere, sgd, resolution)
 
 
 def psi_sgd(

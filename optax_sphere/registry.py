@@ -34,6 +34,13 @@ class AliasBase(NamedTuple):
     build: Callable[..., optax.GradientTransformation]
 
 
+def _is_static_zero(value: Any) -> bool:
+    """A Python number equal to 0 (a schedule or an array, traced under
+    ``optax.inject_hyperparams`` or not, is not: the optimizer's structure may not depend on
+    a value known only at run time)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
 def _adam(
     learning_rate: Any,
     weight_decay: Any = 0.0,
@@ -41,10 +48,14 @@ def _adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     nesterov: bool = False,
+    mask: Any = None,
 ) -> optax.GradientTransformation:
-    """``optax.adam`` after coupled L2 (PyTorch's ``Adam(weight_decay=...)``)."""
+    """``optax.adam`` after coupled L2 (PyTorch's ``Adam(weight_decay=...)``) on the leaves
+    ``mask`` selects."""
     adam = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, nesterov=nesterov)
-    return optax.chain(optax.add_decayed_weights(weight_decay), adam) if weight_decay else adam
+    if _is_static_zero(weight_decay):
+        return adam
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask), adam)
 
 
 def _adamw(
@@ -59,7 +70,7 @@ def _adamw(
     """``optax.adamw``; at a weight decay of exactly 0, the same optimizer as ``optax.adam``,
     which is what is built."""
     adam = dict(b1=b1, b2=b2, eps=eps, nesterov=nesterov)
-    if not callable(weight_decay) and weight_decay == 0:
+    if _is_static_zero(weight_decay):
         return optax.adam(learning_rate, **adam)
     return optax.adamw(learning_rate, weight_decay=weight_decay, mask=mask, **adam)
 
@@ -69,10 +80,14 @@ def _sgdm(
     momentum: float = 0.9,
     nesterov: bool = False,
     weight_decay: Any = 0.0,
+    mask: Any = None,
 ) -> optax.GradientTransformation:
-    """``optax.sgd`` with momentum after coupled L2 (PyTorch's ``SGD(weight_decay=...)``)."""
+    """``optax.sgd`` with momentum after coupled L2 (PyTorch's ``SGD(weight_decay=...)``) on
+    the leaves ``mask`` selects."""
     sgd = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
-    return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+    if _is_static_zero(weight_decay):
+        return sgd
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask), sgd)
 
 
 def _lion(

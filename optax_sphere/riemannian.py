@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sphere import _base, _utils, geometry
+from optax_sphere import _base, _utils, geometry, registry
 from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere.grouped import on_groups, resolution_of
 from optax_sphere.groups import UNSET, Group, GroupsLike, group_dot
 
 __all__ = ["sgdg", "adamg", "SgdgState", "AdamgState"]
@@ -212,12 +213,13 @@ class SgdgState(NamedTuple):
     On grouped leaves the momentum is Cho & Lee's tangent buffer without the learning rate,
     ``B = M / eta``, kept as ``momentum = B + momentum_offset * params`` (one offset per
     group), the form the step writes in place; read ``B`` with :meth:`tangent_momentum`.
-    Other leaves: SGD's trace, and no offset (``optax.MaskedNode()``).
+    The leaves off the sphere hold ``optax.sgd``'s trace in the ``"ungrouped"`` part of the
+    ``optax.PartitionState`` of :func:`~optax_sphere.on_groups`.
     """
 
     count: jax.Array  # shape=(), dtype=jnp.int32
-    momentum: optax.Updates  # like the params: m + momentum_offset * x
-    momentum_offset: optax.Updates  # per group (keepdims); MaskedNode off the groups
+    momentum: optax.Updates  # like the grouped leaves: m + momentum_offset * x
+    momentum_offset: optax.Updates  # per group (keepdims)
 
     def tangent_momentum(self, params: optax.Params) -> optax.Updates:
         """The momentum ``B`` of every leaf, tangent at ``params`` on the grouped ones."""
@@ -232,6 +234,8 @@ def sgdg(
     omega: float = 0.0,
     ungrouped_learning_rate: optax.ScalarOrSchedule | None = None,
     ungrouped_momentum: float = 0.9,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
     rate_per: str = "unit",
     groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformationExtraArgs:
@@ -277,6 +281,9 @@ def sgdg(
       momentum: the momentum coefficient, transported along the geodesic.
       grad_clip: clip the norm of each group's tangent gradient to it (``None``: off).
       omega: weight of Cho & Lee's orthogonality regulariser (0: off).
+      weight_decay: coupled L2 of the leaves off the sphere, before their SGD (on the sphere
+        an L2 term is radial, and the Riemannian gradient drops it).
+      mask: the leaves off the sphere that get the L2 term, as ``optax.adamw``'s ``mask``.
       ungrouped_learning_rate, ungrouped_momentum: SGD with Nesterov momentum for the leaves
         off the sphere (Cho & Lee's treatment of the other parameters). ``None``: the
         ``learning_rate`` given, so that with nothing grouped the optimizer is
@@ -306,26 +313,18 @@ def sgdg(
     _utils.check_beta("momentum", momentum)
     _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
     _utils.check_rate_per(rate_per)
-    off_sphere_rate = learning_rate if ungrouped_learning_rate is None else ungrouped_learning_rate
+    _utils.check_rate("weight_decay", weight_decay)
+    resolution = resolution_of(groups)
 
     def init_leaf(group, p):
         return _utils.zeros_acc(p), _utils.group_zero(group, p)
 
     def on_init(grp, params):
-        _utils.warn_unknown_units("sgdg", rate_per, grp, params)
+        _utils.warn_unknown_units("sgdg", rate_per, grp, params, stacklevel=7)
 
-    def prepare(count, params):
-        return _utils.value_at(learning_rate, count), _utils.value_at(off_sphere_rate, count)
-
-    def update_leaf(context, group, g, m, c, x):
-        lr, ulr = context
+    def update_leaf(lr, group, g, m, c, x):
         acc = accumulation_dtype(jnp.result_type(g, x))
         g, x32 = g.astype(acc), x.astype(acc)
-        if group is None:
-            # off the sphere: SGD with Nesterov momentum (Cho & Lee), optax.sgd's
-            direction, m = _base.momentum(g, m, ungrouped_momentum, nesterov=True)
-            step = -ulr * direction
-            return step.astype(x.dtype), m, c
         lr = _utils.group_rate(lr, group, rate_per)
         g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, c, x32, grad_clip, omega)
         # B' = mu B - k (g - <g,u> u); its norm from the sums
@@ -341,30 +340,36 @@ def sgdg(
         )  # fmt: skip
         return step.astype(x.dtype), stored, c
 
-    return _utils.stateful_per_group(
+    sphere = _utils.stateful_per_group(
         "sgdg",
-        groups,
+        resolution,
         SgdgState,
         init_leaf,
         update_leaf,
-        prepare=prepare,
+        prepare=lambda count, params: _utils.value_at(learning_rate, count),
         on_init=on_init,
+    )
+    return on_groups(
+        sphere,
+        _off_sphere(learning_rate, ungrouped_learning_rate, ungrouped_momentum, weight_decay, mask),
+        resolution,
     )
 
 
 class AdamgState(NamedTuple):
-    """State of :func:`adamg`: step count, first moment ``mu`` (shaped like the params),
-    second moment ``nu`` and ``mu_offset`` (one scalar per group each on grouped leaves;
-    ``optax.MaskedNode()`` elsewhere, whose ``mu`` is SGD's trace).
+    """State of :func:`adamg` on the grouped leaves: step count, first moment ``mu`` (shaped
+    like them), second moment ``nu`` and ``mu_offset`` (one scalar per group each). The
+    leaves off the sphere hold ``optax.sgd``'s trace in the ``"ungrouped"`` part of the
+    ``optax.PartitionState`` of :func:`~optax_sphere.on_groups`.
 
     On grouped leaves the first moment ``m`` is kept as ``mu = m + mu_offset * params``, the
     form the step writes in place; read ``m`` with :meth:`tangent_momentum`.
     """
 
     count: jax.Array  # shape=(), dtype=jnp.int32
-    mu: optax.Updates  # like the params: m + mu_offset * x
-    nu: optax.Updates  # per group (keepdims); MaskedNode off the groups
-    mu_offset: optax.Updates  # per group (keepdims); MaskedNode off the groups
+    mu: optax.Updates  # like the grouped leaves: m + mu_offset * x
+    nu: optax.Updates  # per group (keepdims)
+    mu_offset: optax.Updates  # per group (keepdims)
 
     def tangent_momentum(self, params: optax.Params) -> optax.Updates:
         """The first moment ``m`` of every leaf, tangent at ``params`` on the grouped ones."""
@@ -381,6 +386,8 @@ def adamg(
     omega: float = 0.0,
     ungrouped_learning_rate: optax.ScalarOrSchedule | None = None,
     ungrouped_momentum: float = 0.9,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
     groups: GroupsLike = UNSET,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam-G of Cho & Lee (2017, alg. 2), as their code does it, per group:
@@ -402,7 +409,8 @@ def adamg(
       learning_rate: the sphere's learning rate (a number or an ``optax`` schedule).
       b1, b2: decays of the first moment and of the per-group scalar second moment.
       eps: inside the root of the second moment, as Cho & Lee's code.
-      grad_clip, omega, ungrouped_learning_rate, ungrouped_momentum: as :func:`sgdg`.
+      grad_clip, omega, ungrouped_learning_rate, ungrouped_momentum, weight_decay, mask: as
+        :func:`sgdg`.
       groups: the groups kept on the sphere.
 
     Returns:
@@ -425,24 +433,19 @@ def adamg(
     _utils.check_beta("b2", b2)
     _utils.check_rate("eps", eps)
     _check_ungrouped(ungrouped_learning_rate, ungrouped_momentum)
-    off_sphere_rate = learning_rate if ungrouped_learning_rate is None else ungrouped_learning_rate
+    _utils.check_rate("weight_decay", weight_decay)
+    resolution = resolution_of(groups)
 
     def init_leaf(group, p):
         return _utils.zeros_acc(p), _utils.group_zero(group, p), _utils.group_zero(group, p)
 
     def prepare(count, params):
-        lr = _utils.value_at(learning_rate, count)
-        return lr, _utils.value_at(off_sphere_rate, count), optax.safe_increment(count)
+        return _utils.value_at(learning_rate, count), optax.safe_increment(count)
 
     def update_leaf(context, group, g, m, v, c, x):
-        lr, ulr, count = context
+        lr, count = context
         acc = accumulation_dtype(jnp.result_type(g, x))
         g, x32 = g.astype(acc), x.astype(acc)
-        if group is None:
-            # off the sphere: SGD with Nesterov momentum (Cho & Lee), optax.sgd's
-            direction, m = _base.momentum(g, m, ungrouped_momentum, nesterov=True)
-            step = -ulr * direction
-            return step.astype(x.dtype), m, v, c
         bc1, bc2 = _base.bias_corrections(b1, b2, count, acc)
         g, s, inv_r, gu, hh, k = _riemannian_grad_sums(group, g, m, c, x32, grad_clip, omega)
         mh = s.mg - gu * s.mx * inv_r
@@ -459,11 +462,22 @@ def adamg(
         )  # fmt: skip
         return step.astype(x.dtype), stored, jnp.where(s.xx > 0, v_new, v), c
 
-    return _utils.stateful_per_group(
-        "adamg",
-        groups,
-        AdamgState,
-        init_leaf,
-        update_leaf,
-        prepare=prepare,
+    sphere = _utils.stateful_per_group(
+        "adamg", resolution, AdamgState, init_leaf, update_leaf, prepare=prepare
+    )
+    return on_groups(
+        sphere,
+        _off_sphere(learning_rate, ungrouped_learning_rate, ungrouped_momentum, weight_decay, mask),
+        resolution,
+    )
+
+
+def _off_sphere(
+    learning_rate: Any, ungrouped_learning_rate: Any, momentum: float, weight_decay: Any, mask: Any
+) -> optax.GradientTransformation:
+    """The leaves off the sphere: SGD with Nesterov momentum (Cho & Lee's code), after
+    coupled L2 on those ``mask`` selects (registry's ``"sgdm"``)."""
+    rate = learning_rate if ungrouped_learning_rate is None else ungrouped_learning_rate
+    return registry.BASES["sgdm"](
+        rate, momentum, nesterov=True, weight_decay=weight_decay, mask=_utils.view_mask(mask)
     )

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sphere import _utils, geometry
+from optax_sphere import _utils, geometry, registry
 from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere.grouped import on_groups, resolution_of
 from optax_sphere.groups import UNSET, GroupsLike, group_dot
 
 __all__ = ["adagradg", "AdagradgState"]
@@ -28,11 +29,13 @@ _ADAGRAD_EPS = 1e-7
 
 
 class AdagradgState(NamedTuple):
-    """State of :func:`adagradg`: step count and the second moment ``nu`` (one scalar per
-    group on grouped leaves, element-wise elsewhere)."""
+    """State of :func:`adagradg` on the grouped leaves: step count and the second moment
+    ``nu``, one scalar per group. The leaves off the sphere hold AdaGrad's accumulator
+    (``optax.adagrad``'s state) in the ``"ungrouped"`` part of the ``optax.PartitionState`` of
+    :func:`~optax_sphere.on_groups`."""
 
     count: jax.Array  # shape=(), dtype=jnp.int32
-    nu: optax.Updates  # per group (keepdims); like the leaf off the groups
+    nu: optax.Updates  # per group (keepdims)
 
 
 def _bad_v0(err: Exception) -> ValueError:
@@ -96,17 +99,18 @@ def adagradg(
             f"`v0` must be finite and > 0 (the first step divides by sqrt(v0)), got {v0!r}."
         )
 
+    resolution = resolution_of(groups)
+
     def v0_tree(params):
         single = jax.tree_util.treedef_is_leaf(jax.tree.structure(v0))
         tree = jax.tree.map(lambda _: v0, params) if single else v0
         try:
-            jax.tree.structure(params).flatten_up_to(tree)
+            return (_utils.values_at_view(tree, params),)
         except (ValueError, TypeError) as err:
             raise _bad_v0(err) from None
-        return (tree,)
 
     def init_leaf(group, p, v):
-        shape = p.shape if group is None else group.scalar_shape(p.shape)
+        shape = group.scalar_shape(p.shape)
         # on zeros laid out like p (sharded parameters give a state sharded like them)
         zeros = _utils.zeros_acc(p, shape)
         try:
@@ -114,20 +118,9 @@ def adagradg(
         except (ValueError, TypeError) as err:
             raise _bad_v0(err) from None
 
-    def prepare(count, params):
-        return _utils.value_at(learning_rate, count)
-
-    def update_leaf(context, group, g, v, x):
-        lr = context
+    def update_leaf(lr, group, g, v, x):
         acc = accumulation_dtype(jnp.result_type(g, x))
         g, x32 = g.astype(acc), x.astype(acc)
-        if group is None:
-            # optax.adagrad: the accumulator of this step, so that no step is longer than
-            # the learning rate (the grouped recursion's previous-step accumulator is what
-            # Theorem 4 needs, and the projection bounds it there)
-            rss = optax.ScaleByRssState(sum_of_squares=decay * v)
-            direction, rss = optax.scale_by_rss(eps=_ADAGRAD_EPS).update(g, rss)
-            return (-lr * direction).astype(x.dtype), rss.sum_of_squares
         gg, gx, xx = (
             group_dot(g, g, group),
             group_dot(g, x32, group),
@@ -142,12 +135,42 @@ def adagradg(
         ok = (xx > 0) & (new_sq != 0)
         return jnp.where(ok, step, 0).astype(x.dtype), jnp.where(ok, decay * v + gg, v)
 
-    return _utils.stateful_per_group(
+    sphere = _utils.stateful_per_group(
         "adagradg",
-        groups,
+        resolution,
         AdagradgState,
         init_leaf,
         update_leaf,
-        prepare=prepare,
+        prepare=lambda count, params: _utils.value_at(learning_rate, count),
         init_trees=v0_tree,
     )
+    return on_groups(sphere, _off_sphere(learning_rate, decay, v0, v0_tree), resolution)
+
+
+def _off_sphere(
+    learning_rate: Any, decay: Any, v0: Any, v0_tree: Any
+) -> optax.GradientTransformation:
+    """The leaves off the sphere: ``optax.adagrad`` (the accumulator of this step, so that no
+    step is longer than the learning rate; the grouped recursion's previous-step accumulator
+    is what Theorem 4 needs, and the projection bounds it there), started at ``v0``; with
+    ``decay < 1`` (or ``v0`` a tree), its accumulator decayed before each step."""
+    if isinstance(decay, (int, float)) and decay == 1 and isinstance(v0, (int, float)):
+        return registry.BASES["adagrad"](learning_rate, v0=v0)
+
+    def init_fn(params: optax.Params) -> optax.OptState:
+        (starts,) = v0_tree(params)
+        return optax.ScaleByRssState(
+            jax.tree.map(
+                lambda p, v: jnp.full_like(p, v, dtype=accumulation_dtype(p.dtype)),
+                params,
+                starts,
+            )
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        decayed = optax.ScaleByRssState(jax.tree.map(lambda v: decay * v, state.sum_of_squares))
+        return optax.scale_by_rss(0.0, eps=_ADAGRAD_EPS).update(updates, decayed)
+
+    decayed_rss = optax.GradientTransformation(init_fn, update_fn)
+    return optax.chain(decayed_rss, optax.scale_by_learning_rate(learning_rate))

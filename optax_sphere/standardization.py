@@ -8,8 +8,9 @@ second moment by one scalar per group, the second moment of the gradient norm,
     v_k = b2 v_{k-1} + (1 - b2) d^-1 ||g_k||^2,
 
 which keeps Adam's scheduling effect (``sqrt(v_k) = d^-1/2 ||sqrt(v_vector)||``, eq. 60)
-without the deformation. Ungrouped leaves keep Adam's element-wise moment (a group of one
-element is exactly Adam), so with ``groups=None`` this is ``optax.scale_by_adam``.
+without the deformation. Ungrouped leaves follow ``optax.scale_by_adam`` itself (split off
+with :func:`~optax_sphere.on_groups`; a group of one element is exactly Adam), so with
+``groups=None`` this is ``optax.scale_by_adam``.
 
 :func:`adam_s` is Adam-S, the published optimizer that is this fix alone ("Adam w/o (a)").
 """
@@ -23,6 +24,7 @@ import optax
 
 from optax_sphere import _base, _utils
 from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere.grouped import on_groups, resolution_of
 from optax_sphere.groups import UNSET, GroupsLike, group_sq_norm
 
 __all__ = [
@@ -36,14 +38,15 @@ __all__ = [
 class ScaleByStandardizedAdamState(NamedTuple):
     """State of :func:`scale_by_standardized_adam`.
 
-    ``mu``: first moment, shaped like the params, in at least float32. ``nu``: second
-    moment, one scalar per group for grouped leaves (``keepdims`` shape) and element-wise
-    for the others, in at least float32.
+    ``mu``: first moment, shaped like the grouped leaves, in at least float32. ``nu``: second
+    moment, one scalar per group (``keepdims`` shape), in at least float32. The ungrouped
+    leaves' moments are ``optax.scale_by_adam``'s, in the ``"ungrouped"`` part of the
+    ``optax.PartitionState`` of :func:`~optax_sphere.on_groups`.
     """
 
     count: jax.Array  # shape=(), dtype=jnp.int32
-    mu: optax.Updates  # like the params
-    nu: optax.Updates  # per group (keepdims); like the leaf off the groups
+    mu: optax.Updates  # like the grouped leaves
+    nu: optax.Updates  # per group (keepdims)
 
 
 def standardized_second_moment(g: jax.Array, group: Any) -> jax.Array:
@@ -52,11 +55,6 @@ def standardized_second_moment(g: jax.Array, group: Any) -> jax.Array:
         g = g.astype(accumulation_dtype(g.dtype))
         return g * g
     return group_sq_norm(g, group) / group.size(g.shape)
-
-
-def init_second_moment(group: Any, p: jax.Array) -> jax.Array:
-    shape = p.shape if group is None else group.scalar_shape(p.shape)
-    return _utils.zeros_acc(p, shape)
 
 
 def scale_by_standardized_adam(
@@ -93,7 +91,7 @@ def scale_by_standardized_adam(
       ...     optax.scale_by_learning_rate(1e-3),
       ... )
       >>> state = tx.init(params)
-      >>> state[0].nu["w"].shape  # one scalar per group
+      >>> state[0].inner_states["grouped"].inner_state.nu["w"].shape  # one scalar per group
       (1, 2)
 
     References:
@@ -104,14 +102,13 @@ def scale_by_standardized_adam(
     _utils.check_beta("b2", b2)
     _utils.check_rate("eps", eps)
 
+    resolution = resolution_of(groups)
+
     def init_leaf(group, p):
-        return _utils.zeros_acc(p), init_second_moment(group, p)
+        return _utils.zeros_acc(p), _utils.zeros_acc(p, group.scalar_shape(p.shape))
 
     def update_leaf(count, group, g, m, v, *_):
         g_acc = g.astype(accumulation_dtype(g.dtype))
-        if group is None:  # plain Adam
-            step, m, v = _base.adam(g_acc, m, v, count, b1, b2, eps)
-            return step.astype(g.dtype), m, v
         m = optax.tree.update_moment(g_acc, m, b1, 1)
         v = optax.tree.update_moment(standardized_second_moment(g, group), v, b2, 1)
         direction = _base.adam_direction(m, v, optax.safe_increment(count), b1, b2, eps)
@@ -119,14 +116,15 @@ def scale_by_standardized_adam(
 
     # the groups are resolved against ``params`` when given; without them (as optax's
     # scale_by_adam may be called), against the updates, which have the same tree
-    return _utils.stateful_per_group(
+    standardized = _utils.stateful_per_group(
         "scale_by_standardized_adam",
-        groups,
+        resolution,
         ScaleByStandardizedAdamState,
         init_leaf,
         update_leaf,
         needs_params=False,
     )
+    return on_groups(standardized, optax.scale_by_adam(b1, b2, eps), resolution)
 
 
 def adam_s(

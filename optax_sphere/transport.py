@@ -49,8 +49,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sphere import _base, _utils, geometry
+from optax_sphere import _base, _utils, geometry, registry
 from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere.grouped import on_groups, resolution_of
 from optax_sphere.groups import (
     UNSET,
     GroupsLike,
@@ -59,7 +60,6 @@ from optax_sphere.groups import (
     map_groups,
     resolve_groups,
 )
-from optax_sphere.standardization import init_second_moment
 
 __all__ = [
     "adam_st",
@@ -258,32 +258,33 @@ Transport = Literal["t", "rt"]
 class SgdmRtState(NamedTuple):
     """State of :func:`sgdm_rt`.
 
-    ``trace``: the momentum buffer ``b_k`` of the last step, in at least float32, kept where
-    it was computed: its RT to the current point is applied at the start of the next update
-    (see :func:`adam_srt`). ``sq_norm``: ``||x_k||^2`` per group at the last step (shape
-    ``()`` for ungrouped leaves).
+    ``trace``: the momentum buffer ``b_k`` of the last step on the grouped leaves, in at
+    least float32, kept where it was computed: its RT to the current point is applied at the
+    start of the next update (see :func:`adam_srt`). ``sq_norm``: ``||x_k||^2`` per group at
+    the last step. The ungrouped leaves' state is ``optax.sgd``'s, in the ``"ungrouped"`` part
+    of the ``optax.PartitionState`` of :func:`~optax_sphere.on_groups`.
     """
 
     count: jax.Array  # shape=(), dtype=jnp.int32
-    trace: optax.Updates  # like the params
-    sq_norm: optax.Updates  # per group (keepdims); shape () off the groups
+    trace: optax.Updates  # like the grouped leaves
+    sq_norm: optax.Updates  # per group (keepdims)
 
 
 class SphericalAdamState(NamedTuple):
     """State of :func:`adam_st` and :func:`adam_srt`.
 
-    ``mu``: first moment ``m_k`` of the last step, shaped like the params, in at least float32;
-    its transport to the current point is applied at the start of the next update.
-    ``nu``: second moment, one scalar per group for grouped leaves (``keepdims`` shape) and
-    element-wise for the others. ``sq_norm``: ``||x_k||^2`` per group at the last step (shape
-    ``()`` for ungrouped leaves). Grouped leaves cost one buffer plus scalars: about half of
-    Adam's state.
+    ``mu``: first moment ``m_k`` of the last step, shaped like the grouped leaves, in at least
+    float32; its transport to the current point is applied at the start of the next update.
+    ``nu``: second moment, one scalar per group (``keepdims`` shape). ``sq_norm``:
+    ``||x_k||^2`` per group at the last step. Grouped leaves cost one buffer plus scalars:
+    about half of Adam's state. The ungrouped leaves' state is ``optax.adam``'s, in the
+    ``"ungrouped"`` part of the ``optax.PartitionState`` of :func:`~optax_sphere.on_groups`.
     """
 
     count: jax.Array  # shape=(), dtype=jnp.int32
-    mu: optax.Updates  # like the params
-    nu: optax.Updates  # per group (keepdims); like the leaf off the groups
-    sq_norm: optax.Updates  # per group (keepdims); shape () off the groups
+    mu: optax.Updates  # like the grouped leaves
+    nu: optax.Updates  # per group (keepdims)
+    sq_norm: optax.Updates  # per group (keepdims)
 
 
 def _is_static_zero(value: Any) -> bool:
@@ -347,30 +348,24 @@ def _transported_momentum_step(
     return -c * m_k, m_k, aux, sq_norm
 
 
-def _init_sq_norm(group: Any, p: jax.Array) -> jax.Array:
-    return _utils.zeros_acc(p, () if group is None else group.scalar_shape(p.shape))
-
-
 def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, mask, groups, transport: Transport):
     _utils.check_adam(learning_rate, b1, b2, eps, weight_decay)
+    resolution = resolution_of(groups)
 
     def init_leaf(group, p):
-        return _utils.zeros_acc(p), init_second_moment(group, p), _init_sq_norm(group, p)
+        per_group = group.scalar_shape(p.shape)
+        return _utils.zeros_acc(p), _utils.zeros_acc(p, per_group), _utils.zeros_acc(p, per_group)
 
     def prepare(count, params):
-        return _utils.value_at(learning_rate, count), count, optax.safe_increment(count)
+        return _utils.value_at(learning_rate, count), optax.safe_increment(count)
 
     def decays(count, params):
         return (_utils.masked_rate(_utils.value_at(weight_decay, count), mask, params),)
 
     def update_leaf(context, group, g, m, v, sq, x, wd):
-        lr, step_count, count = context
+        lr, count = context
         acc = accumulation_dtype(jnp.result_type(g, x))
         bc1, bc2 = _base.bias_corrections(b1, b2, count, acc)
-        if group is None:  # plain Adam with coupled L2
-            gt = g.astype(acc) + wd * x.astype(acc)
-            direction, m, v = _base.adam(gt, m, v, step_count, b1, b2, eps)
-            return (-lr * direction).astype(g.dtype), m, v, sq
 
         def coefficient(gt_gt, ratio):
             v_prev = v * ratio if transport == "rt" else v  # R of the second moment, eq. 21
@@ -391,15 +386,19 @@ def _adam_sphere(learning_rate, b1, b2, eps, weight_decay, mask, groups, transpo
         )
         return step.astype(g.dtype), m, v, sq
 
-    return _utils.stateful_per_group(
+    sphere = _utils.stateful_per_group(
         f"adam_s{transport}",
-        groups,
+        resolution,
         SphericalAdamState,
         init_leaf,
         update_leaf,
         prepare=prepare,
         extra_trees=decays,
     )
+    adam = registry.BASES["adam"](
+        learning_rate, weight_decay, b1=b1, b2=b2, eps=eps, mask=_utils.view_mask(mask)
+    )
+    return on_groups(sphere, adam, resolution)
 
 
 def adam_st(
@@ -538,8 +537,10 @@ def sgdm_rt(
     _utils.check_beta("momentum", momentum)
     _utils.check_rate("weight_decay", weight_decay)
 
+    resolution = resolution_of(groups)
+
     def init_leaf(group, p):
-        return _utils.zeros_acc(p), _init_sq_norm(group, p)
+        return _utils.zeros_acc(p), _utils.zeros_acc(p, group.scalar_shape(p.shape))
 
     def prepare(count, params):
         return _utils.value_at(learning_rate, count)
@@ -550,9 +551,6 @@ def sgdm_rt(
     def update_leaf(context, group, g, b, sq, x, wd):
         lr = context
         acc = accumulation_dtype(jnp.result_type(g, x))
-        if group is None:  # optax.sgd's momentum with coupled L2
-            direction, b = _base.momentum(g.astype(acc) + wd * x.astype(acc), b, momentum)
-            return (-lr * direction).astype(g.dtype), b, sq
         step, b, _, sq = _transported_momentum_step(
             group,
             g,
@@ -567,12 +565,16 @@ def sgdm_rt(
         )
         return step.astype(g.dtype), b, sq
 
-    return _utils.stateful_per_group(
+    sphere = _utils.stateful_per_group(
         "sgdm_rt",
-        groups,
+        resolution,
         SgdmRtState,
         init_leaf,
         update_leaf,
         prepare=prepare,
         extra_trees=decays,
     )
+    sgdm = registry.BASES["sgdm"](
+        learning_rate, momentum, weight_decay=weight_decay, mask=_utils.view_mask(mask)
+    )
+    return on_groups(sphere, sgdm, resolution)
