@@ -210,7 +210,7 @@ def resolve_mask(mask: Any, params: PyTree) -> PyTree:
         return jax.tree.map(lambda _: True, params)
     keep = mask(params) if callable(mask) else mask
     try:
-        return jax.tree.map(lambda _, k: bool(k), values_at_view(keep, params), params)
+        return jax.tree.map(lambda _, k: bool(k), params, values_at_view(keep, params))
     except (ValueError, TypeError) as err:
         raise ValueError(
             f"the weight-decay `mask` does not match the parameter tree ({err})."

@@ -32,10 +32,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sphere import _base, _utils
+from optax_sphere import _base, _utils, registry
 from optax_sphere._dtypes import accumulation_dtype
 from optax_sphere._paths import check_trees_match
 from optax_sphere.geometry import safe_div
+from optax_sphere.grouped import GroupResolution, on_groups, resolution_of
 from optax_sphere.groups import (
     UNSET,
     Group,
@@ -63,15 +64,16 @@ __all__ = [
 class RotationalRmsControlState(NamedTuple):
     """State of :func:`rotational_rms_control`.
 
-    ``norm``: the initial norm ``N`` of each group (after centering with ``center``), and
-    ``q``: the running mean of ``||U||^2``, both one scalar per group (``keepdims`` shape,
-    at least float32); :class:`optax.MaskedNode` on ungrouped leaves. ``inner``: the inner
-    optimizer's state.
+    The state of the grouped leaves (the ``"grouped"`` part of the ``optax.PartitionState``
+    of :func:`~optax_sphere.on_groups`; the others hold their base optimizer's): ``norm``, the
+    initial norm ``N`` of each group (after centering with ``center``), and ``q``, the
+    running mean of ``||U||^2``, both one scalar per group (``keepdims`` shape, at least
+    float32); ``inner``: the inner optimizer's state on the grouped leaves.
     """
 
     count: jax.Array  # shape=(), dtype=jnp.int32
-    norm: optax.Updates  # per group (keepdims); MaskedNode off the groups
-    q: optax.Updates  # per group (keepdims); MaskedNode off the groups
+    norm: optax.Updates  # per group (keepdims)
+    q: optax.Updates  # per group (keepdims)
     inner: optax.OptState
 
 
@@ -268,26 +270,52 @@ def rotational_rms_control(
       Kosson et al., "Rotational Equilibrium: How Weight Decay Balances Learning Across Neural
       Networks", ICML 2024, app. M, alg. 1.
     """
-    _utils.check_rate("eta_r", eta_r)
     _utils.check_rate("ungrouped_learning_rate", ungrouped_learning_rate)
+    _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
+    resolution = resolution_of(groups)
+    base = optax.chain(
+        inner,
+        optax.add_decayed_weights(ungrouped_weight_decay, _utils.view_mask(mask)),
+        optax.scale_by_learning_rate(ungrouped_learning_rate),
+    )
+    return _rotational_control(
+        inner,
+        base,
+        eta_r=eta_r,
+        rms_decay=rms_decay,
+        center=center,
+        rotational_eps=rotational_eps,
+        groups=resolution,
+    )
+
+
+def _rotational_control(
+    inner: optax.GradientTransformation,
+    base: optax.GradientTransformation,
+    *,
+    eta_r: optax.ScalarOrSchedule,
+    rms_decay: float,
+    center: bool,
+    rotational_eps: float,
+    groups: GroupsLike | GroupResolution,
+) -> optax.GradientTransformationExtraArgs:
+    """Alg. 1's rotational control of ``inner``'s direction on the grouped leaves, and the
+    optax optimizer ``base`` on the others (:func:`~optax_sphere.on_groups`)."""
+    _utils.check_rate("eta_r", eta_r)
     _utils.check_beta("rms_decay", rms_decay)
     _utils.check_rate("rotational_eps", rotational_eps)
-    _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
     inner = optax.with_extra_args_support(inner)
+    resolution = resolution_of(groups)
 
     def init_fn(params: optax.Params) -> optax.OptState:
         if any(isinstance(p, jax.ShapeDtypeStruct) for p in jax.tree.leaves(params)):
             # abstract parameters (to build a sharded state without allocating): the initial
             # norms need values, so the state is abstract too, as jax.eval_shape gives it
             return jax.eval_shape(init_fn, params)
-        grp = resolve_groups(groups, params)
-
-        def norm_of(group, p):
-            return optax.MaskedNode() if group is None else _centred_norm(p, group, center)
-
+        grp = resolution(params)
         return RotationalRmsControlState(
             count=jnp.zeros([], jnp.int32),
-            norm=map_groups(norm_of, grp, params),
+            norm=map_groups(lambda group, p: _centred_norm(p, group, center), grp, params),
             q=_utils.group_zeros(grp, params),
             inner=inner.init(_utils.to_accumulation(params)),
         )
@@ -304,18 +332,11 @@ def rotational_rms_control(
         direction, inner_state = _utils.inner_update(
             inner, updates, state.inner, params, extra_args
         )
-        grp = resolve_groups(groups, params)
+        grp = resolution(params)
         count = optax.safe_increment(state.count)
         rate = _utils.value_at(eta_r, state.count)
-        lr = _utils.value_at(ungrouped_learning_rate, state.count)
-        wd = _utils.value_at(ungrouped_weight_decay, state.count)
-        decays = _utils.masked_rate(wd, mask, params)
 
-        def leaf(group, u, norm, q, x, g, decay):
-            if group is None:
-                acc = accumulation_dtype(jnp.result_type(u, x))
-                step = -lr * (u.astype(acc) + decay * x.astype(acc))
-                return step.astype(g.dtype), q
+        def leaf(group, u, norm, q, x, g):
             step, q = _rotational_step(
                 group,
                 u,
@@ -330,11 +351,12 @@ def rotational_rms_control(
             )
             return step.astype(g.dtype), q  # the update in the gradient's dtype
 
-        out = map_groups(leaf, grp, direction, state.norm, state.q, params, updates, decays)
+        out = map_groups(leaf, grp, direction, state.norm, state.q, params, updates)
         new_updates, q = _utils.unzip(out, direction, 2)
         return new_updates, RotationalRmsControlState(count, state.norm, q, inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    rotation = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return on_groups(rotation, base, resolution)
 
 
 # --------------------------------------------------------------------------------------
@@ -359,12 +381,6 @@ def _equilibrium_eta_r(
     )
 
 
-def _ungrouped_mask(groups: GroupsLike):
-    return lambda params: jax.tree.map(
-        lambda g: g is None, resolve_groups(groups, params), is_leaf=lambda g: g is None
-    )
-
-
 def _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay) -> None:
     """Build-time checks shared by the RV aliases, under the names the user passed."""
     _utils.check_rate("learning_rate", learning_rate)
@@ -379,16 +395,9 @@ def _ungrouped_decay(weight_decay, ungrouped_weight_decay):
     return weight_decay if ungrouped_weight_decay is None else ungrouped_weight_decay
 
 
-def _ungrouped_and(groups: GroupsLike, mask: Any):
-    """The ungrouped leaves that ``mask`` (optax's weight-decay mask) also selects."""
-    ungrouped = _ungrouped_mask(groups)
-    return lambda params: jax.tree.map(
-        lambda a, b: a and b, ungrouped(params), _utils.resolve_mask(mask, params)
-    )
-
-
 def _rotational_variant(
     direction: optax.GradientTransformation,
+    base: optax.GradientTransformation,
     kind: str,
     coefficients: dict[str, float],
     *,
@@ -398,26 +407,21 @@ def _rotational_variant(
     rms_decay: float,
     center: bool,
     rotational_eps: float,
-    ungrouped_weight_decay: optax.ScalarOrSchedule,
-    mask: Any,
-    groups: GroupsLike,
+    groups: GroupsLike | GroupResolution,
 ) -> optax.GradientTransformationExtraArgs:
     """The body shared by the RV aliases, once their arguments are checked: Table 1's
-    ``eta_r`` of ``kind`` for the current learning rate and weight decay unless given, and
-    :func:`rotational_rms_control` around ``direction``. ``ungrouped_weight_decay`` and
-    ``mask`` are the decay applied after the direction (AdamW, Lion); 0 and ``None`` where
-    the direction holds it (SGDM's and the wrapper's coupled L2)."""
+    ``eta_r`` of ``kind`` for the current learning rate and weight decay unless given, the
+    rotational control of ``direction`` on the groups and the optax optimizer ``base`` (the
+    one the alias extends) on the other leaves."""
     if eta_r is None:
         eta_r = _equilibrium_eta_r(kind, learning_rate, weight_decay, **coefficients)
-    return rotational_rms_control(
+    return _rotational_control(
         direction,
+        base,
         eta_r=eta_r,
-        ungrouped_learning_rate=learning_rate,
         rms_decay=rms_decay,
         center=center,
         rotational_eps=rotational_eps,
-        ungrouped_weight_decay=ungrouped_weight_decay,
-        mask=mask,
         groups=groups,
     )
 
@@ -494,8 +498,17 @@ def rv_adamw(
     _utils.check_beta("b2", b2)
     _utils.check_rate("eps", eps)
     _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
+    adamw = registry.BASES["adamw"](
+        learning_rate,
+        _ungrouped_decay(weight_decay, ungrouped_weight_decay),
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        mask=_utils.view_mask(mask),
+    )
     return _rotational_variant(
         optax.scale_by_adam(b1, b2, eps),
+        adamw,
         "adamw",
         {"b1": b1},
         learning_rate=learning_rate,
@@ -504,8 +517,6 @@ def rv_adamw(
         rms_decay=rms_decay,
         center=center,
         rotational_eps=rotational_eps,
-        ungrouped_weight_decay=_ungrouped_decay(weight_decay, ungrouped_weight_decay),
-        mask=mask,
         groups=groups,
     )
 
@@ -561,12 +572,15 @@ def rv_sgdm(
     """
     _utils.check_beta("momentum", momentum)
     _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
-    # the coupled decay is always in the chain (adding 0 is exact), so that the state has one
-    # structure whatever the value, also under inject_hyperparams (checkpoints restore)
-    coupled = optax.add_decayed_weights(_ungrouped_decay(weight_decay, ungrouped_weight_decay))
-    inner = optax.chain(optax.masked(coupled, _ungrouped_and(groups, mask)), optax.trace(momentum))
+    sgdm = registry.BASES["sgdm"](
+        learning_rate,
+        momentum,
+        weight_decay=_ungrouped_decay(weight_decay, ungrouped_weight_decay),
+        mask=_utils.view_mask(mask),
+    )
     return _rotational_variant(
-        inner,
+        optax.trace(momentum),
+        sgdm,
         "sgdm",
         {"momentum": momentum},
         learning_rate=learning_rate,
@@ -575,8 +589,6 @@ def rv_sgdm(
         rms_decay=rms_decay,
         center=center,
         rotational_eps=rotational_eps,
-        ungrouped_weight_decay=0.0,  # the L2 is inside the direction
-        mask=None,
         groups=groups,
     )
 
@@ -662,8 +674,17 @@ def rv_lion(
     _utils.check_beta("b1", b1)
     _utils.check_beta("b2", b2)
     _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
+    # optax.lion, with the sign kept off non-finite values
+    lion = optax.chain(
+        _scale_by_lion_sign(b1, b2),
+        optax.add_decayed_weights(
+            _ungrouped_decay(weight_decay, ungrouped_weight_decay), _utils.view_mask(mask)
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
     return _rotational_variant(
         _scale_by_lion_sign(b1, b2),
+        lion,
         "lion",
         {"b1": b1, "b2": b2},
         learning_rate=learning_rate,
@@ -672,8 +693,6 @@ def rv_lion(
         rms_decay=rms_decay,
         center=center,
         rotational_eps=rotational_eps,
-        ungrouped_weight_decay=_ungrouped_decay(weight_decay, ungrouped_weight_decay),
-        mask=mask,
         groups=groups,
     )
 
@@ -732,34 +751,36 @@ def scale_by_adam_l2_direction(
     _utils.check_rate("weight_decay", weight_decay)
     _utils.check_rate("ungrouped_weight_decay", ungrouped_weight_decay)
 
+    resolution = resolution_of(groups)
+    direction = _adam_l2_direction(b1, b2, eps, weight_decay, resolution)
+    adam = optax.chain(
+        optax.add_decayed_weights(ungrouped_weight_decay), optax.scale_by_adam(b1, b2, eps)
+    )
+    return on_groups(direction, adam, resolution)
+
+
+def _adam_l2_direction(
+    b1: float, b2: float, eps: float, weight_decay: Any, resolution: GroupResolution
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`scale_by_adam_l2_direction` on the grouped leaves."""
+
     def init_leaf(group, p):
         return _utils.zeros_acc(p), _utils.zeros_acc(p)  # two buffers: a state is donatable
 
-    def prepare(count, params):
-        return (
-            count,
-            _utils.value_at(weight_decay, count),
-            _utils.value_at(ungrouped_weight_decay, count),
-        )
-
-    def update_leaf(context, group, g, m, v, x):
-        count, wd, wd_ungrouped = context
+    def update_leaf(count, group, g, m, v, x):
+        wd = _utils.value_at(weight_decay, count)
         acc = accumulation_dtype(jnp.result_type(g, x))
         dtype, g, x = g.dtype, g.astype(acc), x.astype(acc)
-        if group is None:  # Adam with coupled L2
-            direction, m, v = _base.adam(g + wd_ungrouped * x, m, v, count, b1, b2, eps)
-            return direction.astype(dtype), m, v
         m, v = _base.adam_moments(g, g + wd * x, m, v, b1, b2)
         direction = _base.adam_direction(m, v, optax.safe_increment(count), b1, b2, eps)
         return direction.astype(dtype), m, v
 
     return _utils.stateful_per_group(
         "scale_by_adam_l2_direction",
-        groups,
+        resolution,
         ScaleByAdamL2DirectionState,
         init_leaf,
         update_leaf,
-        prepare=prepare,
     )
 
 
@@ -812,15 +833,13 @@ def wrapped_adam_l2(
       Across Neural Networks", sec. 3, Table 2 and app. O.
     """
     _check_rv(learning_rate, weight_decay, rotational_eps, ungrouped_weight_decay)
+    resolution = resolution_of(groups)
+    adam = registry.BASES["adam"](
+        learning_rate, _ungrouped_decay(weight_decay, ungrouped_weight_decay), b1=b1, b2=b2, eps=eps
+    )
     return _rotational_variant(
-        scale_by_adam_l2_direction(
-            b1,
-            b2,
-            eps,
-            weight_decay,
-            _ungrouped_decay(weight_decay, ungrouped_weight_decay),
-            groups=groups,
-        ),
+        _adam_l2_direction(b1, b2, eps, weight_decay, resolution),
+        adam,
         "adamw",
         {"b1": b1},
         learning_rate=learning_rate,
@@ -829,7 +848,5 @@ def wrapped_adam_l2(
         rms_decay=rms_decay,
         center=center,
         rotational_eps=rotational_eps,
-        ungrouped_weight_decay=0.0,  # the L2 is inside the direction
-        mask=None,
-        groups=groups,
+        groups=resolution,
     )
