@@ -184,7 +184,6 @@ def in_accumulation_dtype(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-
 def grouped_state(state: Any) -> Any:
     """The state of the group transformation of an :func:`on_groups` in ``state`` (an
     optimizer state, at any depth: in a chain, ``inject_hyperparams``, ``MultiSteps``...).

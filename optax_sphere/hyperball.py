@@ -29,14 +29,17 @@ import optax
 
 from optax_sphere import _utils, geometry
 from optax_sphere._dtypes import accumulation_dtype
-from optax_sphere.groups import UNSET, GroupsLike, group_sq_norm, map_groups, resolve_groups
+from optax_sphere.grouped import on_groups, resolution_of
+from optax_sphere.groups import UNSET, GroupsLike, group_sq_norm, map_groups
 
 __all__ = ["HyperballState", "adamh", "hyperball", "muonh"]
 
 
 class HyperballState(NamedTuple):
-    """Step count (for a ``learning_rate`` schedule), each group's radius (``keepdims``, at
-    least float32; ``optax.MaskedNode()`` for an ungrouped leaf) and the inner state."""
+    """The state of the grouped leaves: step count (for a ``learning_rate`` schedule), each
+    group's radius (``keepdims``, at least float32) and the inner state. The other leaves
+    hold the inner optimizer's state in the ``"ungrouped"`` part of the
+    ``optax.PartitionState`` of :func:`~optax_sphere.on_groups`."""
 
     count: jax.Array  # shape=(), dtype=jnp.int32
     radius: optax.Updates
@@ -110,18 +113,16 @@ def hyperball(
     if radius is not None and not (isinstance(radius, (int, float)) and radius > 0):
         raise ValueError(f"`radius` must be a number > 0 or None, got {radius!r}.")
     inner = optax.with_extra_args_support(inner)
+    resolution = resolution_of(groups)
 
     def init_radius(group, x):
-        if group is None:
-            return optax.MaskedNode()
         x32 = x.astype(accumulation_dtype(x.dtype))
         if radius is None:
             return jnp.sqrt(group_sq_norm(x32, group))
         return jnp.full(group.scalar_shape(x.shape), radius, x32.dtype)
 
     def init_fn(params: optax.Params) -> optax.OptState:
-        grp = resolve_groups(groups, params)
-        radii = map_groups(init_radius, grp, params)
+        radii = map_groups(init_radius, resolution(params), params)
         return HyperballState(
             jnp.zeros([], jnp.int32), radii, inner.init(_utils.to_accumulation(params))
         )
@@ -133,18 +134,13 @@ def hyperball(
         **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
         params = _utils.require_params(params, "hyperball")
-        grp = resolve_groups(groups, params)
+        grp = resolution(params)
         deltas, inner_state = _utils.inner_update(
             inner, updates, state.inner_state, params, extra_args
         )
         eta = _utils.value_at(learning_rate, state.count)
-        off = None
-        if ungrouped_learning_rate is not None:
-            off = _utils.value_at(ungrouped_learning_rate, state.count)
 
         def leaf(group, delta, x, r, g):
-            if group is None:
-                return (delta if off is None else delta * off).astype(g.dtype)
             acc = accumulation_dtype(jnp.result_type(delta, x))
             d, x32 = delta.astype(acc), x.astype(acc)
             direction = geometry.safe_div(d, jnp.sqrt(group_sq_norm(d, group)))
@@ -161,7 +157,14 @@ def hyperball(
             optax.safe_increment(state.count), state.radius, inner_state
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    sphere = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # off the groups: the inner optimizer's update, scaled by ungrouped_learning_rate if given
+    off = inner
+    if ungrouped_learning_rate is not None:
+        off = optax.chain(
+            inner, optax.scale_by_learning_rate(ungrouped_learning_rate, flip_sign=False)
+        )
+    return on_groups(sphere, off, resolution)
 
 
 def adamh(

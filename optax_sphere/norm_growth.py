@@ -28,7 +28,8 @@ import optax
 
 from optax_sphere import _base, _utils
 from optax_sphere._dtypes import accumulation_dtype
-from optax_sphere.groups import UNSET, Group, GroupsLike, group_dot, map_groups, resolve_groups
+from optax_sphere.grouped import on_groups, resolution_of
+from optax_sphere.groups import UNSET, Group, GroupsLike, group_dot, map_groups
 
 __all__ = ["ScaleInvariantProjectionState", "scale_invariant_projection", "adamp", "sgdp"]
 
@@ -186,9 +187,10 @@ def _projection(
     _utils.check_rate("weight_decay", weight_decay)
     _utils.check_rate("eps", eps)
     inner = optax.with_extra_args_support(inner)
+    resolution = resolution_of(groups)
 
     def init_fn(params: optax.Params) -> optax.OptState:
-        resolve_groups(groups, params)
+        resolution(params)
         return ScaleInvariantProjectionState(
             jnp.zeros([], jnp.int32), inner.init(_utils.to_accumulation(params))
         )
@@ -204,12 +206,10 @@ def _projection(
         direction, inner_state = _utils.inner_update(
             inner, updates, state.inner_state, params, extra_args
         )
-        grp = resolve_groups(groups, params)
+        grp = resolution(params)
         decays = _utils.masked_rate(_utils.value_at(weight_decay, state.count), mask, params)
 
         def decide(group, g, x):
-            if group is None:
-                return None
             acc = accumulation_dtype(jnp.result_type(g, x))
             return _decide(group, g.astype(acc), x.astype(acc), delta, eps)
 
@@ -220,8 +220,6 @@ def _projection(
         def leaf(group, p, x, d, g, decay, b):
             acc = accumulation_dtype(jnp.result_type(p, x))
             p32, x32 = p.astype(acc), x.astype(acc)
-            if group is None:
-                return (p32 + decay * x32).astype(g.dtype)
             ratio = jnp.where(d.unit_hit | d.layer_hit, wd_ratio, 1)
             s_px = None
             if nesterov_momentum is not None:
@@ -234,17 +232,12 @@ def _projection(
         if project_momentum:
 
             def project_tree(tree):
-                return jax.tree.map(
-                    lambda group, m, x, d: (
-                        m
-                        if group is None
-                        else _project(group, m, x.astype(m.dtype), d).astype(m.dtype)
-                    ),
+                return map_groups(
+                    lambda group, m, x, d: _project(group, m, x.astype(m.dtype), d).astype(m.dtype),
                     grp,
                     tree,
                     params,
                     decisions,
-                    is_leaf=lambda t: t is None,
                 )
 
             inner_state, _ = _utils.map_state_fields(
@@ -254,7 +247,10 @@ def _projection(
             optax.safe_increment(state.count), inner_state
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    projection = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # off the groups: the inner direction and the decoupled decay, as AdamW / SGDW
+    decayed = optax.chain(inner, optax.add_decayed_weights(weight_decay, _utils.view_mask(mask)))
+    return on_groups(projection, decayed, resolution)
 
 
 def _scale_by_adam_torch(b1, b2, eps, nesterov) -> optax.GradientTransformation:

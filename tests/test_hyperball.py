@@ -225,7 +225,9 @@ def test_bfloat16_params_keep_float32_radii_and_stay_on_their_sphere():
     params = {"w": jnp.ones((8, 16), jnp.bfloat16), "b": jnp.zeros(16, jnp.bfloat16)}
     tx = osp.adamh(0.05, ungrouped_learning_rate=1e-2, groups={"w": (0,), "b": None})
     state = tx.init(params)
-    assert state.radius["w"].dtype == jnp.float32 and state.radius["w"].shape == (1, 16)
+    assert osp.grouped_state(state).radius["w"].dtype == jnp.float32 and osp.grouped_state(
+        state
+    ).radius["w"].shape == (1, 16)
     key = jax.random.key(0)
     for i in range(20):
         k = jax.random.fold_in(key, i)
@@ -361,7 +363,7 @@ def test_a_mixture_of_experts_gets_one_sphere_per_expert_of_each_layer():
     assert found.spec_for(params) == {"experts": (2, 3), "router": (1, 2), "gain": None}
     tx = osp.adamh(0.05, ungrouped_learning_rate=1e-2, groups=found)
     state = tx.init(params)
-    assert state.radius["experts"].shape == (layers, experts, 1, 1)
+    assert osp.grouped_state(state).radius["experts"].shape == (layers, experts, 1, 1)
     g = jax.grad(lambda p: jnp.sum(moe(p, x) ** 2))(params)
     updates, _ = tx.update(g, state, params)
     new = optax.apply_updates(params, updates)

@@ -107,10 +107,12 @@ def test_matches_numpy_transcription_of_the_algorithm(kind, nesterov):
 
 
 def _projection_update(g, x, p, weight_decay=0.0):
-    params, grads, direction = {"w": x}, {"w": g}, {"w": p}
-    # an inner transformation whose direction is p, whatever the gradient
+    params, grads = {"w": x}, {"w": g}
+    # an inner transformation whose direction is p, whatever the gradient (on the leaves it
+    # sees: a leaf of the other part of the partition is a MaskedNode)
     inner = optax.GradientTransformation(
-        lambda _: optax.EmptyState(), lambda u, s, params=None: (direction, s)
+        lambda _: optax.EmptyState(),
+        lambda u, s, params=None: (jax.tree.map(lambda _: p, u), s),
     )
     tx = osp.scale_invariant_projection(
         inner, delta=0.1, wd_ratio=0.5, weight_decay=weight_decay, groups="unit"

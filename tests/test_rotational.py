@@ -351,7 +351,10 @@ def test_degenerate_inputs_do_not_make_nans():
     )
     history, state = _run(tx, p16, 5)
     k0, k = p16["conv"]["kernel"], history[-1]["conv"]["kernel"]
-    assert k.dtype == jnp.bfloat16 and osp.grouped_state(state).q["conv"]["kernel"].dtype == jnp.float32
+    assert (
+        k.dtype == jnp.bfloat16
+        and osp.grouped_state(state).q["conv"]["kernel"].dtype == jnp.float32
+    )
     norm = lambda a: jnp.linalg.norm(a.astype(jnp.float32).reshape(-1, 8), axis=0)
     np.testing.assert_allclose(norm(k), norm(k0), rtol=2e-2)
 

@@ -115,7 +115,9 @@ def test_scalar_second_moment_is_norm_of_adam_vector_moment(case):
         _, sa = a.update({"w": g}, sa)
     d = Group(axes).size(shape)
     expected = jnp.sqrt(jnp.sum(sa.nu["w"], axis=axes, keepdims=True)) / np.sqrt(d)
-    np.testing.assert_allclose(np.sqrt(osp.grouped_state(ss).nu["w"]), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.sqrt(osp.grouped_state(ss).nu["w"]), expected, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_state_is_one_momentum_buffer_plus_scalars_per_group():
