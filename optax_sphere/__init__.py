@@ -28,7 +28,14 @@ from optax_sphere.discovery import (
     rotational_groups,
 )
 from optax_sphere.grouped import GroupResolution, grouped_state, on_groups
-from optax_sphere.groups import Group, per_tensor, per_unit, per_unit_out_first, resolve_groups
+from optax_sphere.groups import (
+    Group,
+    GroupRule,
+    per_tensor,
+    per_unit,
+    per_unit_out_first,
+    resolve_groups,
+)
 from optax_sphere.hyperball import HyperballState, adamh, hyperball, muonh
 from optax_sphere.norm_growth import (
     ScaleInvariantProjectionState,
@@ -82,6 +89,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "GroupRule",
     "GroupResolution",
     "grouped_state",
     "on_groups",

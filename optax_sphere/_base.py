@@ -1,10 +1,9 @@
-"""The base optimizers' steps on single leaves, by optax's own transformations.
+"""Pieces of the base optimizers that the groups' fused steps share, by optax's own helpers.
 
 The leaves outside every group get the optimizer an alias extends (Adam, SGD with momentum,
-AdaGrad) unchanged; its mathematics lives in optax. These helpers run optax's transformation
-on one leaf with the alias's own state arrays, so that each family's module keeps only its
-per-group mathematics. ``count`` is the state's count *before* the step, as optax's states
-hold it.
+AdaGrad) itself, split off by :func:`~optax_sphere.on_groups`. The groups' fused steps share
+the base's pieces: Adam's moments and bias corrections by optax's helpers, and optax's
+momentum on one leaf with the group's own buffer.
 """
 
 from __future__ import annotations
@@ -14,16 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-
-
-def adam(
-    g: jax.Array, mu: jax.Array, nu: jax.Array, count: jax.Array, b1: Any, b2: Any, eps: Any
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``optax.scale_by_adam(b1, b2, eps)`` on one leaf: ``(direction, mu, nu)``."""
-    direction, state = optax.scale_by_adam(b1, b2, eps).update(
-        g, optax.ScaleByAdamState(count, mu, nu)
-    )
-    return direction, state.mu, state.nu
 
 
 def adam_moments(

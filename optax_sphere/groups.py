@@ -45,9 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import jax
@@ -66,6 +65,7 @@ GroupsLike = Union[None, str, Callable[[PyTree], PyTree], PyTree]
 
 __all__ = [
     "Group",
+    "GroupRule",
     "GroupsLike",
     "NAMED_SPECS",
     "UNSET",
@@ -119,6 +119,43 @@ class Group:
         return tuple(1 if i in self.axes else n for i, n in enumerate(shape))
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupRule:
+    """A ``groups`` rule given as a function ``params -> specs``, wrapped so that it is not
+    callable itself.
+
+    ``optax.inject_hyperparams`` takes every callable argument for a schedule: it would call a
+    bare function given as ``groups`` with the step count and pass its value (for most rules,
+    ``None``: nothing grouped) to the optimizer. A ``GroupRule`` is passed on as it is, as a
+    string spec or :func:`optax_sphere.find_groups`'s result are; elsewhere it is the same as
+    the bare function.
+
+    Args:
+      fn: the rule, ``params -> tree of per-leaf specs``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, optax_sphere
+      >>> rule = optax_sphere.GroupRule(
+      ...     lambda params: jax.tree.map(lambda p: "unit" if p.ndim > 1 else None, params)
+      ... )
+      >>> tx = optax.inject_hyperparams(optax_sphere.adam_s)(learning_rate=1e-3, groups=rule)
+      >>> state = tx.init({"w": jnp.ones((3, 2)), "b": jnp.zeros(2)})
+
+    References:
+      ``optax.inject_hyperparams``'s ``static_args`` (optax's documentation), the other way.
+    """
+
+    fn: Callable[[PyTree], PyTree]
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"GroupRule takes a function params -> specs, got {self.fn!r}.")
+
+    def specs(self, params: PyTree) -> PyTree:
+        """The rule's per-leaf specs for ``params``."""
+        return self.fn(params)
+
+
 #: Every transformation's default ``groups``: nothing grouped, with a warning at ``init``.
 UNSET = "unset"
 
@@ -169,8 +206,9 @@ def named_axes(spec: str, ndim: int) -> tuple[int, ...]:
 _SCHEDULED_GROUPS = (
     "`optax.inject_hyperparams` treats every callable argument as a schedule and called the "
     "callable given as `groups` with its step count, so it would have grouped nothing. Name "
-    "it static: `optax.inject_hyperparams(optimizer, static_args=('groups',))(...)`; a string "
-    "('unit', 'tensor'), a spec tree or `optax_sphere.find_groups`'s result needs nothing."
+    "it static: `optax.inject_hyperparams(optimizer, static_args=('groups',))(...)`, or wrap "
+    "it: `groups=optax_sphere.GroupRule(fn)`; a string ('unit', 'tensor'), a spec tree or "
+    "`optax_sphere.find_groups`'s result needs nothing."
 )
 
 
@@ -187,20 +225,6 @@ def _check_not_a_schedule(params: Any, rule: str) -> None:
         raise ValueError(
             f"groups={rule} was called with a step count, not parameters: " + _SCHEDULED_GROUPS
         )
-
-
-def _check_not_scheduled() -> None:
-    """Raises when the caller is ``optax.inject_hyperparams`` with ``groups`` taken as a
-    schedule: the groups it passes on are the callable's value at the step count (``None`` for
-    every rule of this module and most user rules), a silent change to no groups at all."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name in ("init_fn", "update_fn") and code.co_filename.endswith("_inject.py"):
-            scheduled = frame.f_locals.get("sched_hps")
-            if isinstance(scheduled, Mapping) and "groups" in scheduled:
-                raise ValueError(_SCHEDULED_GROUPS)
-        frame = frame.f_back
 
 
 def _per_unit_spec(params: PyTree, spec: str) -> PyTree:
@@ -553,7 +577,8 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
     References:
       Roburin et al., "Spherical Perspective on Learning with Batch Norm", sec. 2.
     """
-    _check_not_scheduled()
+    if isinstance(groups, GroupRule):
+        groups = groups.fn
     if isinstance(groups, str) and groups == UNSET:
         warnings.warn(_UNSET_MESSAGE, stacklevel=3)
         groups = None

@@ -89,14 +89,7 @@ def _optimizer_factory(name: str) -> Callable[..., optax.GradientTransformation]
 
     if name in registry.BASES:
         return registry.BASES[name]
-    alias = getattr(optax_sphere, name)
-    if name in ("adamg", "sgdg"):  # no weight_decay keyword: L2 on the ungrouped leaves
-
-        def with_l2(weight_decay=0.0, **kw):
-            return optax.chain(optax.add_decayed_weights(weight_decay), alias(**kw))
-
-        return with_l2
-    return alias
+    return getattr(optax_sphere, name)
 
 
 @dataclasses.dataclass(frozen=True)

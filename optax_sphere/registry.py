@@ -1,21 +1,20 @@
 """Every alias of the library and the optax optimizer it extends, in one table.
 
-An alias with nothing grouped is its base optimizer (or, for the Adam family, Adam on the
-ungrouped leaves), except Cho & Lee's SGD-G and Adam-G, whose leaves off the sphere follow SGD
-with Nesterov momentum, as their code does (``ungrouped_learning_rate``,
-``ungrouped_momentum``): their base here is the optimizer their sphere steps extend.
-:data:`BASES` builds the plain optax optimizer of each family (Adam and SGD with momentum
-after coupled L2, AdamW, Lion, SGD, AdaGrad, Muon); :data:`ALIASES` gives each alias its family
-and base, and :func:`build_base` builds the base from the alias's own hyperparameters
-(``learning_rate``, ``weight_decay``, ``momentum``, ``nesterov``, ``b1``, ``b2``, ``eps``,
-``v0``, ``beta``, with the alias's defaults), so that an alias and its base run at the same
-values. The benchmarks time each alias against this base, the main comparison pairs each alias
-with it, and the presets build the plain optimizers from :data:`BASES`.
-"""
+Every alias is built with :func:`~optax_sphere.on_groups`: its other leaves follow an optax
+optimizer, which is the whole alias when nothing is grouped. That is its base here: Adam
+(after coupled L2) for Adam-S/ST/SRT, AdamW for RV-AdamW and AdamP, SGD with momentum for
+SGD-MRT, PSI-SGDM and RV-SGDM, Lion, SGD, AdaGrad, Muon; for Cho & Lee's SGD-G and Adam-G,
+SGD with Nesterov momentum (``ungrouped_learning_rate``, ``ungrouped_momentum``), as their code
+does. :data:`ALIASES` gives each alias its ``family`` (the optimizer whose hyperparameter grid
+the comparisons search: Adam-G's is Adam's) and its base in words, and :func:`build_base`
+builds the base from the alias's own hyperparameters, so that an alias and its base run at the
+same values. :data:`BASES` builds the plain optax optimizer of each family (Adam and SGD with
+momentum after coupled L2, AdamW, Lion, SGD, AdaGrad, Muon). The benchmarks time each alias
+against its base, the main comparison pairs each alias with its family, and the presets build
+the plain optimizers from :data:`BASES`."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -27,11 +26,10 @@ __all__ = ["AliasBase", "ALIASES", "BASES", "build_base"]
 
 class AliasBase(NamedTuple):
     """One alias's base: its ``family`` (``"adam"``, ``"adamw"``, ``"sgdm"``, ``"lion"``,
-    ``"sgd"``, ``"adagrad"``, ``"muon"``), the optax optimizer in words, and how to build it."""
+    ``"sgd"``, ``"adagrad"``, ``"muon"``) and the optax optimizer in words."""
 
     family: str
     base: str
-    build: Callable[..., optax.GradientTransformation]
 
 
 def _is_static_zero(value: Any) -> bool:
@@ -135,8 +133,9 @@ BASES: Mapping[str, Callable[..., optax.GradientTransformation]] = MappingProxyT
     }
 )
 
-_ADAM = AliasBase("adam", "optax.adam", _adam)
-_SGDM = AliasBase("sgdm", "optax.sgd(momentum)", _sgdm)
+_ADAM = AliasBase("adam", "optax.adam")
+_SGDM = AliasBase("sgdm", "optax.sgd(momentum)")
+_SGD_NESTEROV = AliasBase("sgdm", "optax.sgd(momentum, nesterov)")
 
 #: alias name -> its base
 ALIASES: Mapping[str, AliasBase] = MappingProxyType(
@@ -144,33 +143,32 @@ ALIASES: Mapping[str, AliasBase] = MappingProxyType(
         "adam_s": _ADAM,
         "adam_st": _ADAM,
         "adam_srt": _ADAM,
-        "adamg": _ADAM,
-        "adamp": AliasBase("adamw", "optax.adamw", _adamw),
-        "wrapped_adam_l2": AliasBase("adam", "optax.adam + L2", _adam),
-        "rv_adamw": AliasBase("adamw", "optax.adamw", _adamw),
+        "adamg": AliasBase("adam", "optax.sgd(momentum, nesterov)"),
+        "adamp": AliasBase("adamw", "optax.adamw"),
+        "wrapped_adam_l2": AliasBase("adam", "optax.adam + L2"),
+        "rv_adamw": AliasBase("adamw", "optax.adamw"),
         "sgdm_rt": _SGDM,
         "psi_sgdm": _SGDM,
-        "sgdg": _SGDM,
-        "sgdp": AliasBase("sgdm", "optax.sgd(momentum, nesterov)", _sgdm),
-        "rv_sgdm": AliasBase("sgdm", "optax.sgd(momentum)+L2", _sgdm),
-        "rv_lion": AliasBase("lion", "optax.lion", _lion),
-        "psi_sgd": AliasBase("sgd", "optax.sgd", BASES["sgd"]),
-        "adagradg": AliasBase("adagrad", "optax.adagrad", BASES["adagrad"]),
+        "sgdg": _SGD_NESTEROV,
+        "sgdp": AliasBase("sgdm", "optax.sgd(momentum) + decoupled decay"),
+        "rv_sgdm": AliasBase("sgdm", "optax.sgd(momentum)+L2"),
+        "rv_lion": AliasBase("lion", "optax.lion"),
+        "psi_sgd": AliasBase("sgd", "optax.sgd"),
+        "adagradg": AliasBase("adagrad", "optax.adagrad"),
         "adamh": _ADAM,
-        "muonh": AliasBase("muon", "optax.contrib.muon", _muon),
+        "muonh": AliasBase("muon", "optax.contrib.muon"),
     }
 )
 
-#: the hyperparameters an alias shares with its base; the alias's defaults fill those not given
-_SHARED = ("weight_decay", "momentum", "nesterov", "b1", "b2", "eps", "v0", "beta")
-
 
 def build_base(alias: str, **hyperparameters: Any) -> optax.GradientTransformation:
-    """The optax optimizer ``alias`` extends, at the alias's hyperparameters.
+    """The optax optimizer ``alias`` extends, at the alias's hyperparameters: the alias with
+    nothing grouped (``groups=None``), which :func:`~optax_sphere.on_groups` makes the
+    optimizer its other leaves follow, and nothing else.
 
     Args:
       alias: an alias name (a key of :data:`ALIASES`).
-      **hyperparameters: the alias's keywords; those the base has no use for are ignored.
+      **hyperparameters: the alias's keywords (its defaults fill the others).
 
     Returns:
       The base ``optax.GradientTransformation``.
@@ -192,13 +190,4 @@ def build_base(alias: str, **hyperparameters: Any) -> optax.GradientTransformati
         raise KeyError(f"unknown alias {alias!r}; known: {sorted(ALIASES)}")
     import optax_sphere
 
-    signature = inspect.signature(getattr(optax_sphere, alias)).parameters
-    defaults = {
-        k: signature[k].default
-        for k in _SHARED
-        if k in signature and signature[k].default is not inspect.Parameter.empty
-    }
-    build = ALIASES[alias].build
-    accepted = inspect.signature(build).parameters
-    given = {**defaults, **hyperparameters}
-    return build(**{k: v for k, v in given.items() if k in accepted})
+    return getattr(optax_sphere, alias)(**{**hyperparameters, "groups": None})

@@ -50,10 +50,7 @@ class ScaleByStandardizedAdamState(NamedTuple):
 
 
 def standardized_second_moment(g: jax.Array, group: Any) -> jax.Array:
-    """``d^-1 ||g||^2`` per group (``keepdims``), or ``g**2`` element-wise if ungrouped."""
-    if group is None:
-        g = g.astype(accumulation_dtype(g.dtype))
-        return g * g
+    """``d^-1 ||g||^2`` per group (``keepdims``, in at least float32)."""
     return group_sq_norm(g, group) / group.size(g.shape)
 
 

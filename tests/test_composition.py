@@ -119,13 +119,12 @@ def _user_rule(params):
     return jax.tree.map(lambda x: "unit" if x.ndim >= 2 else None, params)
 
 
-@pytest.mark.parametrize(
-    "rule", [osp.per_unit, osp.per_tensor, _user_rule], ids=lambda r: r.__name__
-)
+@pytest.mark.parametrize("rule", [osp.per_unit, osp.per_tensor], ids=lambda r: r.__name__)
 @pytest.mark.parametrize("case", alias_cases.params())
 def test_inject_hyperparams_with_a_callable_groups_not_named_static_raises(case, rule):
-    """Taken for a schedule, a callable spec would be called with the step count and group
-    nothing: ``init`` raises, naming ``static_args``; named static, it is the alias itself."""
+    """Taken for a schedule, a rule of the library is called with the step count and would
+    group nothing: ``init`` raises, naming ``static_args``; named static, it is the alias
+    itself."""
     injected = optax.inject_hyperparams(case.factory)(**{**case.kwargs, "groups": rule})
     with pytest.raises(ValueError, match=r"static_args=\('groups',\)"):
         injected.init(_params())
@@ -133,6 +132,19 @@ def test_inject_hyperparams_with_a_callable_groups_not_named_static_raises(case,
     got = _run(static(**{**case.kwargs, "groups": rule}), _params(), 3)[0]
     # the same arithmetic, with the hyperparameters as arrays instead of constants
     _close(got, _run(case.make(groups=rule), _params(), 3)[0])
+
+
+@pytest.mark.parametrize("case", alias_cases.params())
+def test_inject_hyperparams_with_a_group_rule_needs_no_static_args(case):
+    """A user's rule wrapped in ``GroupRule`` is not callable: ``inject_hyperparams`` passes it
+    on, and the alias groups as with the bare rule (and unlike with no groups)."""
+    seen = []
+    rule = osp.GroupRule(lambda params: seen.append(params) or _user_rule(params))
+    injected = optax.inject_hyperparams(case.factory)(**{**case.kwargs, "groups": rule})
+    got = _run(injected, _params(), 3)[0]
+    _close(got, _run(case.make(groups=_user_rule), _params(), 3)[0])
+    # the rule was given the parameters, never a step count
+    assert seen and all(isinstance(p, dict) and "dense" in p for p in seen)
 
 
 @pytest.mark.parametrize("case", alias_cases.params())
