@@ -155,7 +155,7 @@ def check_state_matches(
     check_trees_match(params, updates)
     found = [f for f in named_fields(state, tuple(fields)) if jax.tree.leaves(f)]
     treedef = jax.tree.structure(params)
-    matching = [f for f in found if _fits(treedef, f)]
+    matching = [f for f in found if fits(treedef, f)]
     check_trees_match(params, *(matching or found[:1]))
 
 
@@ -176,7 +176,7 @@ def inner_update(
     )
 
 
-def _fits(treedef: Any, tree: PyTree) -> bool:
+def fits(treedef: Any, tree: PyTree) -> bool:
     """``tree`` has the parameters' structure, placeholders (``optax.MaskedNode()``, as in
     the states of ``optax.masked`` and ``optax.partition``) in the place of some leaves."""
     try:
@@ -328,7 +328,7 @@ def map_state_fields(
             value = getattr(state, name)
             if name in names and jax.tree.structure(value) == treedef:
                 new[name], n = fn(value), 1
-            elif name in names and jax.tree.leaves(value) and _fits(treedef, value):
+            elif name in names and jax.tree.leaves(value) and fits(treedef, value):
                 new[name], n = _map_view(fn, value, treedef), 1
             else:
                 new[name], n = map_state_fields(value, names, treedef, fn)

@@ -22,10 +22,12 @@ from optax_sphere.groups import GroupsLike, resolve_groups
 
 PyTree = Any
 
-__all__ = ["GROUPED", "UNGROUPED", "GroupResolution", "on_groups"]
+__all__ = ["GROUPED", "UNGROUPED", "GroupResolution", "grouped_state", "on_groups"]
 
-#: the partition's labels: the leaves of a group, and the others
-GROUPED, UNGROUPED = "grouped", "ungrouped"
+#: the partition's label of the leaves of a group
+GROUPED = "grouped"
+#: the partition's label of the other leaves
+UNGROUPED = "ungrouped"
 #: structures remembered by one resolution before it starts again
 _MOST_STRUCTURES = 64
 
@@ -125,6 +127,10 @@ def on_groups(
     its own state (``optax.PartitionState`` with the keys ``"grouped"`` and ``"ungrouped"``).
     ``groups=None`` (nothing grouped) is ``base_tx`` itself. To read the groups of the leaves
     it sees, ``group_tx`` calls the same :class:`GroupResolution` (pass one as ``groups``).
+    ``base_tx`` runs on its leaves in their accumulation dtype (float32 for bf16 / fp16
+    parameters, so that its state is float32 as the groups' is; float32 and float64 leaves as
+    they are), its updates returned in the gradients' dtypes. Read the groups' state with
+    :func:`grouped_state`.
 
     Args:
       group_tx: the transformation of the groups.
@@ -149,14 +155,14 @@ def on_groups(
     References:
       ``optax.partition`` (optax's documentation).
     """
-    base_tx = in_accumulation_dtype(base_tx)
+    base_tx = _in_accumulation_dtype(base_tx)
     if groups is None:
         return base_tx
     resolution = resolution_of(groups)
     return optax.partition({GROUPED: group_tx, UNGROUPED: base_tx}, resolution.labels)
 
 
-def in_accumulation_dtype(
+def _in_accumulation_dtype(
     tx: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
     """``tx`` fed its updates and parameters in their accumulation dtype (float32 for

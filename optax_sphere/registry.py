@@ -32,13 +32,6 @@ class AliasBase(NamedTuple):
     base: str
 
 
-def _is_static_zero(value: Any) -> bool:
-    """A Python number equal to 0 (a schedule or an array, traced under
-    ``optax.inject_hyperparams`` or not, is not: the optimizer's structure may not depend on
-    a value known only at run time)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
-
-
 def _adam(
     learning_rate: Any,
     weight_decay: Any = 0.0,
@@ -49,10 +42,9 @@ def _adam(
     mask: Any = None,
 ) -> optax.GradientTransformation:
     """``optax.adam`` after coupled L2 (PyTorch's ``Adam(weight_decay=...)``) on the leaves
-    ``mask`` selects."""
+    ``mask`` selects. The decay is in the chain at any value (adding 0 is exact), so that the
+    state has one structure whatever the value, also under ``optax.inject_hyperparams``."""
     adam = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, nesterov=nesterov)
-    if _is_static_zero(weight_decay):
-        return adam
     return optax.chain(optax.add_decayed_weights(weight_decay, mask), adam)
 
 
@@ -65,11 +57,8 @@ def _adamw(
     nesterov: bool = False,
     mask: Any = None,
 ) -> optax.GradientTransformation:
-    """``optax.adamw``; at a weight decay of exactly 0, the same optimizer as ``optax.adam``,
-    which is what is built."""
+    """``optax.adamw`` (at a weight decay of 0, ``optax.adam``'s arithmetic)."""
     adam = dict(b1=b1, b2=b2, eps=eps, nesterov=nesterov)
-    if _is_static_zero(weight_decay):
-        return optax.adam(learning_rate, **adam)
     return optax.adamw(learning_rate, weight_decay=weight_decay, mask=mask, **adam)
 
 
@@ -81,10 +70,8 @@ def _sgdm(
     mask: Any = None,
 ) -> optax.GradientTransformation:
     """``optax.sgd`` with momentum after coupled L2 (PyTorch's ``SGD(weight_decay=...)``) on
-    the leaves ``mask`` selects."""
+    the leaves ``mask`` selects; the decay in the chain at any value, as in :func:`_adam`."""
     sgd = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
-    if _is_static_zero(weight_decay):
-        return sgd
     return optax.chain(optax.add_decayed_weights(weight_decay, mask), sgd)
 
 

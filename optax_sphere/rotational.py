@@ -763,6 +763,10 @@ def _adam_l2_direction(
     b1: float, b2: float, eps: float, weight_decay: Any, resolution: GroupResolution
 ) -> optax.GradientTransformationExtraArgs:
     """:func:`scale_by_adam_l2_direction` on the grouped leaves."""
+    _utils.check_beta("b1", b1)
+    _utils.check_beta("b2", b2)
+    _utils.check_rate("eps", eps)
+    _utils.check_rate("weight_decay", weight_decay)
 
     def init_leaf(group, p):
         return _utils.zeros_acc(p), _utils.zeros_acc(p)  # two buffers: a state is donatable

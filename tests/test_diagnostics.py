@@ -41,7 +41,12 @@ def _problem(seed=0):
 
 def _adam_parts(state, x, g):
     """Roburin et al. eq. 9, optax's eps placement: a = m / (1-b1), b = ... (sqrt(v_hat) + eps)."""
-    (adam,) = find_states(state, lambda s: {"count", "mu", "nu"} <= set(s._fields))
+    # the Adam state that holds "w" (one per part of on_groups' partition for adam_s)
+    (adam,) = [
+        s
+        for s in find_states(state, lambda s: {"count", "mu", "nu"} <= set(s._fields))
+        if not isinstance(s.mu["w"], optax.MaskedNode)
+    ]
     k1 = adam.count
     a = adam.mu["w"] / (1 - B1)
     b = (1 - B1**k1) / (1 - B1) * (jnp.sqrt(adam.nu["w"] / (1 - B2**k1)) + EPS)

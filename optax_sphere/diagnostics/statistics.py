@@ -23,7 +23,6 @@ from optax_sphere.groups import (
     group_dot,
     group_mean,
     group_sq_norm,
-    map_groups,
     resolve_groups,
 )
 
@@ -183,6 +182,13 @@ def geometry_stats(
     return stats_from_step(grp, params_before, deltas, step_scale)
 
 
+def _holds_a_placeholder(tree: PyTree) -> bool:
+    return any(
+        isinstance(x, optax.MaskedNode)
+        for x in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, optax.MaskedNode))
+    )
+
+
 def adam_step_scale(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -230,24 +236,34 @@ def adam_step_scale(
 
     def fn(inner_state: Any, params: PyTree) -> PyTree:
         found = _utils.find_states(inner_state, lambda s: {"count", "mu", "nu"} <= set(s._fields))
-        if len(found) != 1:
+        treedef = jax.tree.structure(params)
+        # one Adam state, or one per part of on_groups' partition, each holding the second
+        # moment of its leaves (optax.MaskedNode() at the others'): read each leaf's own
+        parts = [s for s in found if _utils.fits(treedef, s.nu)]
+        if (
+            not parts
+            or (len(parts) != len(found))
+            or (len(parts) > 1 and not all(_holds_a_placeholder(s.nu) for s in parts))
+        ):
             raise ValueError(
                 f"adam_step_scale: expected one Adam state (fields count, mu, nu) in the "
                 f"optimizer state, found {len(found)}."
             )
-        adam = found[0]
         grp = resolve_groups(groups, params)
-        count = adam.count  # k + 1 after the step
+        count = parts[0].count  # k + 1 after the step
 
         def leaf(group, nu):
-            if group is None:
-                return None
             acc = accumulation_dtype(nu.dtype)
             bc1, bc2 = _base.bias_corrections(b1, b2, count, acc)
             lr = _utils.value_at(learning_rate, count - 1)
             b = bc1 / (1 - b1) * (jnp.sqrt(nu.astype(acc) / bc2 + eps_root) + eps)
             return geometry.safe_div(jnp.asarray(lr, acc), jnp.sqrt(group_mean(b * b, group)))
 
-        return map_groups(leaf, grp, adam.nu)
+        moments = [treedef.flatten_up_to(s.nu) for s in parts]
+        out = []
+        for i, group in enumerate(treedef.flatten_up_to(grp)):
+            nu = next((m[i] for m in moments if not isinstance(m[i], optax.MaskedNode)), None)
+            out.append(None if group is None or nu is None else leaf(group, nu))
+        return treedef.unflatten(out)
 
     return fn
