@@ -169,7 +169,7 @@ def psi_sgdm(
 
     def init_fn(params: optax.Params) -> optax.OptState:
         grp = resolution(params)
-        _utils.warn_unknown_units("psi_sgdm", rate_per, grp, params, stacklevel=5)
+        _utils.warn_unknown_units("psi_sgdm", rate_per, grp, params, stacklevel=6)
         trace = jax.tree.map(lambda p: _utils.zeros_acc(p), params) if keep_trace else ()
         return PsiSgdState(jnp.zeros([], jnp.int32), trace)
 

@@ -58,7 +58,6 @@ from optax_sphere.groups import (
     group_dot,
     group_sq_norm,
     map_groups,
-    resolve_groups,
 )
 
 __all__ = [
@@ -91,8 +90,10 @@ def _momentum_geometry(
     inner = optax.with_extra_args_support(inner)
     momentum_fields = tuple(momentum_fields)
 
+    resolution = resolution_of(groups)
+
     def init_fn(params: optax.Params) -> optax.OptState:
-        resolve_groups(groups, params)  # validate the spec against the params now
+        resolution(params)  # validate the spec against the params now
         state = inner.init(params)
         _, found = _utils.map_state_fields(
             state, momentum_fields, jax.tree.structure(params), lambda t: t
@@ -113,7 +114,7 @@ def _momentum_geometry(
     ) -> tuple[optax.Updates, optax.OptState]:
         params = _utils.require_params(params, name)
         _utils.check_state_matches(params, updates, state, momentum_fields)
-        grp = resolve_groups(groups, params)
+        grp = resolution(params)
         new_updates, state = inner.update(updates, state, params, **extra_args)
         new_params = optax.apply_updates(params, new_updates)
         treedef = jax.tree.structure(params)

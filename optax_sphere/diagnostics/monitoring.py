@@ -15,11 +15,11 @@ import optax
 from optax_sphere import _utils
 from optax_sphere._dtypes import accumulation_dtype
 from optax_sphere.diagnostics.statistics import GeometryStats, stats_from_step
+from optax_sphere.grouped import resolution_of
 from optax_sphere.groups import (
     UNSET,
     GroupsLike,
     map_groups,
-    resolve_groups,
 )
 
 __all__ = ["MonitorState", "MonitoredState", "monitor", "monitored", "find_monitor_state"]
@@ -114,8 +114,10 @@ def monitor(
         _utils.check_rate("step_scale", step_scale)
     _check_every(every)
 
+    resolution = resolution_of(groups)
+
     def init_fn(params: optax.Params) -> optax.OptState:
-        grp = resolve_groups(groups, params)
+        grp = resolution(params)
         return MonitorState(
             jnp.zeros([], jnp.int32), _init_stats(grp, params, step_scale is not None)
         )
@@ -128,7 +130,7 @@ def monitor(
     ) -> tuple[optax.Updates, optax.OptState]:
         del extra_args  # accepted as by optax's aliases; nothing here uses them
         params = _utils.require_params(params, "monitor")
-        grp = resolve_groups(groups, params)
+        grp = resolution(params)
         scale = None if step_scale is None else _utils.value_at(step_scale, state.count)
         stats = _maybe_record(every, state, lambda: stats_from_step(grp, params, updates, scale))
         return updates, MonitorState(optax.safe_increment(state.count), stats)
@@ -177,8 +179,10 @@ def monitored(
     _check_every(every)
     inner = optax.with_extra_args_support(inner)
 
+    resolution = resolution_of(groups)
+
     def init_fn(params: optax.Params) -> optax.OptState:
-        grp = resolve_groups(groups, params)
+        grp = resolution(params)
         stats = _init_stats(grp, params, step_scale is not None, with_gradient=True)
         return MonitoredState(inner.init(params), MonitorState(jnp.zeros([], jnp.int32), stats))
 
@@ -189,7 +193,7 @@ def monitored(
         **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
         params = _utils.require_params(params, "monitored")
-        grp = resolve_groups(groups, params)
+        grp = resolution(params)
         grads = updates
         updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
         stats = _maybe_record(
