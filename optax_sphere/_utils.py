@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from optax_sphere._dtypes import accumulation_dtype
 from optax_sphere._paths import check_trees_match, path_str
 from optax_sphere.grouped import resolution_of
-from optax_sphere.groups import map_groups
+from optax_sphere.groups import flatten_view, is_masked_node, map_groups
 
 PyTree = Any
 Hyper = Any  # a number, a scalar array, or a schedule ``count -> value``
@@ -222,8 +222,8 @@ def values_at_view(values: PyTree, view: PyTree) -> PyTree:
     ``view``, a view of ``optax.masked`` / :func:`~optax_sphere.on_groups`
     (``optax.MaskedNode()`` in the place of some leaves): a tree like ``view``. A
     ``ValueError`` / ``TypeError`` when ``values`` fits neither."""
-    flat, treedef = jax.tree_util.tree_flatten(view, is_leaf=_is_masked_node)
-    if not any(_is_masked_node(x) for x in flat):
+    flat, treedef = flatten_view(view)
+    if not any(is_masked_node(x) for x in flat):
         treedef.flatten_up_to(values)  # raises when it does not fit
         return values
     try:
@@ -231,7 +231,7 @@ def values_at_view(values: PyTree, view: PyTree) -> PyTree:
     except (ValueError, TypeError):
         jax.tree.structure(view).flatten_up_to(values)  # written for the view: raises if not
         return values
-    return treedef.unflatten([x if _is_masked_node(x) else v for x, v in zip(flat, given)])
+    return treedef.unflatten([x if is_masked_node(x) else v for x, v in zip(flat, given)])
 
 
 def view_mask(mask: Any) -> Any:
@@ -239,10 +239,6 @@ def view_mask(mask: Any) -> Any:
     optimizer of :func:`~optax_sphere.on_groups`): ``None`` stays ``None``, anything else
     becomes a callable giving a tree like the view (:func:`resolve_mask`)."""
     return None if mask is None else (lambda params: resolve_mask(mask, params))
-
-
-def _is_masked_node(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
 
 
 def require_params(params: PyTree | None, name: str) -> PyTree:
@@ -347,7 +343,7 @@ def _map_view(fn: Callable, view: PyTree, treedef: Any) -> PyTree:
     """``fn`` (of a tree like the params) on a view of them: the placeholders are given as
     scalar zeros, and their results dropped (under ``jit``, never computed)."""
     flat = treedef.flatten_up_to(view)
-    masked = [_is_masked_node(x) for x in flat]
+    masked = [is_masked_node(x) for x in flat]
     dtype = next(x.dtype for x, m in zip(flat, masked) if not m and hasattr(x, "dtype"))
     whole = treedef.unflatten([jnp.zeros((), dtype) if m else x for x, m in zip(flat, masked)])
     out = treedef.flatten_up_to(fn(whole))

@@ -16,9 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from optax_sphere.groups import GroupsLike, resolve_groups
+from optax_sphere._dtypes import accumulation_dtype
+from optax_sphere.groups import GroupsLike, flatten_view, is_masked_node, resolve_groups
 
 PyTree = Any
 
@@ -30,10 +32,6 @@ GROUPED = "grouped"
 UNGROUPED = "ungrouped"
 #: structures remembered by one resolution before it starts again
 _MOST_STRUCTURES = 64
-
-
-def _is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
 
 
 def _shape(x: Any) -> Any:
@@ -62,9 +60,9 @@ class GroupResolution:
         self._cache: dict[Any, list[Any]] = {}
         self._whole: dict[Any, list[tuple[tuple[Any, ...], list[Any]]]] = {}
 
-    def _flat(self, tree: PyTree) -> list[Any]:
-        flat, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_masked)
-        shapes = tuple(None if _is_masked(x) else _shape(x) for x in flat)
+    def _flat(self, tree: PyTree, flat: list[Any], treedef: Any) -> list[Any]:
+        """The groups of ``flat`` (``tree`` flattened by :func:`flatten_view`)."""
+        shapes = tuple(None if is_masked_node(x) else _shape(x) for x in flat)
         key = (treedef, shapes)
         hit = self._cache.get(key)
         if hit is not None:
@@ -91,20 +89,20 @@ class GroupResolution:
 
     def __call__(self, tree: PyTree) -> PyTree:
         """The groups of ``tree``'s leaves: a tree like it (``MaskedNode`` kept)."""
-        flat, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_masked)
-        groups = self._flat(tree)
+        flat, treedef = flatten_view(tree)
+        groups = self._flat(tree, flat, treedef)
         return treedef.unflatten(
-            [optax.MaskedNode() if _is_masked(x) else g for x, g in zip(flat, groups)]
+            [optax.MaskedNode() if is_masked_node(x) else g for x, g in zip(flat, groups)]
         )
 
     def labels(self, tree: PyTree) -> PyTree:
         """``"grouped"`` / ``"ungrouped"`` for every leaf of ``tree``: ``optax.partition``'s
         labels (``MaskedNode`` kept, for a tree that is itself a view)."""
-        flat, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_masked)
-        groups = self._flat(tree)
+        flat, treedef = flatten_view(tree)
+        groups = self._flat(tree, flat, treedef)
         return treedef.unflatten(
             [
-                x if _is_masked(x) else (GROUPED if g is not None else UNGROUPED)
+                x if is_masked_node(x) else (GROUPED if g is not None else UNGROUPED)
                 for x, g in zip(flat, groups)
             ]
         )
@@ -176,15 +174,15 @@ def _in_accumulation_dtype(
         return tx.init(to_accumulation(params))
 
     def update_fn(updates, state, params=None, **extra_args):
-        if all(
-            jax.numpy.result_type(x) == jax.numpy.result_type(y)
-            for x, y in zip(jax.tree.leaves(updates), jax.tree.leaves(to_accumulation(updates)))
-        ):
-            return tx.update(updates, state, params, **extra_args)
-        raised = to_accumulation(updates)
-        if params is not None:
-            params = to_accumulation(params)
-        new, state = tx.update(raised, state, params, **extra_args)
+        dtypes = [jnp.result_type(g) for g in jax.tree.leaves(updates)]
+        if all(d == accumulation_dtype(d) or not jnp.issubdtype(d, jnp.floating) for d in dtypes):
+            return tx.update(updates, state, params, **extra_args)  # tx itself
+        new, state = tx.update(
+            to_accumulation(updates),
+            state,
+            None if params is None else to_accumulation(params),
+            **extra_args,
+        )
         return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -214,23 +212,14 @@ def grouped_state(state: Any) -> Any:
     References:
       ``optax.partition``'s ``PartitionState`` (optax's documentation).
     """
-    found: list[Any] = []
+    from optax_sphere._utils import find_states
 
-    def visit(node: Any) -> None:
-        if isinstance(node, optax.PartitionState) and GROUPED in node.inner_states:
-            found.append(node.inner_states[GROUPED].inner_state)
-            return
-        children = (
-            node.values()
-            if isinstance(node, dict)
-            else node
-            if isinstance(node, (tuple, list))
-            else ()
+    found = [
+        s.inner_states[GROUPED].inner_state
+        for s in find_states(
+            state, lambda s: isinstance(s, optax.PartitionState) and GROUPED in s.inner_states
         )
-        for child in children:
-            visit(child)
-
-    visit(state)
+    ]
     if len(found) != 1:
         raise ValueError(
             f"grouped_state: expected one on_groups state in the optimizer state, found "

@@ -627,16 +627,25 @@ def map_groups(fn: Callable[..., Any], groups: PyTree, *trees: PyTree) -> PyTree
     return jax.tree.map(lambda *xs: fn(xs[-1], *xs[:-1]), *trees, groups)
 
 
-def _is_masked_node(node: Any) -> bool:
-    return isinstance(node, optax.MaskedNode)  # optax.masked / multi_transform placeholders
+def is_masked_node(node: Any) -> bool:
+    """True for ``optax.MaskedNode()``: the placeholder of a leaf in a view of the parameters
+    (``optax.masked``, ``optax.multi_transform``, ``optax.partition``,
+    :func:`~optax_sphere.on_groups`)."""
+    return isinstance(node, optax.MaskedNode)
+
+
+def flatten_view(tree: PyTree) -> tuple[list[Any], Any]:
+    """``jax.tree_util.tree_flatten`` with ``optax.MaskedNode()`` taken as a leaf: the leaves
+    of a view and the placeholders in their places, and a treedef that is the whole tree's."""
+    return jax.tree_util.tree_flatten(tree, is_leaf=is_masked_node)
 
 
 def _specs_of_masked_params(spec: PyTree, params: PyTree, leaves_with_path: list) -> list | None:
     """The spec of every leaf by its key path, when ``params`` is the view of
     ``optax.masked`` / ``optax.multi_transform`` (masked-out leaves replaced by
     ``MaskedNode``) and ``spec`` is written for the whole tree; ``None`` otherwise."""
-    masked = jax.tree.leaves(params, is_leaf=_is_masked_node)
-    if not any(_is_masked_node(x) for x in masked):
+    masked = jax.tree.leaves(params, is_leaf=is_masked_node)
+    if not any(is_masked_node(x) for x in masked):
         return None
     specs = []
     for path, _ in leaves_with_path:

@@ -122,7 +122,6 @@ BASES: Mapping[str, Callable[..., optax.GradientTransformation]] = MappingProxyT
 
 _ADAM = AliasBase("adam", "optax.adam")
 _SGDM = AliasBase("sgdm", "optax.sgd(momentum)")
-_SGD_NESTEROV = AliasBase("sgdm", "optax.sgd(momentum, nesterov)")
 
 #: alias name -> its base
 ALIASES: Mapping[str, AliasBase] = MappingProxyType(
@@ -136,7 +135,7 @@ ALIASES: Mapping[str, AliasBase] = MappingProxyType(
         "rv_adamw": AliasBase("adamw", "optax.adamw"),
         "sgdm_rt": _SGDM,
         "psi_sgdm": _SGDM,
-        "sgdg": _SGD_NESTEROV,
+        "sgdg": AliasBase("sgdm", "optax.sgd(momentum, nesterov)"),
         "sgdp": AliasBase("sgdm", "optax.sgd(momentum) + decoupled decay"),
         "rv_sgdm": AliasBase("sgdm", "optax.sgd(momentum)+L2"),
         "rv_lion": AliasBase("lion", "optax.lion"),

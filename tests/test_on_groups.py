@@ -222,3 +222,56 @@ def test_grouped_state_names_what_it_finds():
     assert osp.grouped_state(state).nu["dense"]["kernel"].shape == (1, 4)
     with pytest.raises(ValueError, match="found 0"):
         osp.grouped_state(optax.adam(1e-3).init(_params()))
+
+
+def _nnx_params():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(5, 8, rngs=rngs)
+            self.norm = nnx.LayerNorm(8, rngs=rngs)
+            self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    return nnx.state(Net(nnx.Rngs(0)), nnx.Param), "unit"
+
+
+def _equinox_params():
+    import equinox as eqx
+
+    model = eqx.nn.MLP(5, 3, 8, 1, key=jax.random.key(0))
+    # the activations are not arrays: None leaves after the filter
+    return eqx.filter(model, eqx.is_array), "unit_out_first"
+
+
+@pytest.mark.parametrize("tree", [_nnx_params, _equinox_params], ids=["nnx", "equinox"])
+@pytest.mark.parametrize("name", ["adam_srt", "rv_adamw", "sgdg", "psi_sgdm", "adamp"])
+def test_nnx_and_equinox_trees_split_at_the_groups_under_one_compilation(tree, name):
+    """flax.nnx State (kernels (in, out)) and an Equinox tree (weights (out, in), None leaves):
+    the vectors follow the optax base, the matrices their groups, each step traced once."""
+    params, spec = tree()
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    runs = {}
+    for label, tx in (
+        ("alias", getattr(osp, name)(**KEYWORDS[name], groups=spec)),
+        ("base", registry.build_base(name, **KEYWORDS[name])),
+    ):
+        traces = []
+
+        def step(x, s, t, tx=tx, traces=traces):
+            traces.append(1)
+            updates, s = tx.update(_grads(x, t), s, x)
+            return optax.apply_updates(x, updates), s
+
+        step = jax.jit(step)
+        x, state = params, tx.init(params)
+        for t in range(4):
+            x, state = step(x, state, jnp.float64(t))
+        assert len(traces) == 1, label
+        runs[label] = x
+    flat = jax.tree_util.tree_flatten_with_path(runs["alias"])[0]
+    base = jax.tree.leaves(runs["base"])
+    for (path, got), want in zip(flat, base):
+        if got.ndim == 1:  # biases, norm scales: off the groups
+            np.testing.assert_allclose(got, want, rtol=1e-13, err_msg=osp.path_str(path))
+    assert jax.tree.structure(runs["alias"]) == jax.tree.structure(params)

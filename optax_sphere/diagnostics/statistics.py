@@ -23,6 +23,7 @@ from optax_sphere.groups import (
     group_dot,
     group_mean,
     group_sq_norm,
+    is_masked_node,
     resolve_groups,
 )
 
@@ -182,13 +183,6 @@ def geometry_stats(
     return stats_from_step(grp, params_before, deltas, step_scale)
 
 
-def _holds_a_placeholder(tree: PyTree) -> bool:
-    return any(
-        isinstance(x, optax.MaskedNode)
-        for x in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, optax.MaskedNode))
-    )
-
-
 def adam_step_scale(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -238,19 +232,18 @@ def adam_step_scale(
         found = _utils.find_states(inner_state, lambda s: {"count", "mu", "nu"} <= set(s._fields))
         treedef = jax.tree.structure(params)
         # one Adam state, or one per part of on_groups' partition, each holding the second
-        # moment of its leaves (optax.MaskedNode() at the others'): read each leaf's own
-        parts = [s for s in found if _utils.fits(treedef, s.nu)]
-        if (
-            not parts
-            or (len(parts) != len(found))
-            or (len(parts) > 1 and not all(_holds_a_placeholder(s.nu) for s in parts))
-        ):
+        # moment of its leaves (optax.MaskedNode() at the others'): each leaf reads its own
+        moments = [treedef.flatten_up_to(s.nu) for s in found if _utils.fits(treedef, s.nu)]
+        per_leaf = [
+            [m[i] for m in moments if not is_masked_node(m[i])] for i in range(treedef.num_leaves)
+        ]
+        if not found or len(moments) != len(found) or any(len(n) > 1 for n in per_leaf):
             raise ValueError(
                 f"adam_step_scale: expected one Adam state (fields count, mu, nu) in the "
                 f"optimizer state, found {len(found)}."
             )
         grp = resolve_groups(groups, params)
-        count = parts[0].count  # k + 1 after the step
+        count = found[0].count  # k + 1 after the step
 
         def leaf(group, nu):
             acc = accumulation_dtype(nu.dtype)
@@ -259,11 +252,10 @@ def adam_step_scale(
             b = bc1 / (1 - b1) * (jnp.sqrt(nu.astype(acc) / bc2 + eps_root) + eps)
             return geometry.safe_div(jnp.asarray(lr, acc), jnp.sqrt(group_mean(b * b, group)))
 
-        moments = [treedef.flatten_up_to(s.nu) for s in parts]
-        out = []
-        for i, group in enumerate(treedef.flatten_up_to(grp)):
-            nu = next((m[i] for m in moments if not isinstance(m[i], optax.MaskedNode)), None)
-            out.append(None if group is None or nu is None else leaf(group, nu))
+        out = [
+            None if group is None or not nu else leaf(group, nu[0])
+            for group, nu in zip(treedef.flatten_up_to(grp), per_leaf)
+        ]
         return treedef.unflatten(out)
 
     return fn
