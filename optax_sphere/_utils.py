@@ -426,7 +426,11 @@ def stateless_per_group(
         params = require_params(params, name)
         grp = resolution(params)
         return map_groups(
-            lambda group, u, x: u if group is None else leaf(group, u, x), grp, updates, params
+            lambda group, u, x: u if group is None else leaf(group, u, x),
+            grp,
+            updates,
+            params,
+            trace_once=True,
         ), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -492,6 +496,7 @@ def stateful_per_group(
             updates,
             *state[1:],
             *trees,
+            trace_once=True,
         )
         new_updates, *fields = unzip(out, updates, n + 1)
         return new_updates, state_type(optax.safe_increment(state.count), *fields)

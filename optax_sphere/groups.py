@@ -617,14 +617,61 @@ def resolve_groups(groups: GroupsLike, params: PyTree) -> PyTree:
     return jax.tree.unflatten(treedef, resolved)
 
 
-def map_groups(fn: Callable[..., Any], groups: PyTree, *trees: PyTree) -> PyTree:
+def map_groups(
+    fn: Callable[..., Any], groups: PyTree, *trees: PyTree, trace_once: bool = False
+) -> PyTree:
     """``fn(group, *leaves)`` over the leaves of ``trees`` (``groups`` resolved, same tree).
 
     ``trees`` are checked first (``check_trees_match``) (the first tree is the
     reference), so a parameter tree that changed since ``init`` gives a clear ``ValueError``.
+
+    With ``trace_once``, inside a trace (``jit``, ``pmap``, ``grad``...) the grouped leaves
+    that share a signature (their group's axes and units, and each argument's shapes and
+    dtypes, or its value when it is not an array) go through one nested ``jax.jit`` of
+    ``fn``: traced once per signature, lowered to one function that XLA inlines at every
+    call. The computation is the same; a model of many layers of one shape is traced and
+    lowered as one layer is. ``fn`` must then be pure (no per-leaf Python side effects).
+    Outside a trace ``fn`` runs as it is.
     """
     check_trees_match(*trees)
-    return jax.tree.map(lambda *xs: fn(xs[-1], *xs[:-1]), *trees, groups)
+    if not trace_once:
+        return jax.tree.map(lambda *xs: fn(xs[-1], *xs[:-1]), *trees, groups)
+    traced = _traced_per_signature(fn)
+
+    def apply(*xs: Any) -> Any:
+        *leaves, group = xs
+        if group is None or not any(
+            isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(leaves)
+        ):
+            return fn(group, *leaves)
+        dynamic = [all(isinstance(v, jax.Array) for v in jax.tree.leaves(x)) for x in leaves]
+        statics = tuple(_DYNAMIC if d else x for d, x in zip(dynamic, leaves))
+        try:
+            hash(statics)
+        except TypeError:
+            return fn(group, *leaves)
+        arrays = [x for d, x in zip(dynamic, leaves) if d]
+        return traced((group.axes, group.units), statics, *arrays)
+
+    return jax.tree.map(apply, *trees, groups)
+
+
+#: the place of an array argument among the static ones of :func:`_traced_per_signature`
+_DYNAMIC = object()
+
+
+def _traced_per_signature(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` under ``jax.jit``, called as ``(group_key, statics, *arrays)``: the group's
+    ``(axes, units)`` and the non-array arguments (``_DYNAMIC`` in the place of each array)
+    are static, so that one trace serves every leaf of one signature."""
+
+    def call(group_key: tuple, statics: tuple, *arrays: Any) -> Any:
+        it = iter(arrays)
+        leaves = [next(it) if s is _DYNAMIC else s for s in statics]
+        return fn(Group(*group_key), *leaves)
+
+    call.__name__ = getattr(fn, "__name__", "per_group")
+    return jax.jit(call, static_argnums=(0, 1))
 
 
 def is_masked_node(node: Any) -> bool:

@@ -152,7 +152,7 @@ def hyperball(
             new = jnp.where(landed, r * geometry.safe_div(y, norm), x32)
             return (new - x32).astype(g.dtype)
 
-        new_updates = map_groups(leaf, grp, deltas, params, state.radius, updates)
+        new_updates = map_groups(leaf, grp, deltas, params, state.radius, updates, trace_once=True)
         return new_updates, HyperballState(
             optax.safe_increment(state.count), state.radius, inner_state
         )

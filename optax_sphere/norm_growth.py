@@ -213,7 +213,7 @@ def _projection(
             acc = accumulation_dtype(jnp.result_type(g, x))
             return _decide(group, g.astype(acc), x.astype(acc), delta, eps)
 
-        decisions = map_groups(decide, grp, updates, params)
+        decisions = map_groups(decide, grp, updates, params, trace_once=True)
         # what the direction is built from: its new trace for SGDP with Nesterov
         traces = direction if nesterov_momentum is None else inner_state.trace
 
@@ -228,7 +228,9 @@ def _projection(
             projected = _project(group, p32, x32, d, s_px)
             return (projected + ratio * decay * x32).astype(g.dtype)
 
-        new_updates = map_groups(leaf, grp, direction, params, decisions, updates, decays, traces)
+        new_updates = map_groups(
+            leaf, grp, direction, params, decisions, updates, decays, traces, trace_once=True
+        )
         if project_momentum:
 
             def project_tree(tree):
@@ -238,6 +240,7 @@ def _projection(
                     tree,
                     params,
                     decisions,
+                    trace_once=True,
                 )
 
             inner_state, _ = _utils.map_state_fields(

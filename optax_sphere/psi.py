@@ -212,7 +212,7 @@ def psi_sgdm(
                 step = step + (scale - 1) * x.astype(acc)
             return step.astype(x.dtype), t
 
-        out = map_groups(leaf, grp, updates, trace, params)
+        out = map_groups(leaf, grp, updates, trace, params, trace_once=True)
         new_updates, new_trace = _utils.unzip(out, updates, 2)
         return new_updates, PsiSgdState(
             optax.safe_increment(state.count), new_trace if keep_trace else ()

@@ -351,7 +351,9 @@ def _rotational_control(
             )
             return step.astype(g.dtype), q  # the update in the gradient's dtype
 
-        out = map_groups(leaf, grp, direction, state.norm, state.q, params, updates)
+        out = map_groups(
+            leaf, grp, direction, state.norm, state.q, params, updates, trace_once=True
+        )
         new_updates, q = _utils.unzip(out, direction, 2)
         return new_updates, RotationalRmsControlState(count, state.norm, q, inner_state)
 

@@ -126,6 +126,7 @@ def _momentum_geometry(
                 tree,
                 params,
                 new_params,
+                trace_once=True,
             )
 
         def rescale_sq(tree):
@@ -135,7 +136,7 @@ def _momentum_geometry(
                 ratio = geometry.safe_div(group_sq_norm(x0, g), group_sq_norm(x1, g))
                 return (v * ratio.astype(v.dtype)).astype(v.dtype)
 
-            return map_groups(leaf, grp, tree, params, new_params)
+            return map_groups(leaf, grp, tree, params, new_params, trace_once=True)
 
         state, _ = _utils.map_state_fields(state, momentum_fields, treedef, move)
         if rescale_second_moment:
