@@ -1,4 +1,5 @@
-"""The benchmark scripts run: ``benchmarks/peers.py``'s JAX side and its table.
+"""The benchmark scripts run: ``benchmarks/peers.py``'s JAX side and its table, and
+``benchmarks/compile_time.py``.
 
 Step times are not asserted (benchmarks are not timed tests); the PyTorch side needs torch and
 the authors' clones, which the tests never install.
@@ -45,3 +46,18 @@ def test_peers_markdown_of_a_saved_run(tmp_path):
     )  # fmt: skip
     assert "| AdamP (clovaai) | `adamp` | 0.40 | 40.0 | 100.0 |" in out.stdout
     assert "no clone at CODE/adamsrt" in out.stdout
+
+
+def test_compile_time_splits_lowering_from_xla_for_an_alias_and_its_base(tmp_path):
+    out_path = tmp_path / "compile.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compile_time.py"), "--aliases", "psi_sgd",
+         "--repeats", "1", "--out", str(out_path)],
+        capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    (row,) = json.loads(out_path.read_text())["rows"]
+    assert (row["tree"], row["alias"]) == ("many_small", "psi_sgd")
+    for side in ("alias", "baseline"):
+        assert row[f"{side}_lower_s"] > 0 and row[f"{side}_xla_s"] > 0
+        assert row[f"{side}_total_s"] >= row[f"{side}_lower_s"] + row[f"{side}_xla_s"] - 1e-6
+        assert row[f"{side}_kernels"] > 512  # one kernel or more per leaf of the 512

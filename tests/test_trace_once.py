@@ -16,7 +16,11 @@ import pytest
 import optax_sphere
 from optax_sphere.groups import Group, group_sq_norm, map_groups
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    with jax.enable_x64(True):
+        yield
 
 
 def _layers(n: int, width: int = 4, dtype=jnp.float64) -> dict:
